@@ -1,0 +1,67 @@
+"""MPI plumbing: communicators from the topology, and chunked buffer collectives.
+
+Models travel as contiguous float32 NumPy buffers through mpi4py's uppercase
+(buffer) methods: no pickling. Large models go in chunks of ``chunk_mb`` so no
+single message approaches MPI's 2 GiB count limit, and chunks pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .topology import UNDEFINED, Role, comm_colors
+
+
+@dataclass
+class Comms:
+    world: Any
+    federation: Optional[Any]  # rank 0 + site leaders; rank 0 is its root
+    site: Optional[Any]  # this site's ranks; leader is rank 0
+    trainers: Optional[Any]  # every site rank (Horovod's communicator)
+
+
+def split_comms(world: Any, role: Role) -> Comms:
+    from mpi4py import MPI
+
+    colors = comm_colors(role)
+    made = {}
+    for name in ("federation", "site", "trainers"):  # every rank calls every Split, in the same order
+        c = colors[name]
+        made[name] = world.Split(MPI.UNDEFINED if c == UNDEFINED else c, world.Get_rank())
+    return Comms(world=world, **{k: (None if v == MPI.COMM_NULL else v) for k, v in made.items()})
+
+
+def _chunks(n: int, itemsize: int, chunk_mb: int):
+    step = max(1, (chunk_mb << 20) // itemsize)
+    for s in range(0, n, step):
+        yield s, min(n, s + step)
+
+
+def bcast_array(comm: Any, arr: np.ndarray, root: int = 0, chunk_mb: int = 256) -> None:
+    for s, e in _chunks(arr.size, arr.itemsize, chunk_mb):
+        comm.Bcast(arr[s:e], root=root)
+
+
+def reduce_sum_array(comm: Any, send: Optional[np.ndarray], recv: Optional[np.ndarray], root: int = 0,
+                     chunk_mb: int = 256) -> None:
+    """Sum ``send`` over ``comm`` into ``recv`` at ``root``. The root contributes ``recv``'s
+    own content in place (zero it first), so it never needs a second model-sized buffer."""
+    from mpi4py import MPI
+
+    if comm.Get_rank() == root:
+        assert recv is not None
+        for s, e in _chunks(recv.size, recv.itemsize, chunk_mb):
+            comm.Reduce(MPI.IN_PLACE, recv[s:e], op=MPI.SUM, root=root)
+    else:
+        assert send is not None
+        for s, e in _chunks(send.size, send.itemsize, chunk_mb):
+            comm.Reduce(send[s:e], None, op=MPI.SUM, root=root)
+
+
+def gather_rows(comm: Any, row: np.ndarray, root: int = 0) -> Optional[np.ndarray]:
+    """Gather one small float64 row per rank into a (size, len) array at root."""
+    out = np.empty((comm.Get_size(), row.size), dtype=np.float64) if comm.Get_rank() == root else None
+    comm.Gather(np.ascontiguousarray(row, dtype=np.float64), out, root=root)
+    return out

@@ -1,0 +1,464 @@
+"""Typed, validated configuration.
+
+YAML goes through one loader (``1e-3`` is a float, duplicate keys are errors),
+is merged with ``--set key.path=value`` overrides in one place
+(:func:`load_config`), and becomes a tree of frozen dataclasses. Unknown keys
+are rejected with a "did you mean"; every error names the file and key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------
+# YAML: PyYAML implements YAML 1.1, where "1e-3" is a string. Users mean a
+# number, so our loader resolves it as a float; it also rejects duplicate keys,
+# which PyYAML silently lets the last one win.
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: Dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}:{where}: invalid YAML: {problem}") from None
+
+
+# --------------------------------------------------------------------------
+# The schema. Field metadata: "min"/"max" are inclusive bounds, "gt" exclusive,
+# "help" is the one-line description printed in the README's config reference.
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, **checks: Any) -> Any:
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: d, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _f("", help="run directory name under `root`; default: the config file's stem")
+    root: str = _f("runs", help="parent of run directories (relative to the working directory)")
+    seed: int = _f(0, help="seed for model init, data partition and shuffling", min=0)
+
+
+@dataclass(frozen=True)
+class SiteOverrides:
+    local_epochs: Optional[int] = _f(None, help="this site's local epochs per round", min=1)
+    local_steps: Optional[int] = _f(None, help="this site's local optimizer steps per round", min=1)
+    lr: Optional[float] = _f(None, help="this site's learning rate", gt=0.0)
+    batch_size: Optional[int] = _f(None, help="this site's per-rank batch size", min=1)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str = _f(help="site (institution) name; letters, digits, '-', '_', '.'")
+    ranks: int = _f(1, help="MPI ranks (data-parallel replicas) of this site", min=1)
+    overrides: SiteOverrides = _f(SiteOverrides(), help="per-site training overrides")
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    rounds: int = _f(10, help="federated rounds", min=1)
+    local_epochs: Optional[int] = _f(None, help="local epochs per round (default 1 when local_steps is unset)", min=1)
+    local_steps: Optional[int] = _f(None, help="local optimizer steps per round instead of epochs", min=1)
+    strategy: Literal["fedavg"] = _f("fedavg", help="aggregation rule")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["digits", "synthetic"] = _f("digits", help="dataset: scikit-learn's bundled digits, or synthetic Gaussian classes")
+    val_fraction: float = _f(0.2, help="fraction of each site's data held out for validation", gt=0.0, max=0.9)
+    partition: Literal["iid", "dirichlet"] = _f("iid", help="how samples are split over sites")
+    dirichlet_alpha: float = _f(0.5, help="label-skew concentration for partition: dirichlet (smaller = more skew)", gt=0.0)
+    samples: int = _f(4096, help="synthetic: number of samples", min=16)
+    features: int = _f(64, help="synthetic: features per sample", min=1)
+    classes: int = _f(10, help="synthetic: number of classes", min=2)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("mlp", help="`mlp`, `cnn`, or `package.module:factory` (called with num_features, num_classes, **args)")
+    hidden: Tuple[int, ...] = _f((64,), help="mlp: hidden layer widths")
+    batchnorm: bool = _f(False, help="mlp: BatchNorm after each hidden layer")
+    args: Dict[str, Any] = _f({}, help="extra keyword arguments for a factory model")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backend: Literal["horovod"] = _f("horovod", help="site data-parallel backend")
+    optimizer: Literal["sgd", "adam"] = _f("sgd", help="local optimizer (state is reset every round)")
+    lr: float = _f(0.05, help="learning rate", gt=0.0)
+    momentum: float = _f(0.0, help="sgd momentum", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, help="weight decay", min=0.0)
+    batch_size: int = _f(32, help="per-rank batch size", min=1)
+    eval_batch_size: int = _f(1024, help="per-rank evaluation batch size", min=1)
+    threads: int = _f(0, help="torch threads per rank; 0 = cores / ranks on this node", min=0)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _f(1, help="write a checkpoint every N rounds (the last round always)", min=1)
+    keep: int = _f(2, help="checkpoints kept on disk", min=1)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    mpirun: str = _f("mpirun", help="mpirun executable used by `hpcfl launch`")
+    mpirun_args: Tuple[str, ...] = _f((), help="extra mpirun arguments (argv list)")
+    chunk_mb: int = _f(256, help="largest MPI message in MiB; models are sent in chunks of this size", min=1, max=1024)
+
+
+@dataclass(frozen=True)
+class FailureInjection:
+    rank: int = _f(help="world rank that fails", min=0)
+    round: int = _f(help="round in which it fails (at its start)", min=1)
+    mode: Literal["raise", "kill"] = _f("raise", help="raise an exception, or SIGKILL the process")
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    inject_failure: Optional[FailureInjection] = _f(None, help="make one rank fail on purpose (tests the job's failure handling)")
+
+
+@dataclass(frozen=True)
+class Config:
+    sites: Tuple[SiteConfig, ...] = _f(help="the simulated institutions, in rank order (list, or {count, ranks})")
+    run: RunConfig = _f(RunConfig(), help="run identity")
+    fl: FLConfig = _f(FLConfig(), help="federation")
+    data: DataConfig = _f(DataConfig(), help="data")
+    model: ModelConfig = _f(ModelConfig(), help="model")
+    train: TrainConfig = _f(TrainConfig(), help="local training")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig(), help="checkpoints")
+    launch: LaunchConfig = _f(LaunchConfig(), help="launcher")
+    debug: DebugConfig = _f(DebugConfig(), help="fault injection")
+
+    @property
+    def world_size(self) -> int:
+        return 1 + sum(s.ranks for s in self.sites)
+
+    def site_local(self, site: SiteConfig) -> Tuple[Optional[int], Optional[int]]:
+        """(epochs, steps) a site trains per round; exactly one is not None."""
+        steps = site.overrides.local_steps
+        epochs = site.overrides.local_epochs
+        if steps is None and epochs is None:
+            steps, epochs = self.fl.local_steps, self.fl.local_epochs
+        if steps is None:
+            return (epochs or 1), None
+        return None, steps
+
+
+# --------------------------------------------------------------------------
+# dict -> dataclass
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _convert(tp: Any, value: Any, path: str, src: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path, src)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{src}: {path}: {value!r} is not one of {', '.join(map(str, args))}{_suggest(str(value), [str(a) for a in args])}"
+            )
+        return value
+    if origin in (tuple, typing.Tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value] if not isinstance(value, Mapping) else value
+            if isinstance(value, Mapping):
+                raise ConfigError(f"{src}: {path}: expected a list, got a mapping")
+        return tuple(_convert(args[0], v, f"{path}[{i}]", src) for i, v in enumerate(value))
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{src}: {path}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, src)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: {path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{src}: {path}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{src}: {path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{src}: {path}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a schema bug, not a user error
+
+
+def _check_range(meta: Mapping[str, Any], value: Any, path: str, src: str) -> None:
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{src}: {path}: must be >= {meta['min']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{src}: {path}: must be <= {meta['max']}, got {value}")
+    if "gt" in meta and not value > meta["gt"]:
+        raise ConfigError(f"{src}: {path}: must be > {meta['gt']}, got {value}")
+
+
+def _expand_sites(raw: Any, path: str, src: str) -> Any:
+    """`sites: {count: N, ranks: R}` is shorthand for N sites named site1..siteN."""
+    if isinstance(raw, Mapping):
+        unknown = set(raw) - {"count", "ranks"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{src}: {_join(path, key)}: unknown key{_suggest(key, ['count', 'ranks'])}; "
+                              "sites is a list of {name, ranks, overrides} or the shorthand {count, ranks}")
+        count = _convert(int, raw.get("count", 1), _join(path, "count"), src)
+        ranks = _convert(int, raw.get("ranks", 1), _join(path, "ranks"), src)
+        _check_range({"min": 1}, count, _join(path, "count"), src)
+        return [{"name": f"site{i + 1}", "ranks": ranks} for i in range(count)]
+    return raw
+
+
+def _build(cls: Any, raw: Any, path: str, src: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{src}: {path or '<top level>'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{src}: {_join(path, key)}: unknown key{_suggest(str(key), list(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        p = _join(path, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ConfigError(f"{src}: {p}: required key is missing")
+            continue
+        value = raw[name]
+        if cls is Config and name == "sites":
+            value = _expand_sites(value, p, src)
+        value = _convert(hints[name], value, p, src)
+        _check_range(f.metadata, value, p, src)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _validate(cfg: Config, src: str) -> None:
+    if not cfg.sites:
+        raise ConfigError(f"{src}: sites: at least one site is required")
+    seen = set()
+    for i, s in enumerate(cfg.sites):
+        if not _SITE_NAME.match(s.name):
+            raise ConfigError(f"{src}: sites[{i}].name: {s.name!r} must be letters, digits, '-', '_' or '.'")
+        if s.name in seen:
+            raise ConfigError(f"{src}: sites[{i}].name: duplicate site name {s.name!r}")
+        seen.add(s.name)
+        if s.overrides.local_epochs is not None and s.overrides.local_steps is not None:
+            raise ConfigError(f"{src}: sites[{i}].overrides: set local_epochs or local_steps, not both")
+    if cfg.fl.local_epochs is not None and cfg.fl.local_steps is not None:
+        raise ConfigError(f"{src}: fl: set local_epochs or local_steps, not both")
+    if cfg.run.name and not _SITE_NAME.match(cfg.run.name):
+        raise ConfigError(f"{src}: run.name: {cfg.run.name!r} must be letters, digits, '-', '_' or '.'")
+    inj = cfg.debug.inject_failure
+    if inj is not None and inj.rank >= cfg.world_size:
+        raise ConfigError(f"{src}: debug.inject_failure.rank: {inj.rank} is not a rank of this {cfg.world_size}-rank federation")
+    if inj is not None and inj.round > cfg.fl.rounds:
+        raise ConfigError(f"{src}: debug.inject_failure.round: {inj.round} is after the last round ({cfg.fl.rounds})")
+
+
+# --------------------------------------------------------------------------
+# overrides and loading
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``key.path=value`` (value parsed as YAML) to a raw config dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected key.path=value")
+    key, _, text = assignment.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"--set {assignment}: empty key path")
+    value = parse_yaml(text, source=f"--set {key}") if text.strip() else ""
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {assignment}: {where}: index out of range (list has {len(node)} items)")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"--set {assignment}: {where}: cannot set a key inside a scalar")
+
+
+def from_dict(raw: Any, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
+    import copy
+
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    for o in overrides:
+        apply_override(raw, o)
+    cfg = _build(Config, raw, "", source)
+    _validate(cfg, source)
+    if not cfg.run.name and source not in ("<dict>", "<string>"):
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=Path(source).stem))
+    if not cfg.run.name:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="run"))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load, override and validate a YAML config; raises ConfigError naming file and key."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    return from_dict(parse_yaml(text, str(p)), str(p), overrides)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-Python form of a config (tuples become lists), for YAML/JSON output."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# Keys that may change between a run and its resumption without changing what
+# the completed rounds mean: more rounds, where the run lives, how it is launched.
+_HASH_EXCLUDED = {("fl", "rounds"), ("run", "name"), ("run", "root"), ("launch",), ("debug",), ("checkpoint",)}
+
+
+def trajectory_dict(cfg: Any) -> dict:
+    """The part of a config (object or plain dict) that determines the training trajectory."""
+    import copy
+
+    d = to_dict(cfg) if dataclasses.is_dataclass(cfg) else copy.deepcopy(cfg)
+    for key in _HASH_EXCLUDED:
+        node = d
+        for k in key[:-1]:
+            node = node.get(k, {})
+        node.pop(key[-1], None)
+    return d
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of everything that determines the training trajectory (not rounds, paths or launch)."""
+    blob = json.dumps(trajectory_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def reference(cls: Any = Config, prefix: str = "") -> list:
+    """(key path, type, default, help) rows for the documentation's config reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        p = _join(prefix, f.name)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(reference(tp, p))
+            continue
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if inner:
+            rows.extend(reference(inner[0], p + ("[]" if typing.get_origin(tp) in (tuple,) else "")))
+            if f.name == "inject_failure":
+                continue
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")  # type: ignore[misc]
+        rows.append((p, getattr(tp, "__name__", str(tp).replace("typing.", "")), default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,124 @@
+"""``hpcfl launch``: run a whole federation on this machine under ``mpirun``.
+
+The command is an argv list built by a pure function (:func:`mpirun_argv`),
+printed, then run. When the job fails, the launcher names the rank that failed
+first and its site, from the ranks' error files or from mpirun's report of a
+killed process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .config import Config
+from .errors import LaunchError
+from .topology import topology_for
+
+
+def rank_argv(config_path: str, overrides: Sequence[str] = (), resume: bool = False, restart: bool = False,
+              python: Optional[str] = None) -> List[str]:
+    """What each rank runs, under any launcher."""
+    argv = [python or sys.executable, "-m", "hpcfl", "run", str(config_path)]
+    for o in overrides:
+        argv += ["--set", o]
+    if resume:
+        argv.append("--resume")
+    if restart:
+        argv.append("--restart")
+    return argv
+
+
+def mpirun_argv(cfg: Config, rank_cmd: Sequence[str], cores: int, as_root: bool) -> List[str]:
+    """The mpirun command for this machine: one process per rank the config needs."""
+    n = cfg.world_size
+    argv = [cfg.launch.mpirun, "-np", str(n)]
+    if as_root:
+        argv.append("--allow-run-as-root")
+    if n > cores:
+        # More ranks than cores: allow it, do not pin several ranks to one core,
+        # and make waiting ranks yield the CPU instead of spinning.
+        argv += ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
+    threads = max(1, cores // n) if cfg.train.threads == 0 else cfg.train.threads
+    argv += ["-x", f"OMP_NUM_THREADS={threads}"]
+    argv += list(cfg.launch.mpirun_args)
+    return argv + list(rank_cmd)
+
+
+_KILLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)(?: \(([^)]*)\))?")
+
+
+def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int) -> str:
+    """One line naming what ended the job: the earliest rank error, else a killed rank."""
+    errors = []
+    for p in (Path(run_dir) / "logs").glob("rank-*.error.json"):
+        try:
+            errors.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    if errors:
+        first = min(errors, key=lambda e: e.get("time", 0))
+        return f"{first['line']} (log: {Path(run_dir) / 'logs' / ('rank-%04d.log' % first['rank'])})"
+    m = _KILLED.search(mpirun_output)
+    if m:
+        rank, sig, name = int(m.group(1)), m.group(2), m.group(3) or ""
+        try:
+            who = topology_for(cfg).role(rank).describe()
+        except Exception:  # noqa: BLE001 - a launcher message naming a rank we do not know
+            who = f"rank {rank}"
+        return f"hpcfl: {who} was killed by signal {sig}{f' ({name})' if name else ''}"
+    return f"hpcfl: the job failed (mpirun exit code {returncode}); see {Path(run_dir) / 'logs'}"
+
+
+def _pump(src, dst, keep: List[str]) -> None:
+    for line in iter(src.readline, ""):
+        dst.write(line)
+        dst.flush()
+        keep.append(line)
+        if len(keep) > 2000:
+            del keep[:1000]
+
+
+def launch(cfg: Config, config_path: str, overrides: Sequence[str] = (), resume: bool = False,
+           restart: bool = False, dry_run: bool = False, stdout=None) -> int:
+    """Run the federation under mpirun on this machine; return its exit code."""
+    out = stdout or sys.stdout
+    if shutil.which(cfg.launch.mpirun) is None:
+        raise LaunchError(f"launch.mpirun: {cfg.launch.mpirun!r} not found on PATH; install Open MPI "
+                          "(bash scripts/install.sh does) or set launch.mpirun")
+    from .rundir import RunDir
+
+    RunDir(cfg).check(resume=resume, restart=restart)  # refuse a bad resume before starting any rank
+    argv = mpirun_argv(cfg, rank_argv(config_path, overrides, resume, restart),
+                       cores=len(os.sched_getaffinity(0)), as_root=(os.geteuid() == 0))
+    out.write(f"hpcfl: {shlex.join(argv)}\n")
+    out.flush()
+    if dry_run:
+        return 0
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1)
+    seen: List[str] = []
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, seen), daemon=True),
+             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, seen), daemon=True)]
+    for t in pumps:
+        t.start()
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        rc = proc.wait()
+    for t in pumps:
+        t.join(timeout=5)
+    if rc != 0:
+        run_dir = Path(cfg.run.root) / cfg.run.name
+        sys.stderr.write(failure_line(cfg, run_dir, "".join(seen), rc) + "\n")
+        sys.stderr.flush()
+    return rc

@@ -1,0 +1,129 @@
+"""Local training and evaluation of one site rank, backend-agnostic.
+
+Sites are stateless between rounds, as in FedAvg: each round starts from the
+global model with a fresh optimizer state, and all randomness (shuffling,
+dropout) is seeded from (run seed, round, rank). So a round is a pure function
+of the global weights, and resuming needs nothing from the sites.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data import Dataset, epoch_shard, site_split, steps_per_epoch
+from ..model import FlatModel, build_model
+from . import SiteBackend
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    samples: int = 0  # samples this rank trained on
+    loss_sum: float = 0.0
+    data_s: float = 0.0  # waiting for the next batch
+    compute_s: float = 0.0  # forward, backward, optimizer step
+    allreduce_s: float = 0.0  # waiting for the site's gradient averaging
+    train_s: float = 0.0
+
+
+def round_seed(seed: int, round_: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, 23, round_, rank]).generate_state(1)[0])
+
+
+class SiteTrainer:
+    def __init__(self, cfg, topology, role, backend: SiteBackend, dataset: Dataset):
+        import torch
+
+        self.torch = torch
+        self.cfg = cfg
+        self.role = role
+        self.backend = backend
+        site = cfg.sites[role.site.index]
+        ov = site.overrides
+        self.epochs, self.steps = cfg.site_local(site)
+        self.batch_size = ov.batch_size or cfg.train.batch_size
+        self.lr = ov.lr or cfg.train.lr
+
+        torch.manual_seed(cfg.run.seed)
+        module = build_model(cfg, dataset.num_features, dataset.num_classes, dataset.input_shape)
+        self.model = FlatModel(module)
+        self.train_idx, val_idx = site_split(cfg, dataset, role.site.index, len(topology.sites))
+        self.num_train = int(len(self.train_idx))  # FedAvg weight of this site
+        self.val_idx = val_idx[role.rank_in_site::role.site.size]
+        self.x = torch.from_numpy(dataset.x)
+        self.y = torch.from_numpy(dataset.y)
+
+        params = module.parameters()
+        if cfg.train.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = backend.distributed_optimizer(opt, module)  # once per process: it hooks the grads
+
+    def receive_from_leader(self) -> float:
+        """Copy the leader's weights (just received from rank 0) to every rank of the site."""
+        t = time.perf_counter()
+        self.backend.broadcast_(self.model.flat)
+        return time.perf_counter() - t
+
+    def train_round(self, round_: int) -> TrainStats:
+        torch, F = self.torch, self.torch.nn.functional
+        cfg, role = self.cfg, self.role
+        st = TrainStats()
+        t0 = time.perf_counter()
+        torch.manual_seed(round_seed(cfg.run.seed, round_, role.rank))
+        self.optimizer.state.clear()  # stateless sites: fresh optimizer state every round
+        module = self.model.module
+        module.train()
+        per_epoch = steps_per_epoch(self.num_train, role.site.size, self.batch_size)
+        total = self.steps if self.steps is not None else self.epochs * per_epoch
+        epoch = 0
+        while st.steps < total:
+            shard = epoch_shard(self.train_idx, role.rank_in_site, role.site.size, cfg.run.seed, round_, epoch,
+                                role.site.index)
+            shard_t = torch.from_numpy(shard)
+            for b in range(0, len(shard), self.batch_size):
+                if st.steps >= total:
+                    break
+                t = time.perf_counter()
+                idx = shard_t[b:b + self.batch_size]
+                xb, yb = self.x[idx], self.y[idx]
+                t1 = time.perf_counter()
+                self.optimizer.zero_grad()
+                loss = F.cross_entropy(module(xb), yb)
+                loss.backward()
+                t2 = time.perf_counter()
+                self.backend.synchronize(self.optimizer)
+                t3 = time.perf_counter()
+                self.backend.step(self.optimizer)
+                t4 = time.perf_counter()
+                st.data_s += t1 - t
+                st.compute_s += (t2 - t1) + (t4 - t3)
+                st.allreduce_s += t3 - t2
+                st.loss_sum += float(loss.detach()) * len(idx)
+                st.samples += len(idx)
+                st.steps += 1
+            epoch += 1
+        st.train_s = time.perf_counter() - t0
+        return st
+
+    def evaluate(self, extra=()) -> np.ndarray:
+        """[loss_sum, correct, count, *extra] of the current model on the site's validation data,
+        summed over the site's ranks (``extra`` rides along in the same collective)."""
+        torch, F = self.torch, self.torch.nn.functional
+        module = self.model.module
+        module.eval()
+        loss_sum = correct = 0.0
+        bs = self.cfg.train.eval_batch_size
+        with torch.no_grad():
+            for b in range(0, len(self.val_idx), bs):
+                idx = torch.from_numpy(self.val_idx[b:b + bs])
+                out = module(self.x[idx])
+                y = self.y[idx]
+                loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+                correct += float((out.argmax(1) == y).sum())
+        totals = torch.tensor([loss_sum, correct, float(len(self.val_idx)), *extra], dtype=torch.float64)
+        self.backend.allreduce_sum_(totals)
+        return totals.numpy()
