@@ -169,6 +169,7 @@ class FailureInjection:
 @dataclass(frozen=True)
 class DebugConfig:
     inject_failure: Optional[FailureInjection] = _f(None, help="make one rank fail on purpose (tests the job's failure handling)")
+    save_local_weights: bool = _f(False, help="every site rank saves its locally trained weights each round to debug/ (for checking replicas and aggregation)")
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,10 @@ class Config:
 
 
 def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
+    opts = list(options)
+    close = difflib.get_close_matches(word, opts, n=1, cutoff=0.6) or \
+        [o for o in opts if len(o) > 1 and (word.startswith(o) or o.startswith(word))][:1] or \
+        difflib.get_close_matches(word, opts, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -345,6 +349,10 @@ def _validate(cfg: Config, src: str) -> None:
 # overrides and loading
 
 
+# An override of one of these replaces the other, which the file may have set.
+_EXCLUSIVE = {"local_steps": "local_epochs", "local_epochs": "local_steps"}
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``key.path=value`` (value parsed as YAML) to a raw config dict in place."""
     if "=" not in assignment:
@@ -368,6 +376,8 @@ def apply_override(raw: dict, assignment: str) -> None:
         elif isinstance(node, dict):
             if last:
                 node[part] = value
+                if part in _EXCLUSIVE and value is not None:
+                    node.pop(_EXCLUSIVE[part], None)
             else:
                 if not isinstance(node.get(part), (dict, list)):
                     node[part] = {}

@@ -146,6 +146,12 @@ class SiteWorker:
         self.start_round = start_round
         self.strategy = make_strategy(cfg.fl.strategy)
         self.scratch = np.empty_like(trainer.model.array) if role.is_leader else None
+        self.rundir_path = RunDir(cfg).path
+
+    def save_local_weights(self, round_: int) -> None:
+        d = self.rundir_path / "debug"
+        d.mkdir(exist_ok=True)
+        np.save(d / f"round-{round_:06d}-rank-{self.role.rank:04d}.npy", self.trainer.model.array)
 
     def run(self) -> None:
         cfg, role, fed = self.cfg, self.role, self.comms.federation
@@ -158,6 +164,8 @@ class SiteWorker:
         for r in range(self.start_round, cfg.fl.rounds + 1):
             maybe_fail(cfg, role.rank, r)
             st = tr.train_round(r)
+            if cfg.debug.save_local_weights:
+                self.save_local_weights(r)
             upload_s = recv_s = 0.0
             if role.is_leader:
                 t0 = time.perf_counter()

@@ -124,5 +124,8 @@ def build_model(cfg, num_features: int, num_classes: int, input_shape: Tuple[int
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"model.name: cannot import {m.name!r}: {exc}") from None
-        return fn(num_features=num_features, num_classes=num_classes, **m.args)
+        try:
+            return fn(num_features=num_features, num_classes=num_classes, **m.args)
+        except TypeError as exc:
+            raise ConfigError(f"model.name: {m.name}(num_features=..., num_classes=..., **model.args) failed: {exc}") from None
     raise ConfigError(f"model.name: {m.name!r} is not `mlp`, `cnn` or `package.module:factory`")

@@ -1,0 +1,33 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def pytest_collection_modifyitems(config, items):
+    # The tier follows the folder: tests/unit -> unit, tests/mpi -> mpi.
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in ("unit", "mpi", "slurm", "gpu"):
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+def hpcfl(*args, timeout=180, cwd=None, env=None):
+    """Run the hpcfl CLI in a subprocess; returns CompletedProcess (text)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "hpcfl", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT, env=e)
+
+
+@pytest.fixture
+def need_mpirun():
+    if shutil.which("mpirun") is None:
+        pytest.fail("mpirun not found: run `make test` (it installs Open MPI)")
