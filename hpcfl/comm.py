@@ -39,13 +39,13 @@ def _chunks(n: int, itemsize: int, chunk_mb: int):
         yield s, min(n, s + step)
 
 
-def bcast_array(comm: Any, arr: np.ndarray, root: int = 0, chunk_mb: int = 256) -> None:
+def bcast_array(comm: Any, arr: np.ndarray, root: int = 0, chunk_mb: int = 8) -> None:
     for s, e in _chunks(arr.size, arr.itemsize, chunk_mb):
         comm.Bcast(arr[s:e], root=root)
 
 
 def reduce_sum_array(comm: Any, send: Optional[np.ndarray], recv: Optional[np.ndarray], root: int = 0,
-                     chunk_mb: int = 256) -> None:
+                     chunk_mb: int = 8) -> None:
     """Sum ``send`` over ``comm`` into ``recv`` at ``root``. The root contributes ``recv``'s
     own content in place (zero it first), so it never needs a second model-sized buffer."""
     from mpi4py import MPI

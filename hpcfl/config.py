@@ -156,7 +156,7 @@ class CheckpointConfig:
 class LaunchConfig:
     mpirun: str = _f("mpirun", help="mpirun executable used by `hpcfl launch`")
     mpirun_args: Tuple[str, ...] = _f((), help="extra mpirun arguments (argv list)")
-    chunk_mb: int = _f(256, help="largest MPI message in MiB; models are sent in chunks of this size", min=1, max=1024)
+    chunk_mb: int = _f(8, help="largest MPI message in MiB: models move in chunks of this size, which bounds the reduction buffers MPI allocates at rank 0", min=1, max=1024)
 
 
 @dataclass(frozen=True)

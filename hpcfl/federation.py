@@ -39,6 +39,11 @@ EVAL = ["recv_s", "site_bcast_s", "eval_s", "upload_s", "val_loss_sum", "val_cor
         "train_loss_sum", "train_samples"]
 
 
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def maybe_fail(cfg: Config, rank: int, round_: int) -> None:
     """debug.inject_failure: make this rank fail at the start of a round, on purpose."""
     inj = cfg.debug.inject_failure
@@ -73,6 +78,7 @@ class Aggregator:
         import torch
 
         self.cfg, self.topology, self.comms, self.rundir = cfg, topology, comms, rundir
+        self.rss_before_model = current_rss()
         torch.manual_seed(cfg.run.seed)
         self.model = FlatModel(build_model(cfg, meta["num_features"], meta["num_classes"], tuple(meta["input_shape"])))
         self.strategy = make_strategy(cfg.fl.strategy)
@@ -122,7 +128,18 @@ class Aggregator:
             self.rundir.append_metrics(records)
             progress.round_done(summary)
             last = summary
-        return progress.finish(last)
+        out = progress.finish(last)
+        out["memory"] = self.memory()
+        return out
+
+    def memory(self) -> Dict[str, float]:
+        """Rank 0's memory: FedAvg by Reduce must keep it at a constant number of model copies."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        model = self.model.nbytes
+        return {"model_mb": model / 2**20, "rss_before_model_mb": self.rss_before_model / 2**20,
+                "peak_rss_mb": peak / 2**20, "model_copies_above_baseline": (peak - self.rss_before_model) / model}
 
     def checkpoint(self, round_: int, records: List[Dict[str, Any]]) -> None:
         import torch
