@@ -22,6 +22,7 @@ from .config import Config, load_config
 from .errors import ConfigError, HpcflError, TopologyError
 
 log = logging.getLogger("hpcfl")
+ABORT_GRACE_S = 1.0
 
 
 def _versions() -> Dict[str, str]:
@@ -124,6 +125,7 @@ def _fail(world, rank: int, exc: BaseException, state: Dict[str, Any]) -> None:
     sys.stdout.flush()
     logging.shutdown()
     if world.Get_size() > 1:
+        time.sleep(ABORT_GRACE_S)  # let mpirun forward our line before it tears the job down
         world.Abort(1)
     sys.exit(1)
 
@@ -207,8 +209,11 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
         from .federation import SiteWorker
 
         SiteWorker(cfg, topology, role, comms, trainer, start_round).run()
+    # Everyone must be done before Horovod shuts down: its shutdown is global across
+    # process sets, and would abort another site's allreduce still in flight.
+    world.Barrier()
+    if trainer is not None:
         trainer.backend.shutdown()
     log.info("done")
-    world.Barrier()
     return 0
 

@@ -32,7 +32,8 @@ def flat(state):
 
 
 def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path):
-    r = launch(tmp_path, "agg", "debug.save_local_weights=true", rounds=2)
+    # site b trains fewer steps (a per-site override), so the sites also finish at different times
+    r = launch(tmp_path, "agg", "debug.save_local_weights=true", "sites.1.overrides.local_steps=2", rounds=2)
     assert r.returncode == 0, r.stdout + r.stderr
     run = tmp_path / "agg"
     manifest = json.loads((run / "manifest.json").read_text())
@@ -57,6 +58,8 @@ def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path):
     assert ranks[1]["versions"]["horovod"] == "0.28.1"
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 * (2 * 2 + 1)
+    steps = {(x["site"], x["round"]): x["steps"] for x in recs if x.get("split") == "train"}
+    assert steps == {("hospital-a", 1): 6, ("hospital-a", 2): 6, ("hospital-b", 1): 2, ("hospital-b", 2): 2}
     summary = [x for x in recs if x["kind"] == "round"]
     assert [s["round"] for s in summary] == [1, 2] and summary[0]["sites_done"] == 2
     for key in ("send_s", "site_bcast_s", "train_s", "data_s", "compute_s", "allreduce_s", "upload_s",

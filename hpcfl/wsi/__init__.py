@@ -1,0 +1,1 @@
+"""Whole-slide images: synthesis, reading (cuCIM, OpenSlide), tiling into a Feather index, tile datasets."""

@@ -1,0 +1,168 @@
+"""One reader interface, two backends: cuCIM (default) and OpenSlide.
+
+Both are imported lazily, so a machine without one still works with the
+other, and the error for a missing one says what to install. Readers are
+opened inside each process (and each DataLoader worker): cuCIM's ``CuImage``
+cannot be pickled, and a reader must never be shared across processes.
+
+Every failure to open or read a slide raises :class:`SlideError` naming it.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import DependencyError, HpcflError
+
+BACKENDS = ("cucim", "openslide")
+
+
+class SlideError(HpcflError):
+    """A slide is missing, unreadable, truncated, or has no tissue."""
+
+
+class SlideReader(ABC):
+    """An open slide. Coordinates (x, y) are always in level-0 pixels, as in OpenSlide and cuCIM."""
+
+    backend = "base"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    @abstractmethod
+    def level_count(self) -> int:
+        """Number of pyramid levels."""
+
+    @abstractmethod
+    def level_dimensions(self, level: int) -> Tuple[int, int]:
+        """(width, height) of a level."""
+
+    @abstractmethod
+    def level_downsample(self, level: int) -> float:
+        """Downsample factor of a level relative to level 0."""
+
+    @abstractmethod
+    def _read(self, x: int, y: int, level: int, size: Tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) region whose top-left corner is (x, y) in level-0 pixels."""
+
+    def read_region(self, x: int, y: int, level: int, size: Tuple[int, int]) -> np.ndarray:
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
+        try:
+            return self._read(int(x), int(y), int(level), (int(size[0]), int(size[1])))
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this slide's problem
+            raise SlideError(f"{self.path}: cannot read region ({x}, {y}) level {level} size {tuple(size)}: "
+                             f"{type(exc).__name__}: {exc}") from None
+
+    def read_regions(self, locations: Sequence[Tuple[int, int]], level: int, size: Tuple[int, int]) -> List[np.ndarray]:
+        """Several regions of one size; backends that batch reads override this."""
+        return [self.read_region(x, y, level, size) for x, y in locations]
+
+    def close(self) -> None:
+        """Release the file."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class CuCIMReader(SlideReader):
+    backend = "cucim"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        try:
+            from cucim import CuImage
+        except ImportError as exc:
+            raise DependencyError(f"cuCIM is not importable ({exc}); pip install cucim-cu12 "
+                                  "(scripts/install.sh installs the CPU-capable part)") from None
+        self._img = CuImage(str(path))
+        res = self._img.resolutions
+        self._dims = [tuple(int(v) for v in d) for d in res["level_dimensions"]]
+        self._down = [float(d) for d in res["level_downsamples"]]
+
+    @property
+    def level_count(self) -> int:
+        return len(self._dims)
+
+    def level_dimensions(self, level: int) -> Tuple[int, int]:
+        return self._dims[level]
+
+    def level_downsample(self, level: int) -> float:
+        return self._down[level]
+
+    def _read(self, x, y, level, size):
+        region = self._img.read_region((x, y), size, level)
+        return np.asarray(region)[..., :3]
+
+    def read_regions(self, locations, level, size):
+        """cuCIM's multi-location read_region decodes a batch in one call (numpy 2 needs a list of tuples)."""
+        if len(locations) < 2:
+            return super().read_regions(locations, level, size)
+        locs = [(int(x), int(y)) for x, y in locations]
+        try:
+            batch = self._img.read_region(locs, tuple(int(s) for s in size), level, num_workers=1)
+            return [np.array(r)[..., :3] for r in batch]  # the iterator reuses its buffer: copy
+        except Exception as exc:  # noqa: BLE001
+            raise SlideError(f"{self.path}: batched read of {len(locs)} regions failed: {type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        self._img = None
+
+
+class OpenSlideReader(SlideReader):
+    backend = "openslide"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        try:
+            import openslide
+        except ImportError as exc:
+            raise DependencyError(f"OpenSlide is not importable ({exc}); pip install openslide-python openslide-bin") from None
+        self._slide = openslide.OpenSlide(str(path))
+
+    @property
+    def level_count(self) -> int:
+        return self._slide.level_count
+
+    def level_dimensions(self, level: int) -> Tuple[int, int]:
+        return tuple(self._slide.level_dimensions[level])
+
+    def level_downsample(self, level: int) -> float:
+        return float(self._slide.level_downsamples[level])
+
+    def _read(self, x, y, level, size):
+        return np.asarray(self._slide.read_region((x, y), level, size).convert("RGB"))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def open_slide(path, backend: str = "cucim") -> SlideReader:
+    """Open a slide with a backend; missing, empty or unreadable files raise SlideError naming the file."""
+    p = Path(path)
+    if backend not in BACKENDS:
+        raise SlideError(f"{p}: unknown reader backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if not p.exists():
+        raise SlideError(f"{p}: slide not found")
+    if p.is_dir() or os.path.getsize(p) == 0:
+        raise SlideError(f"{p}: not a slide file (empty or a directory)")
+    cls = CuCIMReader if backend == "cucim" else OpenSlideReader
+    try:
+        reader = cls(p)
+    except DependencyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - cuCIM and OpenSlide raise many types for a bad file
+        raise SlideError(f"{p}: cannot open slide with {backend}: {type(exc).__name__}: {exc}") from None
+    if reader.level_count < 1:
+        raise SlideError(f"{p}: slide has no image levels")
+    return reader
