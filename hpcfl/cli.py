@@ -13,6 +13,8 @@ commands:
   launch    run a federation on this machine: builds and runs the mpirun command
   run       what each rank executes, under any launcher (mpirun, srun, horovodrun)
   validate  check a config file (and --set overrides) without running anything
+  synth-slides  write deterministic synthetic pyramidal slides (demo and test data)
+  tile      find tissue, tile slides and write the Feather tile index
 """
 
 
@@ -54,6 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load and validate a config (with overrides); print the federation it describes.")
     _add_config_args(p)
     p.add_argument("--print", dest="show", action="store_true", help="print the resolved config as YAML")
+
+    p = sub.add_parser("synth-slides", help="write synthetic H&E-like pyramidal TIFF slides and their class masks",
+                       description="Deterministic (seeded) JPEG-compressed tiled pyramidal TIFFs, each level its own "
+                                   "page, with background and several tissue classes, plus <slide>.mask.png and "
+                                   "slides.json. The demo and test data.")
+    p.add_argument("out_dir")
+    p.add_argument("--slides", type=int, default=8, help="number of slides (default 8)")
+    p.add_argument("--size", type=int, default=4096, help="level-0 side in pixels (default 4096)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("tile", help="tile slides into a Feather index (one file per slide) with thumbnails",
+                       description="Tissue detection (Otsu on HSV saturation at a low-resolution level), a tile grid, "
+                                   "white_background/partial_tissue/tissue labels, classes from <slide>.mask.png or "
+                                   "<slide>.geojson, one Feather file and one PNG thumbnail per slide. A bad slide is "
+                                   "reported and skipped; the exit code is non-zero if any failed.")
+    p.add_argument("slides_dir")
+    p.add_argument("--out", required=True, help="index directory")
+    p.add_argument("--level", type=int, default=0, help="pyramid level of the tiles (default 0)")
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--stride", type=int, default=0, help="default: the tile size")
+    p.add_argument("--backend", choices=["cucim", "openslide"], default="cucim")
+    p.add_argument("--classes", default="", help="comma-separated class names for mask values 1, 2, ... "
+                                                 "(default: from slides.json)")
     return parser
 
 
@@ -70,6 +95,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .runtime import run_rank
 
             return run_rank(args.config, args.overrides, resume=args.resume, restart=args.restart)
+
+        if args.command == "synth-slides":
+            from .wsi.synth import synthesize_slides
+
+            infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed)
+            print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json)")
+            return 0
+        if args.command == "tile":
+            return _tile(args)
 
         from .config import dump_yaml, load_config
         from .topology import expected_layout
@@ -91,6 +125,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _tile(args) -> int:
+    from .wsi.tiling import TilingParams, tile_directory
+
+    params = TilingParams(level=args.level, tile_size=args.tile_size, stride=args.stride or args.tile_size,
+                          backend=args.backend)
+    classes = [c for c in args.classes.split(",") if c]
+    done, failures = tile_directory(args.slides_dir, args.out, params, classes)
+    for s in done:
+        print(f"{s['slide_id']}: {s['tiles']} tiles ({s['tissue']} tissue, {s['partial_tissue']} partial, "
+              f"{s['white_background']} background)")
+    for f in failures:
+        print(f"hpcfl: {f}", file=sys.stderr)
+    print(f"index: {args.out} ({len(done)} slides tiled, {len(failures)} failed)")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

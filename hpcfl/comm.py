@@ -6,6 +6,7 @@ single message approaches MPI's 2 GiB count limit, and chunks pipeline.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -65,3 +66,26 @@ def gather_rows(comm: Any, row: np.ndarray, root: int = 0) -> Optional[np.ndarra
     out = np.empty((comm.Get_size(), row.size), dtype=np.float64) if comm.Get_rank() == root else None
     comm.Gather(np.ascontiguousarray(row, dtype=np.float64), out, root=root)
     return out
+
+
+def wait_quietly(req: Any, max_sleep: float = 0.001) -> None:
+    """Complete a non-blocking MPI request by polling with short sleeps.
+
+    A blocking MPI call busy-polls: a rank waiting for others (rank 0 while the
+    sites train, everyone while the others import torch) would take CPU from
+    the ranks it waits for whenever they share cores.
+    """
+    delay = 1e-5
+    while not req.Test():
+        time.sleep(delay)
+        delay = min(delay * 2, max_sleep)
+
+
+def quiet_barrier(comm: Any, wait: bool = True) -> Any:
+    """Barrier on ``comm`` that sleeps instead of spinning; with wait=False returns the request
+    (a rank that has work to do right after enters the barrier and completes it later)."""
+    req = comm.Ibarrier()
+    if wait:
+        wait_quietly(req)
+        return None
+    return req

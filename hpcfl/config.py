@@ -116,14 +116,54 @@ class FLConfig:
 
 
 @dataclass(frozen=True)
+class SynthConfig:
+    slides: int = _f(8, help="number of synthetic slides", min=2)
+    size: int = _f(4096, help="side of a synthetic slide in level-0 pixels", min=512)
+    seed: int = _f(0, help="seed of the synthetic slides", min=0)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    type: Literal["nocache", "per_process", "shared_memory"] = _f("per_process", help="cuCIM tile cache (shared_memory is shared with the rank's loader workers)")
+    capacity_mb: int = _f(256, help="cuCIM tile cache capacity per process, MiB", min=1)
+
+
+@dataclass(frozen=True)
+class SmartCacheConfig:
+    cache_num: int = _f(256, help="tiles each rank keeps cached (MONAI SmartCacheDataset)", min=1)
+    replace_rate: float = _f(0.25, help="fraction of the cache replaced every epoch", gt=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class TilesConfig:
+    slides_dir: str = _f("data/slides", help="directory of slides (.svs, .tif, .tiff)")
+    index_dir: str = _f("data/index", help="tile index directory (Feather per slide); built by rank 0 if missing")
+    synthesize: Optional[SynthConfig] = _f(None, help="write synthetic slides into slides_dir if it has none")
+    level: int = _f(1, help="pyramid level tiles are read at", min=0)
+    tile_size: int = _f(128, help="tile side in pixels at `level`", min=8)
+    stride: int = _f(0, help="grid stride at `level` (0 = tile_size)", min=0)
+    input_size: int = _f(64, help="side of the model's input: tiles are resized (or cropped) to it", min=8)
+    backend: Literal["cucim", "openslide"] = _f("cucim", help="slide reader")
+    partition: Literal["slide", "dirichlet", "quantity"] = _f("slide", help="how slides are split over sites: round-robin, label skew Dir(data.dirichlet_alpha), quantity skew")
+    cache: CacheConfig = _f(CacheConfig(), help="cuCIM tile cache")
+    loader_workers: int = _f(0, help="DataLoader worker processes per rank", min=0)
+    augment: bool = _f(True, help="random flips and 90-degree rotations (MONAI)")
+    crops_per_read: int = _f(1, help="batch-by-transform: training crops of input_size cut from each tile read (1 = resize the tile)", min=1)
+    batched_reads: bool = _f(False, help="read a batch's tiles per slide with cuCIM's multi-location read_region")
+    smart_cache: Optional[SmartCacheConfig] = _f(None, help="train from a MONAI SmartCacheDataset (note: resume is not bit-identical with it)")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "synthetic"] = _f("digits", help="dataset: scikit-learn's bundled digits, or synthetic Gaussian classes")
+    name: Literal["digits", "synthetic", "tiles"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, or WSI tiles")
     val_fraction: float = _f(0.2, help="fraction of each site's data held out for validation", gt=0.0, max=0.9)
     partition: Literal["iid", "dirichlet"] = _f("iid", help="how samples are split over sites")
     dirichlet_alpha: float = _f(0.5, help="label-skew concentration for partition: dirichlet (smaller = more skew)", gt=0.0)
     samples: int = _f(4096, help="synthetic: number of samples", min=16)
     features: int = _f(64, help="synthetic: features per sample", min=1)
     classes: int = _f(10, help="synthetic: number of classes", min=2)
+    tiles: TilesConfig = _f(TilesConfig(), help="whole-slide-image tiles")
+    array_backend: Literal["auto", "numpy", "cupy"] = _f("auto", help="array math: CuPy where a GPU exists (auto), else NumPy")
 
 
 @dataclass(frozen=True)
@@ -131,6 +171,7 @@ class ModelConfig:
     name: str = _f("mlp", help="`mlp`, `cnn`, or `package.module:factory` (called with num_features, num_classes, **args)")
     hidden: Tuple[int, ...] = _f((64,), help="mlp: hidden layer widths")
     batchnorm: bool = _f(False, help="mlp: BatchNorm after each hidden layer")
+    conv_blocks: int = _f(3, help="cnn: strided conv + BatchNorm + ReLU blocks (16, 32, 64, ... channels)", min=1, max=8)
     args: Dict[str, Any] = _f({}, help="extra keyword arguments for a factory model")
 
 

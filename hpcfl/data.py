@@ -30,14 +30,6 @@ class Dataset:
         return int(np.prod(self.input_shape))
 
 
-def dataset_meta(cfg) -> dict:
-    """Shapes the aggregator needs to build the model, without loading any data."""
-    d = cfg.data
-    if d.name == "digits":
-        return {"num_features": 64, "num_classes": 10, "input_shape": (1, 8, 8)}
-    return {"num_features": d.features, "num_classes": d.classes, "input_shape": (d.features,)}
-
-
 def _digits() -> Tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits (1,797 8x8 images), read from its data file directly:
     importing sklearn costs each rank about a second of start-up."""

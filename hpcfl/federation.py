@@ -18,16 +18,17 @@ import logging
 import os
 import signal
 import time
+from dataclasses import astuple
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from .aggregation import make_strategy
 from .checkpoint import save_checkpoint
-from .comm import Comms, bcast_array, gather_rows, reduce_sum_array
+from .comm import Comms, bcast_array, gather_rows, quiet_barrier, reduce_sum_array
 from .config import Config, config_hash
-from .errors import RankFailure, TopologyError
-from .model import FlatModel, build_model
+from .errors import CheckpointError, RankFailure, TopologyError
+from .model import Entry, layout_signature, state_views
 from .report import Progress, round_records
 from .rundir import RunDir
 
@@ -56,62 +57,80 @@ def maybe_fail(cfg: Config, rank: int, round_: int) -> None:
     raise RankFailure(f"injected failure at round {round_} (debug.inject_failure)")
 
 
-def check_signatures(comms: Comms, signature: str, topology) -> None:
-    """All leaders must flatten the model identically, or buffers would be misread."""
-    sigs = comms.federation.gather(signature, root=0)
-    if comms.federation.Get_rank() == 0:
-        bad = [topology.sites[i - 1].name for i, s in enumerate(sigs) if i > 0 and s != signature]
-        ok = not bad
-        msg = f"site(s) {', '.join(bad)} built a different model than the aggregator (parameter names/shapes differ)"
+def exchange_layout(comms: Comms, topology, flat_model=None):
+    """Leaders tell rank 0 how the model is flattened; all leaders must agree.
+
+    Returns the layout (entries) on rank 0, None elsewhere. Rank 0 never builds
+    the model itself: it only needs the layout, so it never imports torch.
+    """
+    fed = comms.federation
+    mine = None if flat_model is None else (flat_model.signature(), [tuple(astuple(e)) for e in flat_model.entries])
+    got = fed.gather(mine, root=0)
+    if fed.Get_rank() == 0:
+        sig0, entries = got[1]
+        bad = [topology.sites[i - 1].name for i in range(2, len(got)) if got[i][0] != sig0]
+        verdict = (not bad, f"site(s) {', '.join(bad)} built a different model than site "
+                            f"{topology.sites[0].name!r} (parameter names or shapes differ)")
     else:
-        ok, msg = True, ""
-    ok, msg = comms.federation.bcast((ok, msg), root=0)
+        verdict = None
+    ok, msg = fed.bcast(verdict, root=0)
     if not ok:
         raise TopologyError(msg)
+    return [Entry(n, tuple(sh), o, k) for n, sh, o, k in entries] if fed.Get_rank() == 0 else None
 
 
 class Aggregator:
-    """Rank 0: holds the global model, aggregates, logs and checkpoints."""
+    """Rank 0: holds the global model as a flat array, aggregates, logs and checkpoints. No torch."""
 
-    def __init__(self, cfg: Config, topology, comms: Comms, rundir: RunDir, meta: Dict[str, Any],
-                 ckpt: Optional[Dict[str, Any]]):
-        import torch
-
+    def __init__(self, cfg: Config, topology, comms: Comms, rundir: RunDir, ckpt: Optional[Dict[str, Any]]):
         self.cfg, self.topology, self.comms, self.rundir = cfg, topology, comms, rundir
         self.rss_before_model = current_rss()
-        torch.manual_seed(cfg.run.seed)
-        self.model = FlatModel(build_model(cfg, meta["num_features"], meta["num_classes"], tuple(meta["input_shape"])))
+        self.ckpt = ckpt
         self.strategy = make_strategy(cfg.fl.strategy)
         self.rng = np.random.default_rng([cfg.run.seed, 29])  # server-side randomness (sampling, noise)
-        self.start_round = 1
+        self.start_round = 1 if ckpt is None else int(ckpt["round"]) + 1
+
+    def _initial_model(self) -> None:
+        """The layout from the leaders; weights from the checkpoint, or the first site's seeded init."""
+        self.entries = exchange_layout(self.comms, self.topology)
+        self.signature = layout_signature(self.entries)
+        n = sum(e.numel for e in self.entries)
+        self.weights = np.empty(n, np.float32)
+        ckpt = self.ckpt
         if ckpt is not None:
-            self.model.module.load_state_dict(ckpt["model"])
+            if ckpt.get("signature") != self.signature:
+                raise CheckpointError(f"{self.rundir.path}: its checkpoint holds a different model than the sites build")
+            for name, view in state_views(self.weights, self.entries).items():
+                view[...] = ckpt["model"][name]
             self.strategy.load_state_dict(ckpt.get("strategy", {}))
-            self.rng.bit_generator.state = ckpt["rng"]["numpy"]
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            self.start_round = int(ckpt["round"]) + 1
-        self.acc = np.zeros_like(self.model.array)  # the one extra model-sized buffer rank 0 needs
+            self.rng.bit_generator.state = ckpt["rng"]
+        self.comms.federation.Bcast(np.array([ckpt is None], np.int8), root=0)
+        if ckpt is None:
+            self.comms.federation.Recv(self.weights, source=1)  # site 0's leader: seeded initial weights
+        self.acc = np.zeros_like(self.weights)  # the one extra model-sized buffer rank 0 needs
 
     def run(self) -> Dict[str, Any]:
         cfg, fed = self.cfg, self.comms.federation
         chunk = cfg.launch.chunk_mb
-        check_signatures(self.comms, self.model.signature(), self.topology)
+        self._initial_model()
         progress = Progress(cfg, self.topology, self.rundir, self.start_round)
         t_prev = time.perf_counter()
-        bcast_array(fed, self.model.array, chunk_mb=chunk)  # initial (or resumed) global model
+        bcast_array(fed, self.weights, chunk_mb=chunk)  # initial (or resumed) global model
         last: Dict[str, Any] = {}
         for r in range(self.start_round, cfg.fl.rounds + 1):
             maybe_fail(cfg, 0, r)
             t0 = time.perf_counter()
             self.acc.fill(0.0)
+            quiet_barrier(fed)  # sleep, do not spin, while the sites train
             reduce_sum_array(fed, None, self.acc, chunk_mb=chunk)
             up = gather_rows(fed, np.zeros(len(UP)))[1:]
             t1 = time.perf_counter()
             n_total = float(up[:, UP.index("num_train")].sum())
-            self.strategy.finalize(self.acc, n_total, self.model.array)
+            self.strategy.finalize(self.acc, n_total, self.weights)
             t2 = time.perf_counter()
-            bcast_array(fed, self.model.array, chunk_mb=chunk)
+            bcast_array(fed, self.weights, chunk_mb=chunk)
             t3 = time.perf_counter()
+            quiet_barrier(fed)  # ... and while they evaluate
             ev = gather_rows(fed, np.zeros(len(EVAL)))[1:]
             t4 = time.perf_counter()
             server = {"wait_upload_s": t1 - t0, "aggregate_s": t2 - t1, "send_s": t3 - t2, "wait_eval_s": t4 - t3}
@@ -137,21 +156,17 @@ class Aggregator:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        model = self.model.nbytes
+        model = self.weights.nbytes
         return {"model_mb": model / 2**20, "rss_before_model_mb": self.rss_before_model / 2**20,
                 "peak_rss_mb": peak / 2**20, "model_copies_above_baseline": (peak - self.rss_before_model) / model}
 
     def checkpoint(self, round_: int, records: List[Dict[str, Any]]) -> None:
-        import torch
-
-        save_checkpoint(self.rundir.checkpoints, round_, {
+        save_checkpoint(self.rundir.checkpoints, round_, state_views(self.weights, self.entries), {
             "config_hash": config_hash(self.cfg),
-            "signature": self.model.signature(),
-            "model": self.model.module.state_dict(),
-            "strategy": self.strategy.state_dict(),
-            "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state()},
+            "signature": self.signature,
+            "rng": self.rng.bit_generator.state,
             "records": records,
-        }, keep=self.cfg.checkpoint.keep)
+        }, strategy=self.strategy.state_dict(), keep=self.cfg.checkpoint.keep)
 
 
 class SiteWorker:
@@ -175,7 +190,11 @@ class SiteWorker:
         tr = self.trainer
         chunk = cfg.launch.chunk_mb
         if role.is_leader:
-            check_signatures(self.comms, tr.model.signature(), self.topology)
+            exchange_layout(self.comms, self.topology, tr.model)
+            fresh = np.zeros(1, np.int8)
+            fed.Bcast(fresh, root=0)
+            if fresh[0] and role.site.index == 0:
+                fed.Send(tr.model.array, dest=0)  # the seeded initial weights (same on every site)
             bcast_array(fed, tr.model.array, chunk_mb=chunk)
         tr.receive_from_leader()
         for r in range(self.start_round, cfg.fl.rounds + 1):
@@ -187,7 +206,9 @@ class SiteWorker:
             if role.is_leader:
                 t0 = time.perf_counter()
                 self.strategy.contribution(tr.model.array, tr.num_train, out=self.scratch)
+                ready = quiet_barrier(fed, wait=False)
                 reduce_sum_array(fed, self.scratch, None, chunk_mb=chunk)
+                ready.Wait()
                 gather_rows(fed, np.array([tr.num_train, st.steps, st.train_s, st.data_s, st.compute_s,
                                            st.allreduce_s]))
                 t1 = time.perf_counter()
@@ -200,4 +221,6 @@ class SiteWorker:
             log.info("round %d: trained %d steps in %.3fs, val acc %.4f", r, st.steps, st.train_s,
                      totals[1] / max(totals[2], 1))
             if role.is_leader:
+                ready = quiet_barrier(fed, wait=False)
                 gather_rows(fed, np.array([recv_s, site_bcast_s, eval_s, upload_s, *totals]))
+                ready.Wait()

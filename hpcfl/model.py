@@ -82,11 +82,20 @@ class FlatModel:
 
     def signature(self) -> str:
         """Names, shapes and offsets: two processes can exchange buffers iff these match."""
-        text = ";".join(f"{e.name}:{e.shape}:{e.offset}" for e in self.entries)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return layout_signature(self.entries)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
+
+
+def layout_signature(entries) -> str:
+    text = ";".join(f"{e.name}:{tuple(e.shape)}:{e.offset}" for e in entries)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def state_views(array: np.ndarray, entries) -> dict:
+    """Name -> view of a flat buffer: a framework-free state_dict (what rank 0 checkpoints)."""
+    return {e.name: array[e.offset:e.offset + e.numel].reshape(e.shape) for e in entries}
 
 
 def _join(prefix: str, name: str) -> str:
@@ -112,12 +121,15 @@ def build_model(cfg, num_features: int, num_classes: int, input_shape: Tuple[int
     if m.name == "cnn":
         if len(input_shape) != 3:
             raise ConfigError(f"model.name: cnn needs image inputs (C, H, W); data {cfg.data.name!r} gives {input_shape}")
-        c = input_shape[0]
-        return nn.Sequential(
-            nn.Conv2d(c, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
-        )
+        # Small and strided: cheap enough to train tile classifiers on CPU ranks. GroupNorm, not
+        # BatchNorm: averaging running statistics over non-IID sites makes the global model's
+        # evaluation-mode behaviour swing from round to round (Hsieh et al., 2020).
+        c, layers, width = input_shape[0], [], 16
+        for i in range(m.conv_blocks):
+            stride = 2 if min(input_shape[1:]) >> (i + 1) >= 4 else 1
+            layers += [nn.Conv2d(c, width, 3, stride=stride, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
+            c, width = width, width * 2
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
     if ":" in m.name:
         mod_name, _, fn_name = m.name.partition(":")
         try:

@@ -130,10 +130,21 @@ def _fail(world, rank: int, exc: BaseException, state: Dict[str, Any]) -> None:
     sys.exit(1)
 
 
+class _Clock:
+    """Logs how long each start-up phase took: users feel every second of start-up."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self, what: str) -> None:
+        now = time.perf_counter()
+        log.info("start-up: %s took %.3fs", what, now - self.t)
+        self.t = now
+
+
 def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restart: bool,
          state: Dict[str, Any]) -> int:
-    from .comm import split_comms
-    from .data import dataset_meta
+    from .comm import quiet_barrier, split_comms
     from .rundir import RunDir
     from .topology import topology_for
 
@@ -151,6 +162,10 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
     if rank == 0:
         try:
             ckpt = rundir.prepare(resume=resume, restart=restart)
+            if cfg.data.name == "tiles":
+                from .wsi.prepare import prepare_tiles
+
+                prepare_tiles(cfg, progress=False)  # once, before any site rank reads the index
             outcome = ("ok", int(ckpt["round"]) + 1 if ckpt else 1)
         except HpcflError as exc:
             setup_error, outcome = exc, ("error", str(exc))
@@ -164,12 +179,16 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
     _setup_logging(rundir.log_path(rank), rank, to_console=(rank == 0))
     log.info("%s starting on %s (pid %d)", role.describe(), socket.gethostname(), os.getpid())
 
+    clock = _Clock()
     comms = split_comms(world, role)
+    clock.lap("communicators")
     threads = _threads_for(cfg, world)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
+    if not role.is_aggregator:  # the aggregator works on plain arrays and never imports torch
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
+        clock.lap("import torch")
 
     if start_round > cfg.fl.rounds:
         if rank == 0:
@@ -180,17 +199,22 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
     trainer = None
     partition = None
     if not role.is_aggregator:
-        from .data import load_dataset, partition_summary
         from .site import make_backend
+        from .site.data import make_site_data
         from .site.trainer import SiteTrainer
 
-        dataset = load_dataset(cfg)
+        data = make_site_data(cfg, topology, role, rundir.path)
+        clock.lap("load data")
         backend = make_backend(cfg.train.backend, topology, role, comms.trainers)
-        trainer = SiteTrainer(cfg, topology, role, backend, dataset)
+        clock.lap(f"start {cfg.train.backend}")
+        trainer = SiteTrainer(cfg, topology, role, backend, data)
+        clock.lap("build model and optimizer")
         if rank == topology.sites[0].leader:
-            partition = partition_summary(cfg, dataset, [s.name for s in topology.sites])
+            partition = data.partition_record([s.name for s in topology.sites])
 
+    quiet_barrier(world)  # ranks that are ready sleep while the others import and load
     infos = world.gather((rank_info(role, threads), partition), root=0)
+    clock.lap("manifest")
     state["started"] = True
     if rank == 0:
         from .federation import Aggregator
@@ -201,7 +225,7 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
             "resumed_from_round": start_round - 1, "world_size": topology.world_size,
             "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
         })
-        agg = Aggregator(cfg, topology, comms, rundir, dataset_meta(cfg), ckpt)
+        agg = Aggregator(cfg, topology, comms, rundir, ckpt)
         summary = agg.run()
         rundir.write_json("summary.json", summary)
         rundir.close()
@@ -211,8 +235,9 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
         SiteWorker(cfg, topology, role, comms, trainer, start_round).run()
     # Everyone must be done before Horovod shuts down: its shutdown is global across
     # process sets, and would abort another site's allreduce still in flight.
-    world.Barrier()
+    quiet_barrier(world)
     if trainer is not None:
+        trainer.data.close()
         trainer.backend.shutdown()
     log.info("done")
     return 0

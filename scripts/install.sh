@@ -15,6 +15,7 @@ PY="${HPCFL_PYTHON:-python3}"
 CACHE="${HPCFL_CACHE:-$HOME/.cache/hpcfl}"
 HOROVOD_VERSION=0.28.1
 TORCH_VERSION="${HPCFL_TORCH_VERSION:-2.13.0}"
+CUCIM_VERSION=26.10.0
 
 log() { printf '[install] %s\n' "$*" >&2; }
 
@@ -61,6 +62,13 @@ log "torch==$TORCH_VERSION (CPU wheel where the machine has one)"
 pip_ install "torch==$TORCH_VERSION"
 log "requirements.txt"
 pip_ install -r "$here/requirements.txt"
+# cuCIM reads slides on the CPU without its ~3.5 GB of CUDA runtime wheels; on a GPU
+# machine set HPCFL_CUCIM_FULL=1 to take them (and CuPy) too.
+if [ "${HPCFL_CUCIM_FULL:-0}" = 1 ]; then
+  pip_ install "cucim-cu12==$CUCIM_VERSION" cupy-cuda12x
+else
+  pip_ install --no-deps "cucim-cu12==$CUCIM_VERSION"
+fi
 
 # --- Horovod ----------------------------------------------------------------
 # 0.28.1 is the last release and does not build against torch>=2.1 as shipped:
@@ -91,7 +99,7 @@ fi
 
 # --- hpcfl itself -------------------------------------------------------------
 pip_ install --no-deps --no-build-isolation -e "$here"
-"$VENV/bin/python" -c "import horovod.torch, mpi4py, torch, hpcfl" \
+"$VENV/bin/python" -c "import horovod.torch, mpi4py, torch, hpcfl, cucim, openslide, pyvips, monai" \
   || { log "environment check failed"; exit 1; }
 echo "$want" > "$stamp"
 log "done: $VENV"

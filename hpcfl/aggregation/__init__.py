@@ -18,7 +18,8 @@ class Strategy(ABC):
 
     Sites call :meth:`contribution` on their trained weights; the transport sums
     contributions; the aggregator calls :meth:`finalize` on the sum. Stateful
-    rules keep their state in :meth:`state_dict`, which is checkpointed.
+    rules keep their state in :meth:`state_dict` (name -> NumPy array), which is
+    checkpointed.
     """
 
     name = "base"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data import Dataset, epoch_shard, site_split, steps_per_epoch
 from ..model import FlatModel, build_model
 from . import SiteBackend
+from .data import SiteData
 
 
 @dataclass
@@ -33,7 +33,7 @@ def round_seed(seed: int, round_: int, rank: int) -> int:
 
 
 class SiteTrainer:
-    def __init__(self, cfg, topology, role, backend: SiteBackend, dataset: Dataset):
+    def __init__(self, cfg, topology, role, backend: SiteBackend, data: SiteData):
         import torch
 
         self.torch = torch
@@ -46,14 +46,12 @@ class SiteTrainer:
         self.batch_size = ov.batch_size or cfg.train.batch_size
         self.lr = ov.lr or cfg.train.lr
 
-        torch.manual_seed(cfg.run.seed)
-        module = build_model(cfg, dataset.num_features, dataset.num_classes, dataset.input_shape)
+        torch.manual_seed(cfg.run.seed)  # every site builds the same initial weights
+        num_features = int(np.prod(data.input_shape))
+        module = build_model(cfg, num_features, data.num_classes, data.input_shape)
         self.model = FlatModel(module)
-        self.train_idx, val_idx = site_split(cfg, dataset, role.site.index, len(topology.sites))
-        self.num_train = int(len(self.train_idx))  # FedAvg weight of this site
-        self.val_idx = val_idx[role.rank_in_site::role.site.size]
-        self.x = torch.from_numpy(dataset.x)
-        self.y = torch.from_numpy(dataset.y)
+        self.data = data
+        self.num_train = data.num_train  # FedAvg weight of this site
 
         params = module.parameters()
         if cfg.train.optimizer == "sgd":
@@ -77,19 +75,17 @@ class SiteTrainer:
         self.optimizer.state.clear()  # stateless sites: fresh optimizer state every round
         module = self.model.module
         module.train()
-        per_epoch = steps_per_epoch(self.num_train, role.site.size, self.batch_size)
+        per_epoch = self.data.steps_per_epoch(self.batch_size)
         total = self.steps if self.steps is not None else self.epochs * per_epoch
         epoch = 0
         while st.steps < total:
-            shard = epoch_shard(self.train_idx, role.rank_in_site, role.site.size, cfg.run.seed, round_, epoch,
-                                role.site.index)
-            shard_t = torch.from_numpy(shard)
-            for b in range(0, len(shard), self.batch_size):
-                if st.steps >= total:
-                    break
+            batches = self.data.epoch_batches(round_, epoch, self.batch_size)
+            while st.steps < total:
                 t = time.perf_counter()
-                idx = shard_t[b:b + self.batch_size]
-                xb, yb = self.x[idx], self.y[idx]
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                xb, yb = batch
                 t1 = time.perf_counter()
                 self.optimizer.zero_grad()
                 loss = F.cross_entropy(module(xb), yb)
@@ -102,9 +98,10 @@ class SiteTrainer:
                 st.data_s += t1 - t
                 st.compute_s += (t2 - t1) + (t4 - t3)
                 st.allreduce_s += t3 - t2
-                st.loss_sum += float(loss.detach()) * len(idx)
-                st.samples += len(idx)
+                st.loss_sum += float(loss.detach()) * len(yb)
+                st.samples += len(yb)
                 st.steps += 1
+            batches.close()
             epoch += 1
         st.train_s = time.perf_counter() - t0
         return st
@@ -116,14 +113,13 @@ class SiteTrainer:
         module = self.model.module
         module.eval()
         loss_sum = correct = 0.0
-        bs = self.cfg.train.eval_batch_size
+        count = 0
         with torch.no_grad():
-            for b in range(0, len(self.val_idx), bs):
-                idx = torch.from_numpy(self.val_idx[b:b + bs])
-                out = module(self.x[idx])
-                y = self.y[idx]
+            for x, y in self.data.val_batches(self.cfg.train.eval_batch_size):
+                out = module(x)
                 loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
                 correct += float((out.argmax(1) == y).sum())
-        totals = torch.tensor([loss_sum, correct, float(len(self.val_idx)), *extra], dtype=torch.float64)
+                count += len(y)
+        totals = torch.tensor([loss_sum, correct, float(count), *extra], dtype=torch.float64)
         self.backend.allreduce_sum_(totals)
         return totals.numpy()

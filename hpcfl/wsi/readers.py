@@ -166,3 +166,16 @@ def open_slide(path, backend: str = "cucim") -> SlideReader:
     if reader.level_count < 1:
         raise SlideError(f"{p}: slide has no image levels")
     return reader
+
+
+def warm_up_cucim(path) -> None:
+    """Open a slide and read one pixel with cuCIM, before Horovod is loaded.
+
+    cuCIM is built with the old C++ string ABI; Horovod's library is loaded
+    with RTLD_GLOBAL and carries new-ABI instances of the same ``std::regex``
+    templates. cuCIM resolves its calls lazily, at first use: if that happens
+    after Horovod is loaded, they bind to Horovod's instances and the process
+    crashes (seen: SIGSEGV in cucim::io::Device). Binding them first is enough.
+    """
+    with open_slide(path, "cucim") as r:
+        r.read_region(0, 0, r.level_count - 1, (1, 1))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from hpcfl.config import from_dict
-from hpcfl.data import dataset_meta, epoch_shard, load_dataset, partition, steps_per_epoch, train_val_split
+from hpcfl.data import epoch_shard, load_dataset, partition, steps_per_epoch, train_val_split
 from hpcfl.errors import ConfigError
 
 
@@ -48,13 +48,12 @@ def test_epoch_shards_are_equal_disjoint_and_reshuffled():
     assert steps_per_epoch(103, 3, 10) == 4
 
 
-def test_digits_are_real_and_meta_matches():
+def test_digits_are_real():
     cfg = from_dict({"sites": [{"name": "a"}]})
     ds = load_dataset(cfg)
     assert ds.x.shape == (1797, 1, 8, 8) and ds.x.dtype == np.float32 and ds.x.max() == 1.0
     assert sorted(np.unique(ds.y)) == list(range(10))
-    m = dataset_meta(cfg)
-    assert (m["num_features"], m["num_classes"], tuple(m["input_shape"])) == (ds.num_features, 10, ds.input_shape)
+    assert (ds.num_features, ds.num_classes, ds.input_shape) == (64, 10, (1, 8, 8))
 
 
 def test_too_few_samples():

@@ -1,0 +1,141 @@
+"""The tile index, loaded once per process, and how its slides are split over sites.
+
+Feather files are memory-mapped: the coordinates are read from the page cache
+by every rank without copies, and the index is never re-opened per item.
+Sites own whole slides (a hospital never sees another's slides); train and
+validation are split by slide inside each site.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TileIndex:
+    classes: List[str]
+    slide_ids: List[str]  # one per slide, in index order
+    slide_paths: List[str]
+    slide: np.ndarray  # int32 per tile: index into slide_ids
+    x: np.ndarray  # int64, level-0 pixels
+    y: np.ndarray
+    level: np.ndarray
+    size: np.ndarray
+    label: np.ndarray  # int16 class id per tile
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def slide_majority_class(self) -> np.ndarray:
+        """Most frequent tile class of every slide (for label-skewed partitions)."""
+        out = np.zeros(len(self.slide_ids), np.int64)
+        for s in range(len(self.slide_ids)):
+            lab = self.label[self.slide == s]
+            out[s] = np.bincount(lab, minlength=len(self.classes)).argmax() if len(lab) else 0
+        return out
+
+
+def load_index(index_dir, tile_label: str = "tissue") -> TileIndex:
+    """Tiles of one label that have a class, from every slide's Feather file (memory-mapped)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.feather as feather
+
+    d = Path(index_dir)
+    meta_path = d / "index.json"
+    if not meta_path.exists():
+        raise ConfigError(f"{d}: no tile index here (index.json missing); run `hpcfl tile SLIDES_DIR --out {d}`")
+    meta = json.loads(meta_path.read_text())
+    slide_ids, paths, parts = [], [], []
+    for s in meta["slides"]:
+        f = d / f"{s['slide_id']}.feather"
+        try:
+            t = feather.read_table(f, memory_map=True,
+                                   columns=["x", "y", "level", "size", "tile_label", "class_id"])
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ConfigError(f"{f}: cannot read tile index: {exc}") from None
+        keep = pc.and_(pc.equal(t["tile_label"].cast(pa.string()), tile_label), pc.greater_equal(t["class_id"], 0))
+        t = t.filter(keep)
+        if t.num_rows == 0:
+            continue
+        slide_ids.append(s["slide_id"])
+        paths.append(s["path"])
+        parts.append((len(slide_ids) - 1, t))
+    if not parts:
+        raise ConfigError(f"{d}: no '{tile_label}' tiles with a class in the index")
+    col = lambda name, dt: np.concatenate([t[name].to_numpy().astype(dt, copy=False) for _, t in parts])
+    return TileIndex(
+        classes=list(meta["classes"]), slide_ids=slide_ids, slide_paths=paths,
+        slide=np.concatenate([np.full(t.num_rows, i, np.int32) for i, t in parts]),
+        x=col("x", np.int64), y=col("y", np.int64), level=col("level", np.int16), size=col("size", np.int32),
+        label=col("class_id", np.int16),
+    )
+
+
+def partition_slides(n_slides: int, n_sites: int, how: str, seed: int, alpha: float = 0.5,
+                     slide_class: Sequence[int] = (), min_per_site: int = 2) -> List[np.ndarray]:
+    """Which slides each site owns (disjoint, covering all slides).
+
+    ``slide``: a seeded shuffle dealt round-robin (near-equal counts);
+    ``dirichlet``: label skew: slides of each majority class go to sites with
+    Dir(alpha) probabilities; ``quantity``: site sizes drawn from Dir(alpha).
+    Each site gets at least ``min_per_site`` slides (training and validation are
+    split by slide).
+    """
+    if n_slides < n_sites * min_per_site:
+        raise ConfigError(f"data.tiles: {n_slides} slides cannot give {n_sites} sites {min_per_site} slides each "
+                          "(a site needs one to train on and one to validate on)")
+    rng = np.random.default_rng([seed, 31])
+    if how == "slide":
+        perm = rng.permutation(n_slides)
+        return [np.sort(perm[i::n_sites]) for i in range(n_sites)]
+    for _ in range(1000):
+        owner = np.empty(n_slides, np.int64)
+        if how == "quantity":
+            p = rng.dirichlet(np.full(n_sites, alpha))
+            owner[:] = rng.choice(n_sites, size=n_slides, p=p)
+        elif how == "dirichlet":
+            cls = np.asarray(slide_class)
+            for c in np.unique(cls):
+                idx = np.flatnonzero(cls == c)
+                owner[idx] = rng.choice(n_sites, size=len(idx), p=rng.dirichlet(np.full(n_sites, alpha)))
+        else:
+            raise ConfigError(f"data.tiles.partition: unknown partition {how!r}")
+        parts = [np.flatnonzero(owner == s) for s in range(n_sites)]
+        if min(len(p) for p in parts) >= min_per_site:
+            return parts
+    raise ConfigError(f"data.dirichlet_alpha: {alpha} cannot give every site {min_per_site} slides; raise it")
+
+
+def split_slides(slides: np.ndarray, val_fraction: float, seed: int, site_index: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Train and validation slides of one site (both non-empty)."""
+    rng = np.random.default_rng([seed, 37, site_index])
+    perm = rng.permutation(slides)
+    n_val = min(max(1, int(round(len(perm) * val_fraction))), len(perm) - 1)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def site_tiles(index: TileIndex, cfg, site_index: int, n_sites: int) -> Tuple[np.ndarray, np.ndarray, Dict]:
+    """(train tile indices, validation tile indices, partition record) of one site."""
+    parts = partition_slides(len(index.slide_ids), n_sites, cfg.data.tiles.partition, cfg.run.seed,
+                             cfg.data.dirichlet_alpha, index.slide_majority_class())
+    tr_s, va_s = split_slides(parts[site_index], cfg.data.val_fraction, cfg.run.seed, site_index)
+    tr = np.flatnonzero(np.isin(index.slide, tr_s))
+    va = np.flatnonzero(np.isin(index.slide, va_s))
+    return tr, va, {"train_slides": [index.slide_ids[i] for i in tr_s], "val_slides": [index.slide_ids[i] for i in va_s]}
+
+
+def partition_record(index: TileIndex, cfg, site_names: Sequence[str]) -> Dict:
+    """Per site: its slides, tile counts and class counts (recorded in manifest.json)."""
+    sites = {}
+    for i, name in enumerate(site_names):
+        tr, va, rec = site_tiles(index, cfg, i, len(site_names))
+        sites[name] = {**rec, "train": int(len(tr)), "val": int(len(va)),
+                       "classes": {index.classes[c]: int(k) for c, k in zip(*np.unique(index.label[tr], return_counts=True))}}
+    return {"dataset": "tiles", "partition": cfg.data.tiles.partition, "sites": sites}

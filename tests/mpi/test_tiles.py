@@ -1,0 +1,30 @@
+"""The tile quickstart under a real mpirun: synthesize, tile, 2 sites x 2 ranks, 2 rounds."""
+import json
+
+import pytest
+
+from conftest import hpcfl
+
+pytestmark = pytest.mark.usefixtures("need_mpirun")
+
+
+def test_tile_quickstart_two_rounds(tmp_path):
+    sets = [f"run.root={tmp_path}", f"data.tiles.slides_dir={tmp_path}/slides", f"data.tiles.index_dir={tmp_path}/index",
+            "data.tiles.synthesize={slides: 4, size: 2048, seed: 0}", "fl.rounds=2", "data.val_fraction=0.5"]
+    r = hpcfl("launch", "configs/quickstart.yaml", *[a for s in sets for a in ("--set", s)], timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "quickstart"
+    assert sorted(p.name for p in (tmp_path / "slides").glob("*.tiff")) == [f"slide-00{i}.tiff" for i in range(4)]
+    assert len(list((tmp_path / "index").glob("*.feather"))) == 4
+    assert len(list((tmp_path / "index").glob("*.thumbnail.png"))) == 4
+    manifest = json.loads((run / "manifest.json").read_text())
+    part = manifest["partition"]
+    assert part["dataset"] == "tiles" and part["partition"] == "slide"
+    slides = [set(s["train_slides"]) | set(s["val_slides"]) for s in part["sites"].values()]
+    assert not slides[0] & slides[1] and len(slides[0] | slides[1]) == 4  # sites own whole slides
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [x for x in recs if x["kind"] == "round"]
+    assert [x["round"] for x in rounds] == [1, 2]
+    assert all(x["samples"] > 0 for x in recs if x["kind"] == "site")
+    assert rounds[-1]["time"]["data_s"] > 0
+    assert (run / ".cucim-per_process-256.json").exists()  # the configured tile cache, used by every site rank
