@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import yaml
 
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .config import Config, config_hash, dump_yaml, trajectory_dict
-from .errors import CheckpointError
+from .config import Config, config_hash, dump_yaml, from_dict, trajectory_dict
+from .errors import CheckpointError, HpcflError
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -86,14 +86,16 @@ class RunDir:
         if ckpt_path is not None:
             ckpt = load_checkpoint(ckpt_path)
             want = config_hash(self.cfg)
-            if ckpt.get("config_hash") != want:
-                old_cfg = self.path / "config.yaml"
-                diff = ""
-                if old_cfg.exists():
-                    old = trajectory_dict(yaml.safe_load(old_cfg.read_text()) or {})
-                    diff = config_diff(old, trajectory_dict(self.cfg))
+            old_path = self.path / "config.yaml"
+            old_raw = yaml.safe_load(old_path.read_text()) if old_path.exists() else None
+            try:  # re-read through today's schema: keys added since the run take their defaults
+                have = config_hash(from_dict(old_raw, str(old_path))) if old_raw else ckpt.get("config_hash")
+            except HpcflError:
+                have = ckpt.get("config_hash")
+            if have != want:
+                diff = config_diff(trajectory_dict(old_raw), trajectory_dict(self.cfg)) if old_raw else ""
                 raise CheckpointError(
-                    f"{self.path} holds a run of a different config ({diff or 'hash ' + str(ckpt.get('config_hash'))}); "
+                    f"{self.path} holds a run of a different config ({diff or 'hash ' + str(have)}); "
                     f"relaunch with --restart to start over (the old run is kept aside) or --set run.name=NEW"
                 )
         return ckpt

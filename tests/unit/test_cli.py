@@ -17,7 +17,7 @@ def test_validate_ok_and_error():
     assert r.stderr.strip() == "hpcfl: configs/digits-2x2.yaml: train.lrate: unknown key (did you mean 'lr'?)"
 
 
-def test_launch_dry_run_prints_argv():
-    r = hpcfl("launch", "configs/digits.yaml", "--dry-run")
+def test_launch_dry_run_prints_argv(tmp_path):
+    r = hpcfl("launch", "configs/digits.yaml", "--dry-run", "--set", f"run.root={tmp_path}")
     assert r.returncode == 0, r.stderr
     assert "-np 3" in r.stdout and "hpcfl run configs/digits.yaml" in r.stdout
