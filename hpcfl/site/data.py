@@ -107,6 +107,38 @@ class TileData(SiteData):
         self._loader_args = dict(num_workers=t.loader_workers, collate_fn=collate,
                                  persistent_workers=t.loader_workers > 0)
         self._loaders: Dict[int, Any] = {}
+        self.smart = None
+        if t.smart_cache is not None:
+            self._start_smart_cache(t)
+
+    def _start_smart_cache(self, t) -> None:
+        """MONAI SmartCacheDataset over a fixed per-rank shard: the deterministic part (read, resize)
+        is cached, ``replace_rate`` of the cache is refreshed every epoch, augmentation runs on access."""
+        from monai.data import SmartCacheDataset
+        from monai.transforms import Compose, RandFlipd, RandRotate90d, Resized
+
+        from ..errors import ConfigError
+        from ..wsi.dataset import ReadTiled
+
+        if t.crops_per_read > 1 or t.loader_workers > 0:
+            raise ConfigError("data.tiles.smart_cache: use it with crops_per_read: 1 and loader_workers: 0 "
+                              "(MONAI's SmartCacheDataset breaks with persistent loader workers)")
+        r, seed = self.role, self.cfg.run.seed
+        perm = np.random.default_rng([seed, 43, r.site.index]).permutation(self.train_idx)
+        per = len(perm) // r.site.size
+        shard = perm[r.rank_in_site * per:(r.rank_in_site + 1) * per]
+        self.smart_num = min(t.smart_cache.cache_num, per)
+        steps = [ReadTiled(self.train_ds)]
+        if t.input_size != t.tile_size:
+            steps.append(Resized("img", (t.input_size, t.input_size), mode="area"))
+        if t.augment:
+            steps += [RandFlipd("img", prob=0.5, spatial_axis=0), RandFlipd("img", prob=0.5, spatial_axis=1),
+                      RandRotate90d("img", prob=0.5)]
+        self.smart_tf = Compose(steps)
+        self.smart = SmartCacheDataset([{"i": int(i)} for i in shard], transform=self.smart_tf,
+                                       replace_rate=t.smart_cache.replace_rate, cache_num=self.smart_num,
+                                       num_init_workers=1, num_replace_workers=1, progress=False, shuffle=False)
+        self.smart.start()
 
     def _loader(self, batch_size: int):
         """One DataLoader per batch size, created once: its workers (if any) persist across epochs."""
@@ -116,9 +148,27 @@ class TileData(SiteData):
         return self._loaders[batch_size]
 
     def steps_per_epoch(self, batch_size):
+        if self.smart is not None:
+            return -(-self.smart_num // batch_size)
         return steps_per_epoch(len(self.train_idx), self.role.site.size, batch_size)
 
+    def _smart_epoch(self, round_, epoch, batch_size):
+        from ..wsi.dataset import seed_transforms
+
+        r, seed = self.role, self.cfg.run.seed
+        rng = np.random.default_rng([seed, 47, round_, epoch, r.rank])
+        seed_transforms(self.smart_tf, int(rng.integers(2**31)))
+        order = rng.permutation(self.smart_num)
+        for b in range(0, len(order), batch_size):
+            items = [self.smart[int(k)] for k in order[b:b + batch_size]]
+            yield (self.torch.stack([self.torch.as_tensor(np.asarray(d["img"], np.float32)) for d in items]),
+                   self.torch.as_tensor([d["label"] for d in items], dtype=self.torch.int64))
+        self.smart.update_cache()
+
     def epoch_batches(self, round_, epoch, batch_size):
+        if self.smart is not None:
+            yield from self._smart_epoch(round_, epoch, batch_size)
+            return
         r, seed = self.role, self.cfg.run.seed
         shard = epoch_shard(self.train_idx, r.rank_in_site, r.site.size, seed, round_, epoch, r.site.index)
         seeds = np.random.default_rng([seed, 41, round_, epoch, r.rank]).integers(0, 2**31 - 1, len(shard))
@@ -136,6 +186,11 @@ class TileData(SiteData):
         from ..wsi.index import partition_record
 
         return partition_record(self.index, self.cfg, site_names)
+
+    def close(self) -> None:
+        if self.smart is not None:
+            self.smart.shutdown()
+            self.smart = None
 
 
 def make_site_data(cfg, topology, role, run_dir) -> SiteData:

@@ -112,6 +112,18 @@ class TileDataset:
         return [self._finish(it, rgb) for it, rgb in zip(items, rgbs)]
 
 
+class ReadTiled:
+    """MONAI-style deterministic transform {"i": tile} -> {"img": CHW float, "label": class}
+    (what SmartCacheDataset caches; random transforms after it run on every access)."""
+
+    def __init__(self, ds: "TileDataset"):
+        self.ds = ds
+
+    def __call__(self, d: dict) -> dict:
+        i = int(d["i"])
+        return {"img": to_chw_float(self.ds.read(i), self.ds.xp_name), "label": int(self.ds.index.label[i])}
+
+
 def collate(batch):
     """Flatten the crops of every item into one batch of (x, y) tensors."""
     import torch

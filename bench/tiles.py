@@ -1,0 +1,768 @@
+#!/usr/bin/env python
+"""The tile pipeline of the source documents, measured side by side on the same slides and tiles.
+
+A pathology FL team reported 5.53x from moving "pyvips + pickle coordinates +
+NumPy" to "Feather + cuCIM cache + CuPy". This benchmark rebuilds both ends and
+everything in between on the same synthetic slides and the SAME tile
+coordinates, in one run:
+
+* data: N synthetic pyramidal JPEG TIFFs (256x256 file tiles), tiled at level 0
+  with 224x224 tiles every 224 px (unaligned to the file tiles, like the
+  documents' 224 crops); the "tissue" tiles with a class (a deterministic subset
+  of at most --max-tiles). The same coordinates are also written as a pickle of
+  per-slide lists of (x, y, label) tuples (the documents' PKL format).
+* an epoch = load the coordinates (pickle, or Feather memory-mapped through
+  hpcfl.wsi.index.load_index), open the slides, then for every tile (one fixed
+  shuffled order) read it R times in a row (R = 1, and R = 4 as in the documents:
+  four crops / augmentations of the same tile, the case a tile cache is for) and
+  do per-read array math (float conversion, per-channel mean/std normalisation).
+* readers: pyvips re-opened per read (the documents' baseline), pyvips with one
+  open image per slide and Region.fetch (the strong baseline), OpenSlide, cuCIM
+  without cache, cuCIM with its per_process cache (configured through
+  hpcfl.wsi.cache.configure_cache, which must precede the first CuImage, so every
+  measurement runs in a fresh subprocess), and cuCIM's batched read_regions.
+  Each repeat is a FRESH process: no reader cache survives from one measured
+  epoch to the next. A second epoch in the same process is reported apart.
+* array math: NumPy; CuPy only where hpcfl.wsi.arrays.array_module("auto")
+  returns cupy (a working GPU), else reported "n/a (no GPU)".
+* physical reference: decoding, with imagecodecs' JPEG decoder, exactly the
+  256x256 file tiles each 224 crop overlaps (raw bytes located through tifffile's
+  dataoffsets/databytecounts) and assembling the crop: what any reader must at
+  least do per read without a cache, and with an ideal per-tile cache.
+* training feed: samples/s of a small CNN trained through TileDataset + torch
+  DataLoader (MONAI transforms, workers 0 and 2) vs from the same samples held
+  in memory as a tensor.
+
+    python bench/tiles.py                 # 4 slides of 4096^2, a few minutes on 2 cores
+    python bench/tiles.py --quick         # 2 slides of 2048^2, smoke test (< 1 minute)
+    python bench/tiles.py --workdir /tmp/tiles-bench   # keep (and reuse) slides and index
+
+Speedups are computed between configurations of the same run with the same
+reads per tile. Rates are medians over --repeats fresh processes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FILE_TILE = 256  # synth.write_pyramid's TIFF tile
+DIGEST_TILES = 16  # tiles whose pixels every configuration hashes, to prove they read the same thing
+BATCH = 64  # batched cuCIM reads: tiles per read_regions batch (grouped by slide)
+
+# (key, coordinates, reader, cache, batched, label); the first is the documents' baseline,
+# the second the strong baseline (the documents' own stack, used well).
+CONFIGS: List[Tuple[str, str, str, Optional[str], bool, str]] = [
+    ("docs", "pickle", "vips-reopen", None, False, "pyvips re-opened per read  [documents' baseline]"),
+    ("strong", "pickle", "vips-region", None, False, "pyvips 1 open image, Region.fetch  [strong baseline]"),
+    ("vips-region-f", "feather", "vips-region", None, False, "pyvips 1 open image, Region.fetch"),
+    ("vips-reopen-f", "feather", "vips-reopen", None, False, "pyvips re-opened per read"),
+    ("openslide", "feather", "openslide", None, False, "OpenSlide, 1 handle per slide"),
+    ("cucim-nocache", "feather", "cucim", "nocache", False, "cuCIM, no cache"),
+    ("cucim-cache", "feather", "cucim", "per_process", False, "cuCIM, per_process cache  [documents' optimised]"),
+    ("cucim-nocache-batch", "feather", "cucim", "nocache", True, f"cuCIM, no cache, read_regions x{BATCH}"),
+    ("cucim-cache-batch", "feather", "cucim", "per_process", True, f"cuCIM, per_process cache, read_regions x{BATCH}"),
+]
+
+
+# --------------------------------------------------------------------------------------------- coordinates
+
+def load_coords_pickle(plan: dict) -> Tuple[List[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The documents' format: {slide path: [(x, y, label), ...]} in one pickle."""
+    with open(plan["pickle"], "rb") as f:
+        per_slide = pickle.load(f)
+    paths = list(per_slide)
+    slide = np.concatenate([np.full(len(v), i, np.int32) for i, v in enumerate(per_slide.values())])
+    xyl = np.array([t for v in per_slide.values() for t in v], dtype=np.int64).reshape(-1, 3)
+    return paths, slide, xyl[:, 0], xyl[:, 1]
+
+
+def load_coords_feather(plan: dict) -> Tuple[List[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The project's index: one Feather per slide, memory-mapped, tissue tiles with a class."""
+    from hpcfl.wsi.index import load_index
+
+    ix = load_index(plan["index_dir"])
+    return list(ix.slide_paths), ix.slide, ix.x, ix.y
+
+
+COORD_LOADERS = {"pickle": load_coords_pickle, "feather": load_coords_feather}
+
+
+def epoch_coords(fmt: str, plan: dict, pick: np.ndarray):
+    paths, slide, x, y = COORD_LOADERS[fmt](plan)
+    return paths, slide[pick], x[pick], y[pick]
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+class VipsReopen:
+    """The documents' baseline: a new pyvips image for every read, then crop."""
+
+    def __init__(self, paths: Sequence[str], size: int):
+        import pyvips
+
+        self.pyvips, self.paths, self.size = pyvips, list(paths), size
+
+    def read(self, s: int, x: int, y: int) -> np.ndarray:
+        img = self.pyvips.Image.new_from_file(self.paths[s], access="random")
+        t = self.size
+        mem = img.crop(x, y, t, t).write_to_memory()
+        return np.ndarray(buffer=mem, dtype=np.uint8, shape=(t, t, img.bands))[..., :3]
+
+
+class VipsRegion:
+    """The strong baseline: one open pyvips image per slide, pixels through Region.fetch."""
+
+    def __init__(self, paths: Sequence[str], size: int):
+        import pyvips
+
+        self.pyvips, self.paths, self.size = pyvips, list(paths), size
+        self.regions: Dict[int, Any] = {}
+
+    def read(self, s: int, x: int, y: int) -> np.ndarray:
+        r = self.regions.get(s)
+        if r is None:
+            img = self.pyvips.Image.new_from_file(self.paths[s], access="random")
+            r = self.regions[s] = (self.pyvips.Region.new(img), img.bands)
+        t = self.size
+        return np.frombuffer(r[0].fetch(x, y, t, t), np.uint8).reshape(t, t, r[1])[..., :3]
+
+
+class ProjectReader:
+    """hpcfl.wsi.readers (cuCIM or OpenSlide), one open reader per slide, as TileDataset uses them."""
+
+    def __init__(self, paths: Sequence[str], size: int, backend: str):
+        from hpcfl.wsi.readers import open_slide
+
+        self.open_slide, self.paths, self.size, self.backend = open_slide, list(paths), size, backend
+        self.readers: Dict[int, Any] = {}
+
+    def reader(self, s: int):
+        r = self.readers.get(s)
+        if r is None:
+            r = self.readers[s] = self.open_slide(self.paths[s], self.backend)
+        return r
+
+    def read(self, s: int, x: int, y: int) -> np.ndarray:
+        return self.reader(s).read_region(x, y, 0, (self.size, self.size))
+
+    def read_many(self, s: int, locs: List[Tuple[int, int]]) -> List[np.ndarray]:
+        return self.reader(s).read_regions(locs, 0, (self.size, self.size))
+
+
+def make_reader(kind: str, paths: Sequence[str], size: int):
+    if kind == "vips-reopen":
+        return VipsReopen(paths, size)
+    if kind == "vips-region":
+        return VipsRegion(paths, size)
+    return ProjectReader(paths, size, kind)
+
+
+# --------------------------------------------------------------------------------------------- array math
+
+def tile_math(xp, rgb):
+    """What the documents' loop did per read: float conversion, per-channel mean/std normalisation."""
+    a = xp.asarray(rgb).astype(xp.float32) * xp.float32(1.0 / 255.0)
+    mean = a.mean(axis=(0, 1))
+    std = a.std(axis=(0, 1))
+    z = (a - mean) / (std + xp.float32(1e-6))
+    return mean + z[0, 0] * xp.float32(0.0)  # keeps z live; the per-tile statistic is the channel mean
+
+
+def sync(xp) -> None:
+    if xp.__name__ == "cupy":
+        xp.cuda.Device().synchronize()
+
+
+def digest(tiles: Sequence[np.ndarray]) -> str:
+    h = hashlib.md5()
+    for t in tiles:
+        h.update(np.ascontiguousarray(t).tobytes())
+    return h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------- worker: one epoch config
+
+def run_epoch(reader, xp, slide, x, y, reads: int, batched: bool):
+    acc = xp.zeros(3, xp.float32)
+    n = len(x)
+    if batched:
+        for b in range(0, n, BATCH):
+            groups: Dict[int, List[Tuple[int, int]]] = {}
+            for i in range(b, min(n, b + BATCH)):
+                groups.setdefault(int(slide[i]), []).extend([(int(x[i]), int(y[i]))] * reads)
+            for s, locs in groups.items():
+                for rgb in reader.read_many(s, locs):
+                    acc += tile_math(xp, rgb)
+    else:
+        for i in range(n):
+            s, xi, yi = int(slide[i]), int(x[i]), int(y[i])
+            for _ in range(reads):
+                acc += tile_math(xp, reader.read(s, xi, yi))
+    sync(xp)
+    return acc
+
+
+def worker(spec: dict) -> dict:
+    plan = json.loads(Path(spec["plan"]).read_text())
+    if spec["reader"] == "cucim":  # before the first CuImage of this process
+        from hpcfl.wsi.cache import configure_cache
+
+        configure_cache(spec["cache"], spec["cache_mb"], Path(plan["workdir"]) / "cucim")
+    from hpcfl.wsi.arrays import array_module
+
+    xp = array_module(spec["xp"])
+    pick = np.asarray(plan["sel"], np.int64)[np.asarray(plan["order"], np.int64)]
+    reader = None
+    out: Dict[str, Any] = {"epoch_s": [], "coords_ms": [], "checksum": None}
+    for _ in range(spec["epochs"]):
+        t0 = time.perf_counter()
+        paths, slide, x, y = epoch_coords(spec["coords"], plan, pick)
+        t1 = time.perf_counter()
+        if reader is None:  # opened inside the (first) epoch; a second epoch reuses the handles
+            reader = make_reader(spec["reader"], paths, plan["tile"])
+        acc = run_epoch(reader, xp, slide, x, y, spec["reads"], spec["batched"])
+        t2 = time.perf_counter()
+        out["epoch_s"].append(t2 - t0)
+        out["coords_ms"].append((t1 - t0) * 1e3)
+        out["checksum"] = float(acc.sum())
+    first = [reader.read(int(slide[i]), int(x[i]), int(y[i])) for i in range(min(DIGEST_TILES, len(x)))]
+    out["digest"] = digest(first)
+    out["tiles"] = int(len(x))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- worker: training feed
+
+def train_worker(spec: dict) -> dict:
+    plan = json.loads(Path(spec["plan"]).read_text())
+    from hpcfl.wsi.cache import configure_cache
+
+    configure_cache(spec["cache"], spec["cache_mb"], Path(plan["workdir"]) / "cucim")
+    import dataclasses
+
+    import torch
+
+    from hpcfl.config import from_dict
+    from hpcfl.model import build_model
+    from hpcfl.wsi.dataset import OrderSampler, TileDataset, build_transforms, collate
+    from hpcfl.wsi.index import load_index
+
+    torch.manual_seed(0)
+    full = load_index(plan["index_dir"])
+    sel = np.asarray(plan["sel"], np.int64)
+    ix = dataclasses.replace(full, slide=full.slide[sel], x=full.x[sel], y=full.y[sel], level=full.level[sel],
+                             size=full.size[sel], label=full.label[sel])
+    n_classes = len(ix.classes)
+    train_tf, _ = build_transforms(spec["input"], plan["tile"], True, 1)
+    ds = TileDataset(ix, train_tf, "cucim", False, "numpy")
+    rng = np.random.default_rng([plan["seed"], 2])
+    order = np.concatenate([rng.permutation(len(ix)) for _ in range(-(-spec["samples"] // len(ix)))])[:spec["samples"]]
+    sampler = OrderSampler()
+    sampler.items = list(zip(order.tolist(), rng.integers(0, 2**31 - 1, len(order)).tolist()))
+    bs = spec["batch"]
+
+    cfg = from_dict({"sites": [{"name": "a"}], "model": {"name": "cnn"}})
+    model = build_model(cfg, 3 * spec["input"] ** 2, n_classes, (3, spec["input"], spec["input"]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    lossf = torch.nn.CrossEntropyLoss()
+
+    def step(xb, yb):
+        opt.zero_grad(set_to_none=True)
+        loss = lossf(model(xb), yb)
+        loss.backward()
+        opt.step()
+
+    def timed(batches, train: bool) -> float:
+        """samples/s after the first batch (worker start-up and first reads are not the steady feed)."""
+        n, t0 = 0, None
+        for xb, yb in batches:
+            if train:
+                step(xb, yb)
+            if t0 is None:
+                t0 = time.perf_counter()
+            else:
+                n += len(yb)
+        return n / (time.perf_counter() - t0) if n else float("nan")
+
+    def loader(workers: int):
+        return torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=workers,
+                                           collate_fn=collate, persistent_workers=False)
+
+    res: Dict[str, Any] = {"samples": int(len(order)), "batch": bs, "torch_threads": torch.get_num_threads()}
+    # The same samples (same reads, same augmentation seeds) collected into memory first.
+    xs, ys = [], []
+    for xb, yb in loader(0):
+        xs.append(xb)
+        ys.append(yb)
+    X, Y = torch.cat(xs), torch.cat(ys)
+    mem_batches = lambda: ((X[b:b + bs], Y[b:b + bs]) for b in range(0, len(Y), bs))
+    for rep in range(spec["repeats"]):
+        for key, batches, train in (("memory_train", mem_batches, True),
+                                    ("loader0_only", lambda: loader(0), False),
+                                    ("loader0_train", lambda: loader(0), True),
+                                    ("loader2_only", lambda: loader(2), False),
+                                    ("loader2_train", lambda: loader(2), True)):
+            res.setdefault(key, []).append(timed(batches(), train))
+    return res
+
+
+# --------------------------------------------------------------------------------------------- parent: data
+
+def prepare_data(work: Path, n_slides: int, size: int, seed: int, tile: int, max_tiles: int, log) -> dict:
+    from hpcfl.wsi.index import load_index
+    from hpcfl.wsi.synth import synthesize_slides
+    from hpcfl.wsi.tiling import TilingParams, tile_directory
+
+    slides_dir, index_dir = work / "slides", work / f"index-{tile}"
+    manifest = slides_dir / "slides.json"
+    want = [f"slide-{i:03d}" for i in range(n_slides)]
+    reuse = False
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        reuse = (m.get("seed") == seed and m.get("tile") == FILE_TILE
+                 and [s["slide_id"] for s in m["slides"]] == want
+                 and all(s["width"] == size for s in m["slides"])
+                 and all((slides_dir / s["file"]).exists() for s in m["slides"]))
+    if reuse:
+        log(f"reusing {n_slides} slides of {size}^2 in {slides_dir}")
+    else:
+        t = time.perf_counter()
+        for p in slides_dir.glob("slide-*"):
+            p.unlink()
+        synthesize_slides(slides_dir, n_slides, size, seed)
+        log(f"synthesized {n_slides} slides of {size}^2 in {time.perf_counter() - t:.1f} s")
+    meta = index_dir / "index.json"
+    params = TilingParams(level=0, tile_size=tile, stride=tile, backend="openslide")  # no cuCIM in this process
+    fresh = reuse and meta.exists() and json.loads(meta.read_text()).get("params", {}).get("tile_size") == tile \
+        and [s["slide_id"] for s in json.loads(meta.read_text())["slides"]] == want
+    if not fresh:
+        t = time.perf_counter()
+        done, failures = tile_directory(slides_dir, index_dir, params, progress=False)
+        if failures:
+            raise SystemExit("tiling failed:\n" + "\n".join(failures))
+        log(f"tiled at level 0, {tile} px, stride {tile}, in {time.perf_counter() - t:.1f} s")
+    ix = load_index(index_dir)
+    # The same coordinates in the documents' PKL format, next to the Feather files.
+    per_slide: Dict[str, List[Tuple[int, int, int]]] = {}
+    for s, path in enumerate(ix.slide_paths):
+        m = ix.slide == s
+        per_slide[path] = list(zip(ix.x[m].tolist(), ix.y[m].tolist(), ix.label[m].tolist()))
+    pkl = index_dir / "coords.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump(per_slide, f, protocol=pickle.HIGHEST_PROTOCOL)
+    n = len(ix)
+    rng = np.random.default_rng([seed, 1])
+    sel = np.sort(rng.choice(n, max_tiles, replace=False)) if n > max_tiles else np.arange(n)
+    order = rng.permutation(len(sel))
+    plan = {"workdir": str(work), "index_dir": str(index_dir), "pickle": str(pkl), "tile": tile, "seed": seed,
+            "sel": sel.tolist(), "order": order.tolist(), "index_tiles": int(n), "slides": list(ix.slide_paths)}
+    plan_path = work / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    plan["path"] = str(plan_path)
+    # Both coordinate formats must give the same tiles in the same order.
+    pick = sel[order]
+    a, b = epoch_coords("pickle", plan, pick), epoch_coords("feather", plan, pick)
+    assert a[0] == b[0] and all(np.array_equal(u, v) for u, v in zip(a[1:], b[1:])), "pickle != feather coordinates"
+    for p in ix.slide_paths:  # warm the page cache: every configuration reads from memory, none from disk
+        with open(p, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    return plan
+
+
+# --------------------------------------------------------------------------------------------- parent: references
+
+def median(v: Sequence[float]) -> float:
+    return float(np.median(np.asarray(v, float))) if len(v) else float("nan")
+
+
+def coord_bench(plan: dict, loads: int) -> Dict[str, float]:
+    pick = np.asarray(plan["sel"])[np.asarray(plan["order"])]
+    out = {}
+    for fmt in ("pickle", "feather"):
+        epoch_coords(fmt, plan, pick)  # imports out of the timing
+        ts = []
+        for _ in range(loads):
+            t = time.perf_counter()
+            epoch_coords(fmt, plan, pick)
+            ts.append(time.perf_counter() - t)
+        out[fmt] = median(ts) * 1e3
+    return out
+
+
+class JpegCrops:
+    """Raw JPEG bytes of the 256x256 file tiles each crop overlaps, and where each lands in the crop."""
+
+    def __init__(self, plan: dict):
+        import tifffile
+
+        self.tables: List[Optional[bytes]] = []
+        self.bytes: Dict[Tuple[int, int], bytes] = {}
+        self.parts: List[List[Tuple[Tuple[int, int], Tuple[slice, slice], Tuple[slice, slice]]]] = []
+        pick = np.asarray(plan["sel"])[np.asarray(plan["order"])]
+        paths, slide, x, y = epoch_coords("feather", plan, pick)
+        t = plan["tile"]
+        tifs = []
+        for p in paths:
+            tif = tifffile.TiffFile(p)
+            page = tif.pages[0]
+            if not page.is_tiled or page.compression != 7 or (page.tilewidth, page.tilelength) != (FILE_TILE, FILE_TILE):
+                raise SystemExit(f"{p}: expected JPEG tiles of {FILE_TILE}x{FILE_TILE} at level 0")
+            tifs.append((tif, page, -(-page.imagewidth // FILE_TILE)))
+            self.tables.append(page.jpegtables)
+        for s, x0, y0 in zip(slide.tolist(), x.tolist(), y.tolist()):
+            tif, page, across = tifs[s]
+            parts = []
+            for ty in range(y0 // FILE_TILE, (y0 + t - 1) // FILE_TILE + 1):
+                for tx in range(x0 // FILE_TILE, (x0 + t - 1) // FILE_TILE + 1):
+                    k = ty * across + tx
+                    if (s, k) not in self.bytes:
+                        tif.filehandle.seek(page.dataoffsets[k])
+                        self.bytes[(s, k)] = tif.filehandle.read(page.databytecounts[k])
+                    fx, fy = tx * FILE_TILE, ty * FILE_TILE
+                    ax0, ay0 = max(x0, fx), max(y0, fy)
+                    ax1, ay1 = min(x0 + t, fx + FILE_TILE), min(y0 + t, fy + FILE_TILE)
+                    parts.append(((s, k), (slice(ay0 - y0, ay1 - y0), slice(ax0 - x0, ax1 - x0)),
+                                  (slice(ay0 - fy, ay1 - fy), slice(ax0 - fx, ax1 - fx))))
+            self.parts.append(parts)
+        for tif, _, _ in tifs:
+            tif.close()
+        self.size = t
+
+    def decode(self, key):
+        import imagecodecs
+
+        return imagecodecs.jpeg_decode(self.bytes[key], tables=self.tables[key[0]])
+
+    def assemble(self, parts, decoded) -> np.ndarray:
+        out = np.empty((self.size, self.size, 3), np.uint8)
+        for key, dst, src in parts:
+            out[dst] = decoded[key][src][..., :3]
+        return out
+
+    def per_read(self, reads: int, keep: bool = False):
+        """Every crop: decode its file tiles, then assemble it `reads` times (an ideal per-tile cache for reads > 1)."""
+        kept = []
+        for parts in self.parts:
+            decoded = {key: self.decode(key) for key, _, _ in parts}
+            for _ in range(reads):
+                out = self.assemble(parts, decoded)
+            if keep:
+                kept.append(out)
+        return kept
+
+    def once_per_epoch(self, reads: int):
+        """Every distinct file tile of the epoch decoded once (an ideal cache holding them all)."""
+        decoded: Dict[Tuple[int, int], np.ndarray] = {}
+        for parts in self.parts:
+            for key, _, _ in parts:
+                if key not in decoded:
+                    decoded[key] = self.decode(key)
+            for _ in range(reads):
+                self.assemble(parts, decoded)
+
+
+def timed_median(fn: Callable[[], Any], repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return median(ts)
+
+
+# --------------------------------------------------------------------------------------------- parent: running workers
+
+def run_child(flag: str, spec: dict, timeout: float = 900) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(spec)]
+    p = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+
+
+def machine_facts(cupy_state: str) -> List[str]:
+    def ver(mod, attr="__version__"):
+        try:
+            m = __import__(mod)
+            return str(getattr(m, attr))
+        except Exception as exc:  # noqa: BLE001
+            return f"n/a ({type(exc).__name__})"
+
+    facts = [f"python {platform.python_version()} on {platform.system()} {platform.release()} ({platform.machine()})"]
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    facts.append(f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable) {cpu}{mem}")
+    try:
+        import pyvips
+
+        vips = f"pyvips {pyvips.__version__} (libvips {pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)})"
+    except Exception as exc:  # noqa: BLE001
+        vips = f"pyvips n/a ({exc})"
+    try:
+        import openslide
+
+        osl = f"openslide-python {openslide.__version__} (libopenslide {openslide.__library_version__})"
+    except Exception as exc:  # noqa: BLE001
+        osl = f"openslide n/a ({exc})"
+    try:
+        import imagecodecs
+
+        jpeg = imagecodecs.JPEG8.version() if hasattr(imagecodecs, "JPEG8") else "?"
+        ic = f"imagecodecs {imagecodecs.__version__} ({jpeg})"
+    except Exception as exc:  # noqa: BLE001
+        ic = f"imagecodecs n/a ({exc})"
+    facts.append(f"{vips}; {osl}; cucim {ver('cucim')} (CPU reads; run in subprocesses)")
+    facts.append(f"numpy {ver('numpy')}; pyarrow {ver('pyarrow')}; tifffile {ver('tifffile')}; {ic}; "
+                 f"torch {ver('torch')}; monai {ver('monai')}; cupy: {cupy_state}")
+    return facts
+
+
+def fmt_rate(v: float) -> str:
+    return "—" if v != v else f"{v:,.0f}"
+
+
+def fmt_x(v: float) -> str:
+    return "—" if v != v else f"{v:.2f}x"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slides", type=int, default=4, help="synthetic slides (default 4)")
+    ap.add_argument("--size", type=int, default=4096, help="slide side in level-0 pixels (default 4096)")
+    ap.add_argument("--tile-size", type=int, default=224, help="crop side, level 0 (default 224; file tiles are 256)")
+    ap.add_argument("--max-tiles", type=int, default=1500, help="cap on tissue tiles (deterministic subset)")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement; the median is reported")
+    ap.add_argument("--cache-mb", type=int, default=256, help="cuCIM per_process cache capacity (project default 256)")
+    ap.add_argument("--train-samples", type=int, default=640, help="samples per training-feed epoch (tiles cycle)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep slides and index here (reused when present)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2 slides of 2048, 300 tiles, 2 repeats")
+    ap.add_argument("--json", type=Path, default=None, help="also write all measurements as JSON here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--train-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker or args.train_worker:
+        res = worker(json.loads(args.worker)) if args.worker else train_worker(json.loads(args.train_worker))
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    if args.quick:
+        args.slides, args.size, args.max_tiles, args.repeats, args.train_samples = 2, 2048, 300, 2, 256
+    command = "python bench/tiles.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    log = lambda msg: print(f"[tiles] {msg}", file=sys.stderr, flush=True)
+    t_start = time.perf_counter()
+
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="hpcfl-tiles-bench-")
+        work = Path(tmp.name)
+    else:
+        work = args.workdir.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, work, command, log, t_start)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _run(args, work: Path, command: str, log, t_start: float) -> int:
+    from hpcfl.wsi.arrays import array_module
+
+    plan = prepare_data(work, args.slides, args.size, args.seed, args.tile_size, args.max_tiles, log)
+    n = len(plan["sel"])
+    log(f"{plan['index_tiles']} tissue tiles with a class in the index; using {n}")
+
+    xp = array_module("auto")
+    has_cupy = xp.__name__ == "cupy"
+    cupy_state = "works (GPU)" if has_cupy else "n/a (no GPU)"
+    results: Dict[str, Any] = {"command": command, "plan": {k: v for k, v in plan.items() if k not in ("sel", "order")}}
+
+    # --- coordinates alone
+    coords = coord_bench(plan, loads=50)
+    results["coords_ms"] = coords
+    log(f"coordinates: pickle {coords['pickle']:.2f} ms, feather {coords['feather']:.2f} ms per load")
+
+    # --- physical reference: JPEG decode of the file tiles each crop needs; NumPy math alone
+    jc = JpegCrops(plan)
+    tiles_per_crop = float(np.mean([len(p) for p in jc.parts]))
+    distinct = len({key for parts in jc.parts for key, _, _ in parts})
+    ref_crops = jc.per_read(1, keep=True)
+    ref: Dict[str, float] = {}
+    for reads in (1, 4):
+        ref[f"decode_per_read_{reads}"] = n * reads / timed_median(lambda: jc.per_read(reads), args.repeats)
+        ref[f"decode_once_{reads}"] = n * reads / timed_median(lambda: jc.once_per_epoch(reads), args.repeats)
+
+        def math_only():
+            acc = np.zeros(3, np.float32)
+            for c in ref_crops:
+                for _ in range(reads):
+                    acc += tile_math(np, c)
+        ref[f"math_{reads}"] = n * reads / timed_median(math_only, args.repeats)
+    ref_digest = digest(ref_crops[:DIGEST_TILES])
+    results["reference"] = ref
+    log(f"decode-only: {ref['decode_per_read_1']:,.0f} crops/s ({tiles_per_crop:.2f} file tiles per crop); "
+        f"NumPy math only: {ref['math_1']:,.0f} tiles/s")
+
+    # --- every configuration, each repeat a fresh process
+    configs = list(CONFIGS)
+    if has_cupy:
+        configs.append(("cucim-cache-cupy", "feather", "cucim", "per_process", False,
+                        "cuCIM, per_process cache  [documents' optimised, CuPy]"))
+    rows: Dict[Tuple[str, int], dict] = {}
+    for reads in (1, 4):
+        for key, cfmt, rdr, cache, batched, _ in configs:
+            xpn = "cupy" if key.endswith("-cupy") else "numpy"
+            epochs, runs = [], []
+            for rep in range(args.repeats):
+                spec = {"plan": plan["path"], "coords": cfmt, "reader": rdr, "cache": cache, "cache_mb": args.cache_mb,
+                        "batched": batched, "xp": xpn, "reads": reads, "epochs": 2 if rep == 0 else 1}
+                r = run_child("--worker", spec)
+                if "error" in r:
+                    runs = [r]
+                    break
+                runs.append(r)
+                epochs.append(r["epoch_s"][0])
+            row = {"runs": runs}
+            if "error" in runs[0]:
+                row["error"] = runs[0]["error"]
+                log(f"reads={reads} {key}: FAILED {row['error']}")
+            else:
+                row["epoch_s"] = median(epochs)
+                row["rate"] = n * reads / row["epoch_s"]
+                row["rate_2nd"] = n * reads / runs[0]["epoch_s"][1]
+                row["coords_ms"] = median([c for r in runs for c in r["coords_ms"]])
+                row["digest"] = runs[0]["digest"]
+                log(f"reads={reads} {key}: {row['rate']:,.0f} reads/s (epochs {', '.join(f'{e:.2f}' for e in epochs)} s; "
+                    f"2nd epoch same process {row['rate_2nd']:,.0f}/s)")
+            rows[(key, reads)] = row
+    results["configs"] = {f"{k}|reads={r}": v for (k, r), v in rows.items()}
+
+    # --- training feed
+    tspec = {"plan": plan["path"], "cache": "per_process", "cache_mb": args.cache_mb, "input": 64, "batch": 64,
+             "samples": max(args.train_samples, 2 * 64), "repeats": 1 if args.quick else 2}
+    train = run_child("--train-worker", tspec)
+    results["train"] = train
+    if "error" in train:
+        log(f"training feed: FAILED {train['error']}")
+    else:
+        log("training feed: " + ", ".join(f"{k} {median(v):,.0f}/s" for k, v in train.items() if isinstance(v, list)))
+
+    # --- report
+    out = print
+    out(f"# hpcfl tile-pipeline benchmark\n")
+    out(f"command: `{command}`  ")
+    for f in machine_facts(cupy_state):
+        out(f"machine: {f}  ")
+    out(f"data: {args.slides} synthetic slides of {args.size}x{args.size} (JPEG q90, {FILE_TILE}x{FILE_TILE} file tiles), "
+        f"{n} tissue tiles of {args.tile_size}x{args.tile_size} at level 0, stride {args.tile_size} "
+        f"(unaligned: {tiles_per_crop:.2f} file tiles per crop; the {n} crops touch {distinct} distinct file tiles)  ")
+    out(f"epoch = load coordinates + open slides + read every tile R times in a row (one fixed shuffled order) "
+        f"+ per-read NumPy math (float, per-channel mean/std normalisation). Median of {args.repeats} fresh processes; "
+        f"cuCIM cache {args.cache_mb} MiB per_process. Speedups compare rows with the same R.\n")
+
+    out("## Coordinate fetch (per load, median of 50)\n")
+    out("| format | ms per load | tiles in file |")
+    out("|---|---:|---:|")
+    out(f"| pickle of per-slide lists of (x, y, label) | {coords['pickle']:.2f} | {plan['index_tiles']} |")
+    out(f"| Feather, memory-mapped (hpcfl load_index) | {coords['feather']:.2f} | {plan['index_tiles']} |")
+    out("")
+
+    for reads in (1, 4):
+        base = rows[("docs", reads)].get("rate", float("nan"))
+        strong = rows[("strong", reads)].get("rate", float("nan"))
+        title = "each tile read once per epoch" if reads == 1 else \
+            "each tile read 4 times per epoch (4 crops/augmentations in a row: the documents' case for a cache)"
+        out(f"## R = {reads}: {title}\n")
+        out("| configuration | coords | array math | epoch s | tiles/s | reads/s | vs documents' baseline | "
+            "vs strong baseline | 2nd epoch, same process, reads/s | pixels |")
+        out("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+        for key, cfmt, rdr, cache, batched, label in configs:
+            row = rows[(key, reads)]
+            xpn = "CuPy" if key.endswith("-cupy") else "NumPy"
+            if "error" in row:
+                out(f"| {label} | {cfmt} | {xpn} | failed: {row['error'][:80]} | | | | | | |")
+                continue
+            same = "same" if row["digest"] == ref_digest else f"DIFFERENT ({row['digest']})"
+            out(f"| {label} | {cfmt} | {xpn} | {row['epoch_s']:.3f} | {fmt_rate(row['rate'] / reads)} | "
+                f"{fmt_rate(row['rate'])} | {fmt_x(row['rate'] / base)} | {fmt_x(row['rate'] / strong)} | "
+                f"{fmt_rate(row['rate_2nd'])} | {same} |")
+        if not has_cupy:
+            out("| cuCIM, per_process cache  [documents' optimised, CuPy] | feather | CuPy | n/a (no GPU) | | | | | | |")
+        d1, d2 = ref[f"decode_per_read_{reads}"], ref[f"decode_once_{reads}"]
+        out(f"| *reference: JPEG decode of each crop's file tiles + assemble"
+            f"{', decode once per tile, assemble R times' if reads > 1 else ''} (no math)* | — | — | "
+            f"{n * reads / d1:.3f} | {fmt_rate(d1 / reads)} | {fmt_rate(d1)} | {fmt_x(d1 / base)} | {fmt_x(d1 / strong)} | | |")
+        out(f"| *reference: each distinct file tile of the epoch decoded once + assemble (no math)* | — | — | "
+            f"{n * reads / d2:.3f} | {fmt_rate(d2 / reads)} | {fmt_rate(d2)} | {fmt_x(d2 / base)} | {fmt_x(d2 / strong)} | | |")
+        m = ref[f"math_{reads}"]
+        out(f"| *reference: NumPy math alone, tiles in memory* | — | NumPy | {n * reads / m:.3f} | {fmt_rate(m / reads)} | "
+            f"{fmt_rate(m)} | | | | |")
+        out("")
+
+    out("## Training feed (TileDataset + DataLoader, cuCIM per_process cache, MONAI Resize 224->64 + flips/rot90; "
+        "CNN of hpcfl.model, SGD, batch 64)\n")
+    if "error" in train:
+        out(f"failed: {train['error']}\n")
+    else:
+        mem = median(train["memory_train"])
+        out(f"{train['samples']} samples per epoch; samples/s after the first batch, median of {len(train['memory_train'])}; "
+            f"torch threads {train['torch_threads']}.\n")
+        out("| feed | samples/s, loader only | samples/s, training | training vs in-memory |")
+        out("|---|---:|---:|---:|")
+        out(f"| same samples in memory as a tensor | — | {fmt_rate(mem)} | 1.00x |")
+        for w in (0, 2):
+            lo, tr = median(train[f"loader{w}_only"]), median(train[f"loader{w}_train"])
+            out(f"| DataLoader, num_workers={w} | {fmt_rate(lo)} | {fmt_rate(tr)} | {fmt_x(tr / mem)} |")
+        out("")
+
+    out("## Summary\n")
+    for reads in (1, 4):
+        opt = rows[("cucim-cache", reads)]
+        if "rate" in opt and "rate" in rows[("docs", reads)] and "rate" in rows[("strong", reads)]:
+            best_key = max((k for k, *_ in configs if "rate" in rows[(k, reads)]), key=lambda k: rows[(k, reads)]["rate"])
+            out(f"- R={reads}: Feather + cuCIM cache + NumPy = {opt['rate'] / rows[('docs', reads)]['rate']:.2f}x the documents' "
+                f"baseline, {opt['rate'] / rows[('strong', reads)]['rate']:.2f}x the strong baseline "
+                f"(documents: 5.53x, with CuPy on a GPU; CuPy here: {cupy_state}). Fastest: {best_key} "
+                f"({rows[(best_key, reads)]['rate'] / rows[('strong', reads)]['rate']:.2f}x strong).")
+    out(f"\nwall time {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
