@@ -93,9 +93,10 @@ def partition(y: np.ndarray, n_sites: int, how: str, seed: int, alpha: float = 0
     raise ConfigError(f"data.dirichlet_alpha: {alpha} leaves some of {n_sites} sites without data; raise it")
 
 
-def train_val_split(indices: np.ndarray, val_fraction: float, seed: int, site_index: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Seeded split of one site's samples; both parts non-empty."""
-    rng = np.random.default_rng([seed, 13, site_index])
+def train_val_split(indices: np.ndarray, val_fraction: float, seed: int, site_index: int,
+                    stream: int = 13) -> Tuple[np.ndarray, np.ndarray]:
+    """Seeded split of one site's samples (or slides); both parts non-empty."""
+    rng = np.random.default_rng([seed, stream, site_index])
     perm = rng.permutation(indices)
     n_val = min(max(1, int(round(len(perm) * val_fraction))), len(perm) - 1)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])

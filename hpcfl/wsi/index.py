@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ..data import train_val_split
 from ..errors import ConfigError
 
 
@@ -113,19 +114,11 @@ def partition_slides(n_slides: int, n_sites: int, how: str, seed: int, alpha: fl
     raise ConfigError(f"data.dirichlet_alpha: {alpha} cannot give every site {min_per_site} slides; raise it")
 
 
-def split_slides(slides: np.ndarray, val_fraction: float, seed: int, site_index: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Train and validation slides of one site (both non-empty)."""
-    rng = np.random.default_rng([seed, 37, site_index])
-    perm = rng.permutation(slides)
-    n_val = min(max(1, int(round(len(perm) * val_fraction))), len(perm) - 1)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
 def site_tiles(index: TileIndex, cfg, site_index: int, n_sites: int) -> Tuple[np.ndarray, np.ndarray, Dict]:
     """(train tile indices, validation tile indices, partition record) of one site."""
     parts = partition_slides(len(index.slide_ids), n_sites, cfg.data.tiles.partition, cfg.run.seed,
                              cfg.data.dirichlet_alpha, index.slide_majority_class())
-    tr_s, va_s = split_slides(parts[site_index], cfg.data.val_fraction, cfg.run.seed, site_index)
+    tr_s, va_s = train_val_split(parts[site_index], cfg.data.val_fraction, cfg.run.seed, site_index, stream=37)
     tr = np.flatnonzero(np.isin(index.slide, tr_s))
     va = np.flatnonzero(np.isin(index.slide, va_s))
     return tr, va, {"train_slides": [index.slide_ids[i] for i in tr_s], "val_slides": [index.slide_ids[i] for i in va_s]}
