@@ -28,7 +28,7 @@ from .errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader with our own resolvers and constructors (the global one is left alone)."""
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}

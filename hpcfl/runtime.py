@@ -113,7 +113,7 @@ def _fail(world, rank: int, exc: BaseException, state: Dict[str, Any]) -> None:
                 "rank": rank, "role": role.kind if role else None, "site": role.site.name if role and role.site else None,
                 "error": what, "type": type(exc).__name__, "line": line, "time": time.time(), "traceback": tb,
             }))
-        except OSError:
+        except OSError:  # best effort: the log and the stderr line still report the failure
             pass
     # Errors every rank sees identically (a bad config, a wrong rank count) are reported once, by rank 0.
     same_everywhere = isinstance(exc, (ConfigError, TopologyError)) and not state["started"]

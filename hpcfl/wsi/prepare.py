@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import HpcflError
-from .tiling import TilingParams, list_slides, tile_directory
+from .tiling import TILING_VERSION, TilingParams, list_slides, tile_directory
 
 
 def tiling_params(cfg) -> TilingParams:
@@ -39,7 +39,7 @@ def prepare_tiles(cfg, progress: bool = True) -> Path:
     if meta.exists():
         old = json.loads(meta.read_text())
         done = sorted([s["path"] for s in old.get("slides", [])] + [f.split(":")[0] for f in old.get("failures", [])])
-        if old.get("params") == asdict(params) and done == slides:
+        if old.get("version") == TILING_VERSION and old.get("params") == asdict(params) and done == slides:
             return index_dir
     _, failures = tile_directory(slides_dir, index_dir, params, progress=progress)
     if failures:

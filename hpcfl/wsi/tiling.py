@@ -32,6 +32,7 @@ from ..errors import HpcflError
 from .readers import SlideError, SlideReader, open_slide
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs")
+TILING_VERSION = 2  # bump when tiling results change for the same parameters: indexes are rebuilt
 LABELS = ("white_background", "partial_tissue", "tissue")
 NO_CLASS = -1
 
@@ -283,7 +284,8 @@ def tile_directory(slides_dir: Path, out_dir: Path, params: TilingParams, classe
         done.append({"slide_id": path.stem, "path": str(path.resolve()), "tiles": len(cols["x"]), **counts,
                      "classes": {c: int(((cols["class_name"] == c) & (cols["tile_label"] == "tissue")).sum())
                                  for c in classes}})
-    index = {"params": asdict(params), "classes": classes, "slides": done, "failures": failures}
+    index = {"version": TILING_VERSION, "params": asdict(params), "classes": classes, "slides": done,
+             "failures": failures}
     tmp = out_dir / f".index.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, out_dir / "index.json")
