@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 DESCRIPTION = """\
@@ -15,6 +17,8 @@ commands:
   validate  check a config file (and --set overrides) without running anything
   synth-slides  write deterministic synthetic pyramidal slides (demo and test data)
   tile      find tissue, tile slides and write the Feather tile index
+  render    print the sbatch script for a config (srun, mpirun or horovodrun)
+  placement where every rank goes on the job's nodes (called by rendered scripts)
 """
 
 
@@ -56,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load and validate a config (with overrides); print the federation it describes.")
     _add_config_args(p)
     p.add_argument("--print", dest="show", action="store_true", help="print the resolved config as YAML")
+
+    p = sub.add_parser("render", help="print the sbatch script for the config's cluster section (dry run)",
+                       description="Render the sbatch script that runs this federation on the cluster described by "
+                                   "the config's `cluster:` section: whole nodes, every rank placed (aggregator on a "
+                                   "few cores, a site's ranks kept on one node, one rank per GPU or socket), pinned. "
+                                   "Fails in one line if the ranks cannot fit. Submit the output with sbatch.")
+    _add_config_args(p)
+    p.add_argument("--launcher", choices=["srun", "mpirun", "horovodrun"], help="default: cluster.launcher")
+    p.add_argument("-o", "--output", help="write the script to this file instead of stdout")
+
+    p = sub.add_parser("placement", help="print where every rank goes on the job's nodes",
+                       description="Hostfile (one node per rank, for srun --distribution=arbitrary), Open MPI rankfile "
+                                   "(node, socket and cores per rank) or horovodrun host list, from the config's "
+                                   "placement and the job's node names.")
+    _add_config_args(p)
+    p.add_argument("--nodes-file", help="node names, one per line (default: from scontrol show hostnames)")
+    p.add_argument("--format", choices=["hostfile", "rankfile", "hosts", "table"], default="table")
 
     p = sub.add_parser("synth-slides", help="write synthetic H&E-like pyramidal TIFF slides and their class masks",
                        description="Deterministic (seeded) JPEG-compressed tiled pyramidal TIFFs, each level its own "
@@ -115,6 +136,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.show:
                 print(dump_yaml(cfg), end="")
             return 0
+        if args.command == "render":
+            from .cluster.render import render_sbatch
+
+            text = render_sbatch(cfg, args.config, args.overrides, args.launcher)
+            if args.output:
+                Path(args.output).write_text(text)
+                print(f"wrote {args.output}; submit it with: sbatch {args.output}")
+            else:
+                print(text, end="")
+            return 0
+        if args.command == "placement":
+            return _placement(cfg, args)
         if args.command == "launch":
             from .launch import launch
 
@@ -125,6 +158,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _placement(cfg, args) -> int:
+    import subprocess
+
+    from .cluster.render import cluster_places, placement_text
+
+    if args.format == "table":
+        print("rank  node  socket  cores           gpu")
+        for p in cluster_places(cfg):
+            cores = f"{p.cores[0]}-{p.cores[-1]}" if p.cores else "-"
+            print(f"{p.rank:>4}  {p.node:>4}  {p.socket:>6}  {cores:<15} {'-' if p.gpu is None else p.gpu}")
+        return 0
+    if args.nodes_file:
+        names = [x.strip() for x in Path(args.nodes_file).read_text().splitlines() if x.strip()]
+    else:
+        nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+        names = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True).stdout.split()
+    print(placement_text(cfg, names, args.format), end="")
+    return 0
 
 
 def _tile(args) -> int:

@@ -201,6 +201,30 @@ class LaunchConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    nodes: int = _f(1, help="nodes of the SLURM job", min=1)
+    sockets_per_node: int = _f(2, help="CPU sockets per node", min=1)
+    cores_per_socket: int = _f(16, help="cores per socket", min=1)
+    gpus_per_node: int = _f(0, help="GPUs per node (0 = CPU nodes: one rank per socket, or per cores_per_rank)", min=0)
+    cores_per_rank: int = _f(0, help="cores per site rank (0 = a socket on CPU nodes, a GPU's share on GPU nodes)", min=0)
+    aggregator_cores: int = _f(1, help="cores reserved for rank 0 on the first node (0 = not pinned: it mostly sleeps)", min=0)
+    aggregator_own_node: bool = _f(False, help="give rank 0 a node of its own (the sites start on the second)")
+    partition: str = _f("", help="SLURM partition (#SBATCH --partition)")
+    account: str = _f("", help="SLURM account (#SBATCH --account)")
+    qos: str = _f("", help="SLURM QOS (#SBATCH --qos)")
+    time_limit: str = _f("01:00:00", help="wall-clock limit (#SBATCH --time)")
+    mem_per_node: str = _f("", help="memory per node, e.g. 120G (#SBATCH --mem); empty = the partition's default")
+    launcher: Literal["srun", "mpirun", "horovodrun"] = _f("srun", help="how the job starts its ranks")
+    srun_mpi: str = _f("pmi2", help="srun --mpi plugin (`srun --mpi=list` shows what the cluster offers: pmix, pmi2)")
+    modules: Tuple[str, ...] = _f((), help="`module load` lines run before the launch, e.g. [openmpi/4.1, cuda/12.2]")
+    setup: Tuple[str, ...] = _f((), help="shell lines run before the launch, e.g. [source /path/to/venv/bin/activate]")
+    python: str = _f("python", help="the interpreter that has hpcfl installed, on the compute nodes")
+    container: str = _f("", help="Singularity/Apptainer image: every rank runs inside it")
+    binds: Tuple[str, ...] = _f((), help="extra container bind mounts (host[:container])")
+    requeue: bool = _f(True, help="#SBATCH --requeue: a preempted job restarts and resumes after its last complete round")
+
+
+@dataclass(frozen=True)
 class FailureInjection:
     rank: int = _f(help="world rank that fails", min=0)
     round: int = _f(help="round in which it fails (at its start)", min=1)
@@ -223,6 +247,7 @@ class Config:
     train: TrainConfig = _f(TrainConfig(), help="local training")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), help="checkpoints")
     launch: LaunchConfig = _f(LaunchConfig(), help="launcher")
+    cluster: ClusterConfig = _f(ClusterConfig(), help="the SLURM cluster the job runs on")
     debug: DebugConfig = _f(DebugConfig(), help="fault injection")
 
     @property
@@ -471,7 +496,8 @@ def dump_yaml(cfg: Config) -> str:
 
 # Keys that may change between a run and its resumption without changing what
 # the completed rounds mean: more rounds, where the run lives, how it is launched.
-_HASH_EXCLUDED = {("fl", "rounds"), ("run", "name"), ("run", "root"), ("launch",), ("debug",), ("checkpoint",)}
+_HASH_EXCLUDED = {("fl", "rounds"), ("run", "name"), ("run", "root"), ("launch",), ("debug",), ("checkpoint",),
+                  ("cluster",)}
 
 
 def trajectory_dict(cfg: Any) -> dict:

@@ -48,6 +48,8 @@ def mpirun_argv(cfg: Config, rank_cmd: Sequence[str], cores: int, as_root: bool)
         argv += ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
     threads = max(1, cores // n) if cfg.train.threads == 0 else cfg.train.threads
     argv += ["-x", f"OMP_NUM_THREADS={threads}"]
+    if n > cores:  # mpirun does not bind oversubscribed ranks: they pin themselves, site ranks spread over cores
+        argv += ["-x", "HPCFL_PIN=local"]
     argv += list(cfg.launch.mpirun_args)
     return argv + list(rank_cmd)
 

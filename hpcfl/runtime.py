@@ -130,6 +130,26 @@ def _fail(world, rank: int, exc: BaseException, state: Dict[str, Any]) -> None:
     sys.exit(1)
 
 
+def _pin(cfg: Config, rank: int):
+    """HPCFL_PIN=cluster|local: pin this rank to its place's cores (and GPU) unless the launcher already did.
+
+    Must run before torch is imported (CUDA_VISIBLE_DEVICES). Returns the CPUs pinned to, or None.
+    """
+    mode = os.environ.get("HPCFL_PIN", "")
+    if mode not in ("cluster", "local", "1"):
+        return None
+    from .cluster.render import my_place
+
+    place, cpus = my_place(cfg, rank, "local" if mode == "local" else "cluster")
+    if place.gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(place.gpu)
+    launcher_bound = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    if not cpus or launcher_bound:
+        return None
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
 class _Clock:
     """Logs how long each start-up phase took: users feel every second of start-up."""
 
@@ -153,6 +173,7 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
     topology = topology_for(cfg, world.Get_size())
     role = topology.role(rank)
     state["role"] = role
+    pinned = _pin(cfg, rank)
     rundir = RunDir(cfg)
 
     # Rank 0 owns the run directory; everyone learns the outcome (and where to resume) from it.
@@ -177,7 +198,8 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
     start_round = outcome[1]
     state["rundir"] = rundir
     _setup_logging(rundir.log_path(rank), rank, to_console=(rank == 0))
-    log.info("%s starting on %s (pid %d)", role.describe(), socket.gethostname(), os.getpid())
+    log.info("%s starting on %s (pid %d)%s", role.describe(), socket.gethostname(), os.getpid(),
+             f"; pinned to CPUs {pinned}" if pinned else "")
 
     clock = _Clock()
     comms = split_comms(world, role)

@@ -130,3 +130,18 @@ def test_quickstart_learns_digits(tmp_path):
     assert r.returncode == 0, r.stderr
     final = json.loads((tmp_path / "digits-2x2" / "summary.json").read_text())["final"]
     assert final["round"] == 8 and final["val_accuracy"] >= 0.9
+
+
+def test_site_ranks_pin_themselves_to_different_cores(tmp_path):
+    """3 ranks on this 2-core machine: mpirun does not bind them, so each site rank pins itself
+    to a core of its place; manifest.json records what the OS reports, not the plan."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores")
+    r = hpcfl("launch", "configs/digits.yaml", "--set", f"run.root={tmp_path}", "--set", "fl.rounds=1")
+    assert r.returncode == 0, r.stderr
+    ranks = json.loads((tmp_path / "digits" / "manifest.json").read_text())["ranks"]
+    a, b = ranks[1]["cpu_affinity"], ranks[2]["cpu_affinity"]
+    assert len(a) == 1 and len(b) == 1 and a != b
+    assert ranks[1]["torch_threads"] == 1

@@ -1,0 +1,163 @@
+"""sbatch scripts, rendered by a pure function of the config (and tested against golden files).
+
+The script asks SLURM for whole nodes, writes the placement of every rank at
+job start (``hpcfl placement``: a hostfile for srun's arbitrary distribution, a
+rankfile for mpirun), and starts ``hpcfl run`` on every rank. Ranks pin
+themselves to the cores and GPU of their place when the launcher did not
+(``HPCFL_PIN=1``), and record what they got in manifest.json.
+"""
+from __future__ import annotations
+
+import shlex
+from typing import List, Optional, Sequence
+
+from ..config import Config
+from ..topology import expected_layout
+from .placement import Shape, place, ranks_per_node
+
+
+def cluster_shape(cfg: Config) -> Shape:
+    c = cfg.cluster
+    return Shape(c.nodes, c.sockets_per_node, c.cores_per_socket, c.gpus_per_node)
+
+
+def cluster_places(cfg: Config):
+    c = cfg.cluster
+    return place(cluster_shape(cfg), [(s.name, s.ranks) for s in cfg.sites], c.aggregator_cores,
+                 c.aggregator_own_node, c.cores_per_rank)
+
+
+def _q(argv: Sequence[str]) -> str:
+    return shlex.join([str(a) for a in argv])
+
+
+def hpcfl_command(cfg: Config, args: Sequence[str], gpu: bool = False) -> str:
+    """``python -m hpcfl ARGS`` as a shell line, inside the container when there is one.
+    The submit directory is bound so that configs, data and runs/ are where the job expects them."""
+    c = cfg.cluster
+    line = _q([c.python, "-m", "hpcfl", *args])
+    if not c.container:
+        return line
+    binds = ",".join(shlex.quote(b) for b in c.binds)
+    prefix = _q(["singularity", "exec", *(["--nv"] if gpu else [])])
+    return f'{prefix} --bind "$SLURM_SUBMIT_DIR"{"," + binds if binds else ""} {shlex.quote(c.container)} {line}'
+
+
+def rank_command(cfg: Config, config_path: str, overrides: Sequence[str]) -> str:
+    args = ["run", config_path, *[a for o in overrides for a in ("--set", o)]]
+    return hpcfl_command(cfg, args, gpu=bool(cfg.cluster.gpus_per_node))
+
+
+def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
+                  launcher: Optional[str] = None) -> str:
+    """The sbatch script (text) for a config; raises ConfigError if the request cannot fit."""
+    c = cfg.cluster
+    launcher = launcher or c.launcher
+    places = cluster_places(cfg)
+    per_node = ranks_per_node(places, c.nodes)
+    n = cfg.world_size
+    name = cfg.run.name
+    lines = [
+        "#!/bin/bash",
+        f"# hpcfl federation {name!r}: {expected_layout([(s.name, s.ranks) for s in cfg.sites])},",
+        f"# on {c.nodes} node(s) of {c.sockets_per_node}x{c.cores_per_socket} cores"
+        + (f" and {c.gpus_per_node} GPUs" if c.gpus_per_node else "") + f"; ranks per node: {per_node}.",
+        f"# Rendered by: hpcfl render {_q([config_path, *[a for o in overrides for a in ('--set', o)]])} --launcher {launcher}",
+        "# Re-render after changing the config instead of editing this file. Submit: sbatch <this file>.",
+        "# Results: runs/<name>/ under the submit directory; the job log: hpcfl-<name>-<jobid>.out.",
+        f"#SBATCH --job-name=hpcfl-{name}",
+        f"#SBATCH --nodes={c.nodes}",
+        f"#SBATCH --ntasks={n}",
+        f"#SBATCH --ntasks-per-node={max(per_node)}",
+        "#SBATCH --exclusive",
+        f"#SBATCH --time={c.time_limit}",
+        f"#SBATCH --output=hpcfl-{name}-%j.out",
+    ]
+    if c.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={c.gpus_per_node}")
+    for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos), ("mem", c.mem_per_node)):
+        if value:
+            lines.append(f"#SBATCH --{flag}={value}")
+    if c.requeue:
+        lines.append("#SBATCH --requeue  # a requeued job resumes after its last complete round")
+    lines += ["", "set -euo pipefail"]
+    lines += [f"module load {m}" for m in c.modules]
+    lines += list(c.setup)
+    cfg_args = [config_path, *[a for o in overrides for a in ("--set", o)]]
+    lines += [
+        "export HPCFL_PIN=1  # each rank pins itself to its place's cores and GPU if the launcher did not",
+        "export OMP_NUM_THREADS=1  # ranks set their torch threads to their cores",
+        'nodes="$(mktemp)"; placement="$(mktemp)"; trap \'rm -f "$nodes" "$placement"\' EXIT',
+        'scontrol show hostnames "$SLURM_JOB_NODELIST" > "$nodes"',
+    ]
+    run = rank_command(cfg, config_path, overrides)
+    where = lambda fmt: hpcfl_command(cfg, ["placement", *cfg_args, "--nodes-file"]) + f' "$nodes" --format {fmt} > "$placement"'
+    if launcher == "srun":
+        lines += [
+            where("hostfile"),
+            'export SLURM_HOSTFILE="$placement"  # one line per rank: the node of its place',
+            _q(["srun", f"--mpi={c.srun_mpi}", f"--ntasks={n}", "--distribution=arbitrary", "--cpu-bind=none",
+                *(["--gpu-bind=none"] if c.gpus_per_node else []), "--kill-on-bad-exit=1"]) + " \\\n    " + run,
+        ]
+    elif launcher == "mpirun":
+        lines += [
+            where("rankfile"),
+            _q(["mpirun", "-np", str(n), "--report-bindings", "-x", "HPCFL_PIN", "-x", "OMP_NUM_THREADS"])
+            + ' --rankfile "$placement" \\\n    ' + run,
+        ]
+    else:  # horovodrun: hosts and slot counts from the placement; ranks pin themselves
+        lines += [
+            where("hosts"),
+            _q(["horovodrun", "-np", str(n), "--mpi"]) + ' -H "$(cat "$placement")" \\\n    '
+            + _q(["--binding-args=--bind-to none"]) + " " + run,
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def placement_text(cfg: Config, hostnames: Sequence[str], fmt: str) -> str:
+    """What the job writes at start: the hostfile, rankfile or host list of the placement."""
+    places = cluster_places(cfg)
+    c = cfg.cluster
+    if len(hostnames) < c.nodes:
+        from ..errors import LaunchError
+
+        raise LaunchError(f"cluster.nodes: the config asks for {c.nodes} nodes but the job has {len(hostnames)}")
+    if fmt == "hostfile":
+        return "".join(f"{hostnames[p.node]}\n" for p in places)
+    if fmt == "rankfile":
+        out = []
+        for p in places:
+            if p.cores:
+                local = [k - p.socket * c.cores_per_socket for k in p.cores]
+                out.append(f"rank {p.rank}={hostnames[p.node]} slot={p.socket}:{local[0]}-{local[-1]}\n")
+            else:
+                out.append(f"rank {p.rank}={hostnames[p.node]} slot=0:0-{c.cores_per_socket - 1}\n")
+        return "".join(out)
+    counts = ranks_per_node(places, c.nodes)
+    return ",".join(f"{hostnames[i]}:{k}" for i, k in enumerate(counts) if k) + "\n"
+
+
+def local_shape():
+    """This machine as a one-node Shape, over the CPUs this process may use."""
+    import os
+    from pathlib import Path
+
+    cpus = sorted(os.sched_getaffinity(0))
+    packages = set()
+    for c in cpus:
+        f = Path(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id")
+        packages.add(f.read_text().strip() if f.exists() else "0")
+    sockets = max(1, len(packages))
+    return Shape(1, sockets, max(1, len(cpus) // sockets), 0), cpus
+
+
+def my_place(cfg: Config, rank: int, mode: str):
+    """This rank's place: from cfg.cluster ("cluster"), or this machine, oversubscribed if need be ("local")."""
+    if mode == "local":
+        shape, cpus = local_shape()
+        places = place(shape, [(s.name, s.ranks) for s in cfg.sites], aggregator_cores=0, oversubscribe=True,
+                       cores_per_rank=1)
+        p = places[rank]
+        return p, [cpus[k] for k in p.cores]
+    p = cluster_places(cfg)[rank]
+    return p, list(p.cores)
