@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 HPCFL  := $(VENV)/bin/hpcfl
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-mpi bench clean
+.PHONY: install demo test test-unit test-mpi test-slurm bench clean
 
 install:
 	@bash scripts/install.sh
@@ -14,8 +14,13 @@ install:
 demo: install
 	$(HPCFL) launch configs/quickstart.yaml --restart
 
+test: export HPCFL_WITH_SLURM = 1
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slurm: export HPCFL_WITH_SLURM = 1
+test-slurm: install
+	$(PY) -m pytest -m slurm $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)

@@ -28,7 +28,7 @@ coordinates, in one run:
 * physical reference: decoding, with imagecodecs' JPEG decoder, exactly the
   256x256 file tiles each 224 crop overlaps (raw bytes located through tifffile's
   dataoffsets/databytecounts) and assembling the crop: what any reader must at
-  least do per read without a cache, and with an ideal per-tile cache.
+  least do per read without a cache, and with an ideal per-tile (or whole-epoch) cache.
 * training feed: samples/s of a small CNN trained through TileDataset + torch
   DataLoader (MONAI transforms, workers 0 and 2) vs from the same samples held
   in memory as a tensor.
@@ -38,7 +38,9 @@ coordinates, in one run:
     python bench/tiles.py --workdir /tmp/tiles-bench   # keep (and reuse) slides and index
 
 Speedups are computed between configurations of the same run with the same
-reads per tile. Rates are medians over --repeats fresh processes.
+reads per tile. Rates are the best of --repeats fresh processes, taken round-robin
+over the configurations (on a shared machine interference only slows a run down);
+the median is printed next to it. The reference runs in its own process too.
 """
 from __future__ import annotations
 
@@ -562,8 +564,9 @@ def reference_worker(spec: dict) -> dict:
     out: Dict[str, Any] = {"digest": digest(crops[:DIGEST_TILES]), "tiles": n,
                            "tiles_per_crop": float(np.mean([len(p) for p in jc.parts])),
                            "distinct": len({key for parts in jc.parts for key, _, _ in parts})}
-    out["decode_per_read"] = n * reads / timed_median(lambda: jc.per_read(reads), 1)
-    out["decode_once"] = n * reads / timed_median(lambda: jc.once_per_epoch(reads), 1)
+    # A bound gets the best of two tries (fresh-process page faults and allocator warm-up are not decoding).
+    out["decode_per_read"] = n * reads / min(timed_median(lambda: jc.per_read(reads), 1) for _ in range(2))
+    out["decode_once"] = n * reads / min(timed_median(lambda: jc.once_per_epoch(reads), 1) for _ in range(2))
     for name in spec["math"]:
         fn = MATH[name]
 
@@ -571,7 +574,7 @@ def reference_worker(spec: dict) -> dict:
             acc = np.zeros(3, np.float32)
             for c in crops:
                 acc += fn(np, c)
-        out[f"math_{name}"] = n / timed_median(math_only, 1)
+        out[f"math_{name}"] = n / min(timed_median(math_only, 1) for _ in range(2 if name == "fast" else 1))
     return out
 
 
@@ -762,25 +765,26 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
                 row["error"] = next(r["error"] for r in rr if "error" in r)
             else:
                 epochs = [r["epoch_s"][0] for r in rr]
-                row["epoch_s"] = median(epochs)
+                row["epoch_s"] = min(epochs)  # best of: on a shared machine interference only slows a run down
                 row["rate"] = n * reads / row["epoch_s"]
+                row["rate_median"] = n * reads / median(epochs)
                 row["rate_2nd"] = n * reads / rr[0]["epoch_s"][1] if len(rr[0]["epoch_s"]) > 1 else float("nan")
                 row["n_runs"] = len(rr)
                 row["coords_ms"] = median([c for r in rr for c in r["coords_ms"]])
                 row["digest"] = rr[0]["digest"]
-                log(f"R={reads} {key}: median {row['rate']:,.0f} reads/s (epochs {', '.join(f'{e:.2f}' for e in epochs)} s"
+                log(f"R={reads} {key}: best {row['rate']:,.0f} reads/s, median {row['rate_median']:,.0f} (epochs {', '.join(f'{e:.2f}' for e in epochs)} s"
                     + (f"; 2nd epoch in the same process {fmt_rate(row['rate_2nd'])}/s)" if reads == 1 else ")"))
             rows[(key, reads)] = row
     results["configs"] = {f"{k}|reads={r}": v for (k, r), v in rows.items()}
     ref: Dict[str, float] = {}
     for reads in (1, 4):
-        ref[f"decode_per_read_{reads}"] = median([r["decode_per_read"] for r in ref_runs[reads]])
-        ref[f"decode_once_{reads}"] = median([r["decode_once"] for r in ref_runs[reads]])
-    ref["math_fast"] = median([r["math_fast"] for rr in ref_runs.values() for r in rr])
-    ref["math_naive"] = median([r["math_naive"] for r in ref_runs[1]])
+        ref[f"decode_per_read_{reads}"] = max(r["decode_per_read"] for r in ref_runs[reads])
+        ref[f"decode_once_{reads}"] = max(r["decode_once"] for r in ref_runs[reads])
+    ref["math_fast"] = max(r["math_fast"] for rr in ref_runs.values() for r in rr)
+    ref["math_naive"] = max(r["math_naive"] for r in ref_runs[1])
     ref_digest = ref_runs[1][0]["digest"]
     tiles_per_crop, distinct = ref_runs[1][0]["tiles_per_crop"], ref_runs[1][0]["distinct"]
-    results["reference"] = {"medians": ref, "runs": ref_runs}
+    results["reference"] = {"best": ref, "runs": ref_runs}
     log(f"reference: decode-only {ref['decode_per_read_1']:,.0f} crops/s ({tiles_per_crop:.2f} file tiles per crop); "
         f"NumPy math only {ref['math_fast']:,.0f} tiles/s (naive {ref['math_naive']:,.0f})")
 
@@ -792,7 +796,7 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
     if "error" in train:
         log(f"training feed: FAILED {train['error']}")
     else:
-        log("training feed: " + ", ".join(f"{k} {median(v):,.0f}/s" for k, v in train.items() if isinstance(v, list)))
+        log("training feed: " + ", ".join(f"{k} {max(v):,.0f}/s" for k, v in train.items() if isinstance(v, list)))
 
     # --- report
     out = print
@@ -804,7 +808,9 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
         f"{n} tissue tiles of {args.tile_size}x{args.tile_size} at level 0, stride {args.tile_size} "
         f"(unaligned: {tiles_per_crop:.2f} file tiles per crop; the {n} crops touch {distinct} distinct file tiles)  ")
     out(f"epoch = load coordinates + open slides + read every tile R times in a row (one fixed shuffled order) "
-        f"+ per-read NumPy math (float, per-channel mean/std normalisation). Median of {args.repeats} fresh processes; "
+        f"+ per-read NumPy math (float, per-channel mean/std normalisation). Best of {args.repeats} fresh processes, "
+        f"taken round-robin over the configurations (the machine may be shared: interference only slows a run down; "
+        f"the median is shown too); "
         f"cuCIM cache {args.cache_mb} MiB per_process. Speedups compare rows with the same R. pixels: the md5 of the "
         f"first {DIGEST_TILES} tiles a configuration read equals that of the JPEG-decode reference.\n")
 
@@ -827,7 +833,7 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
         title = "each tile read once per epoch" if reads == 1 else \
             "each tile read 4 times per epoch (4 crops/augmentations in a row: the documents' case for a cache)"
         out(f"## R = {reads}: {title}\n")
-        head = ["configuration", "coords", "array math", "runs", "epoch s", "tiles/s", "reads/s",
+        head = ["configuration", "coords", "array math", "runs", "epoch s", "tiles/s", "reads/s", "median reads/s",
                 "vs documents' baseline", "vs strong baseline"] + (["2nd epoch in the same process, reads/s"] if second else []) \
             + ["pixels"]
         out("| " + " | ".join(head) + " |")
@@ -845,7 +851,7 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
                 continue
             same = "same" if row["digest"] == ref_digest else f"DIFFERENT ({row['digest']})"
             line([label, cfmt, xpn, str(row["n_runs"]), f"{row['epoch_s']:.3f}", fmt_rate(row["rate"] / reads),
-                  fmt_rate(row["rate"]), fmt_x(row["rate"] / base), fmt_x(row["rate"] / strong)]
+                  fmt_rate(row["rate"]), fmt_rate(row["rate_median"]), fmt_x(row["rate"] / base), fmt_x(row["rate"] / strong)]
                  + ([fmt_rate(row["rate_2nd"])] if second else []) + [same])
         if not has_cupy:
             line(["cuCIM, per_process cache  [documents' optimised, CuPy]", "feather", "CuPy", "", "n/a (no GPU)"])
@@ -854,11 +860,11 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
         for label, d, pix in ((f"*reference, JPEG only: {how}*", d1, "the reference"),
                               ("*reference, JPEG only: each distinct file tile of the epoch decoded once "
                                "(ideal whole-epoch cache)*", d2, "—")):
-            line([label, "—", "—", str(len(ref_runs[reads])), f"{n * reads / d:.3f}", fmt_rate(d / reads), fmt_rate(d),
+            line([label, "—", "—", str(len(ref_runs[reads])), f"{n * reads / d:.3f}", fmt_rate(d / reads), fmt_rate(d), "",
                   fmt_x(d / base), fmt_x(d / strong)] + ([""] if second else []) + [pix])
         bound = 1.0 / (1.0 / d2 + 1.0 / ref["math_fast"])
         line(["*bound: ideal whole-epoch cache + the NumPy math (1/(1/decode + 1/math))*", "—", "NumPy", "",
-              f"{n * reads / bound:.3f}", fmt_rate(bound / reads), fmt_rate(bound), fmt_x(bound / base), fmt_x(bound / strong)])
+              f"{n * reads / bound:.3f}", fmt_rate(bound / reads), fmt_rate(bound), "", fmt_x(bound / base), fmt_x(bound / strong)])
         for name, label in (("fast", "NumPy"), ("naive", "NumPy (naive)")):
             m = ref[f"math_{name}"]
             nm = sum(f"math_{name}" in r for rr in ref_runs.values() for r in rr)
@@ -874,14 +880,14 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
     if "error" in train:
         out(f"failed: {train['error']}\n")
     else:
-        mem = median(train["memory_train"])
-        out(f"{train['samples']} samples per epoch; samples/s after the first batch, median of {len(train['memory_train'])}; "
+        mem = max(train["memory_train"])
+        out(f"{train['samples']} samples per epoch; samples/s after the first batch, best of {len(train['memory_train'])}; "
             f"torch threads {train['torch_threads']}.\n")
         out("| feed | samples/s, loader only | samples/s, training | training vs in-memory |")
         out("|---|---:|---:|---:|")
         out(f"| same samples in memory as a tensor | — | {fmt_rate(mem)} | 1.00x |")
         for w in (0, 2):
-            lo, tr = median(train[f"loader{w}_only"]), median(train[f"loader{w}_train"])
+            lo, tr = max(train[f"loader{w}_only"]), max(train[f"loader{w}_train"])
             out(f"| DataLoader, num_workers={w} | {fmt_rate(lo)} | {fmt_rate(tr)} | {fmt_x(tr / mem)} |")
         out("")
 
@@ -896,8 +902,8 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
                 f"(documents: 5.53x, with CuPy on a GPU; CuPy here: {cupy_state}). Fastest: {best_label} "
                 f"({rows[(best_key, reads)]['rate'] / rows[('strong', reads)]['rate']:.2f}x strong).")
     if "error" not in train:
-        mem = median(train["memory_train"])
-        best = max(median(train["loader0_train"]), median(train["loader2_train"]))
+        mem = max(train["memory_train"])
+        best = max(max(train["loader0_train"]), max(train["loader2_train"]))
         out(f"- Training feed: the best loader-fed training ran at {best / mem:.2f}x the in-memory rate "
             f"({'the loader keeps training fed' if best / mem >= 0.9 else 'the loader does NOT keep training fed'}"
             f" on {os.cpu_count()} cores).")

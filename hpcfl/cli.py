@@ -19,6 +19,9 @@ commands:
   tile      find tissue, tile slides and write the Feather tile index
   render    print the sbatch script for a config (srun, mpirun or horovodrun)
   placement where every rank goes on the job's nodes (called by rendered scripts)
+  submit    render and sbatch the job; prints the job id and the run directory
+  status    a job's SLURM state and its federation's progress (RUN_DIR or JOBID)
+  cancel    scancel a job (JOBID, or RUN_DIR for its latest job)
 """
 
 
@@ -69,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--launcher", choices=["srun", "mpirun", "horovodrun"], help="default: cluster.launcher")
     p.add_argument("-o", "--output", help="write the script to this file instead of stdout")
+
+    p = sub.add_parser("submit", help="render the sbatch script and submit it",
+                       description="Render the job (see `render`) into runs/<name>/slurm/, submit it with sbatch, "
+                                   "record it in runs/<name>/slurm/jobs.json, print the job id and run directory.")
+    _add_config_args(p)
+    p.add_argument("--launcher", choices=["srun", "mpirun", "horovodrun"], help="default: cluster.launcher")
+
+    p = sub.add_parser("status", help="SLURM state and federation progress of a job or run directory")
+    p.add_argument("target", help="a run directory or a SLURM job id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("cancel", help="cancel a job (JOBID, or RUN_DIR for its latest job)")
+    p.add_argument("target")
 
     p = sub.add_parser("placement", help="print where every rank goes on the job's nodes",
                        description="Hostfile (one node per rank, for srun --distribution=arbitrary), Open MPI rankfile "
@@ -125,6 +141,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "tile":
             return _tile(args)
+        if args.command in ("status", "cancel"):
+            return _status_or_cancel(args)
 
         from .config import dump_yaml, load_config
         from .topology import expected_layout
@@ -148,6 +166,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "placement":
             return _placement(cfg, args)
+        if args.command == "submit":
+            from .cluster.slurm import submit
+
+            job = submit(cfg, args.config, args.overrides, args.launcher)
+            print(f"submitted job {job['job_id']}; results in {job['run_dir']} (job log {job['log']}); "
+                  f"follow it with: hpcfl status {job['run_dir']}")
+            return 0
         if args.command == "launch":
             from .launch import launch
 
@@ -158,6 +183,43 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _status_or_cancel(args) -> int:
+    import json
+
+    from .cluster import slurm
+    from .errors import LaunchError
+
+    target = args.target
+    if Path(target).is_dir():
+        run_dir = Path(target)
+        jobs = slurm.progress(run_dir).get("jobs", [])
+        job_id = jobs[-1] if jobs else None
+    elif target.isdigit():
+        job_id, run_dir = target, slurm.run_dir_of_job(target)
+    else:
+        raise LaunchError(f"{target}: neither a run directory nor a SLURM job id")
+    if args.command == "cancel":
+        if job_id is None:
+            raise LaunchError(f"{target}: no SLURM job recorded for this run directory")
+        slurm.cancel(job_id)
+        print(f"cancelled job {job_id}")
+        return 0
+    info = slurm.progress(run_dir) if run_dir is not None and run_dir.is_dir() else {}
+    info["job_id"] = job_id
+    info["state"] = slurm.job_state(job_id) if job_id else "no SLURM job recorded"
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"job {job_id}: {info['state']}")
+    if info.get("run_dir"):
+        eta = f", ETA {info['eta_s']:.0f}s" if info.get("eta_s") is not None else ""
+        acc = f", val_accuracy {info['val_accuracy']:.4f}" if info.get("val_accuracy") is not None else ""
+        print(f"{info['run_dir']}: round {info['last_round']}/{info.get('rounds') or '?'}{acc}{eta}")
+        for site, m in (info.get("sites") or {}).items():
+            print(f"  {site}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f}")
+    return 0
 
 
 def _placement(cfg, args) -> int:

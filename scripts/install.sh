@@ -41,7 +41,7 @@ apt_install() {
 # (pip's cmake 4.x rejects gloo's old cmake_minimum_required), a C++ compiler.
 if [ "${HPCFL_SKIP_APT:-0}" != 1 ]; then
   apt_install openmpi-bin libopenmpi-dev cmake g++ make
-  if [ "${HPCFL_WITH_SLURM:-0}" = 1 ]; then
+  if [ "${HPCFL_WITH_SLURM:-0}" = 1 ]; then  # `make test`: the slurm tier runs a real local cluster
     apt_install slurm-wlm munge
   fi
 fi

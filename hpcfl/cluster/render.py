@@ -24,7 +24,7 @@ def cluster_shape(cfg: Config) -> Shape:
 def cluster_places(cfg: Config):
     c = cfg.cluster
     return place(cluster_shape(cfg), [(s.name, s.ranks) for s in cfg.sites], c.aggregator_cores,
-                 c.aggregator_own_node, c.cores_per_rank)
+                 c.aggregator_own_node, c.cores_per_rank, c.oversubscribe)
 
 
 def _q(argv: Sequence[str]) -> str:
@@ -68,11 +68,14 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
         f"#SBATCH --job-name=hpcfl-{name}",
         f"#SBATCH --nodes={c.nodes}",
         f"#SBATCH --ntasks={n}",
-        f"#SBATCH --ntasks-per-node={max(per_node)}",
+        *([] if c.oversubscribe else [f"#SBATCH --ntasks-per-node={max(per_node)}"]),
         "#SBATCH --exclusive",
         f"#SBATCH --time={c.time_limit}",
         f"#SBATCH --output=hpcfl-{name}-%j.out",
+        f"#SBATCH --comment=hpcfl:{cfg.run.root}/{name}",
     ]
+    if c.oversubscribe:
+        lines.append("#SBATCH --overcommit  # cluster.oversubscribe: more ranks than cores")
     if c.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={c.gpus_per_node}")
     for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos), ("mem", c.mem_per_node)):
@@ -102,7 +105,8 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
     elif launcher == "mpirun":
         lines += [
             where("rankfile"),
-            _q(["mpirun", "-np", str(n), "--report-bindings", "-x", "HPCFL_PIN", "-x", "OMP_NUM_THREADS"])
+            _q(["mpirun", "-np", str(n), "--report-bindings", *(["--oversubscribe"] if c.oversubscribe else []),
+                "-x", "HPCFL_PIN", "-x", "OMP_NUM_THREADS"])
             + ' --rankfile "$placement" \\\n    ' + run,
         ]
     else:  # horovodrun: hosts and slot counts from the placement; ranks pin themselves
