@@ -106,4 +106,4 @@ def test_render_cli_writes_a_file(tmp_path):
     out = tmp_path / "job.sbatch"
     r = hpcfl("render", "configs/cluster-cpu.yaml", "--launcher", "srun", "-o", out)
     assert r.returncode == 0 and "sbatch" in r.stdout
-    assert "srun --mpi=pmi2 --ntasks=3" in out.read_text()
+    assert "srun --mpi=pmix --ntasks=3" in out.read_text()
