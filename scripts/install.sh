@@ -76,7 +76,9 @@ fi
 # build with PyTorch + MPI + Gloo, then keep the wheel (keyed by torch and
 # Python version) so later installs take seconds.
 pyver="$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
-wheeldir="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$pyver"
+# HOROVOD_GPU_OPERATIONS=NCCL (GPU machines, the GPU container) builds with NCCL: a separate cached wheel.
+gpuops="${HOROVOD_GPU_OPERATIONS:-}"
+wheeldir="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$pyver${gpuops:+-$(echo "$gpuops" | tr A-Z a-z)}"
 if ! "$VENV/bin/python" -c "import horovod.torch" 2>/dev/null; then
   if ! ls "$wheeldir"/horovod-*.whl >/dev/null 2>&1; then
     log "building Horovod $HOROVOD_VERSION (about 12 minutes on 2 cores; cached afterwards in $wheeldir)"
