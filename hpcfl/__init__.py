@@ -5,6 +5,8 @@ Public API::
     from hpcfl import load_config, launch
     cfg = load_config("configs/digits.yaml", ["fl.rounds=5"])
     launch(cfg, "configs/digits.yaml", ["fl.rounds=5"])   # runs mpirun, returns its exit code
+    job = submit("configs/quickstart.yaml")                  # submitit: SLURM where it exists, else local
+    job.result()
 
 Pure building blocks: :func:`hpcfl.topology.build_topology`,
 :mod:`hpcfl.aggregation` (FedAvg), :mod:`hpcfl.config`.
@@ -24,4 +26,11 @@ def launch(cfg, config_path, overrides=(), **kwargs) -> int:
     return _launch(cfg, config_path, overrides, **kwargs)
 
 
-__all__ = ["Config", "HpcflError", "from_dict", "launch", "load_config", "__version__"]
+def submit(config_path, overrides=(), executor="auto", folder=None):
+    """Submit the federation with submitit (SLURM where it exists, else locally); returns the submitit Job."""
+    from .cluster.submitit_api import submit as _submit
+
+    return _submit(config_path, overrides, executor, folder)
+
+
+__all__ = ["Config", "HpcflError", "from_dict", "launch", "load_config", "submit", "__version__"]

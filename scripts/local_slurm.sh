@@ -5,7 +5,7 @@
 set -euo pipefail
 cmd="${1:-status}"
 host="$(hostname -s)"
-cpus="$(nproc)"
+cpus="${HPCFL_SLURM_CPUS:-8}"  # slots the node offers: more than the VM's cores, so 5-rank jobs fit (config_overrides)
 conf=/etc/slurm/slurm.conf
 
 start() {
@@ -31,6 +31,7 @@ SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 MpiDefault=none
+SlurmdParameters=config_overrides
 NodeName=$host CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
 CONF
@@ -49,6 +50,10 @@ stop() {
   pkill -x slurmd 2>/dev/null || true
   pkill -x slurmctld 2>/dev/null || true
   pkill -x munged 2>/dev/null || true
+  for _ in $(seq 30); do
+    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || pgrep -x munged >/dev/null || break
+    sleep 0.5
+  done
   echo "local_slurm: stopped"
 }
 

@@ -90,3 +90,15 @@ def test_requeued_job_resumes_and_ends_with_the_uninterrupted_weights(cluster, t
     assert a["round"] == b["round"] == rounds
     for k in a["model"]:
         assert np.array_equal(a["model"][k], b["model"][k]), k
+
+
+def test_submitit_slurm_executor_runs_one_task_per_rank(cluster, tmp_path, monkeypatch):
+    import hpcfl
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    sets = [f"run.root={tmp_path}", "fl.rounds=2", "fl.local_steps=6", "train.batch_size=16", "cluster.nodes=1"]
+    job = hpcfl.submit("configs/digits-2x2.yaml", sets, executor="slurm")
+    results = job.results()
+    assert len(results) == 5  # one submitit task per rank
+    assert results[0]["final"]["round"] == 2 and results[0]["final"]["val_accuracy"] > 0.5

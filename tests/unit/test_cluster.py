@@ -107,3 +107,18 @@ def test_render_cli_writes_a_file(tmp_path):
     r = hpcfl("render", "configs/cluster-cpu.yaml", "--launcher", "srun", "-o", out)
     assert r.returncode == 0 and "sbatch" in r.stdout
     assert "srun --mpi=pmix --ntasks=3" in out.read_text()
+
+
+GOLDEN = {2: "{count: 4, ranks: 4}", 4: "{count: 8, ranks: 4}"}
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_multi_node_gpu_scripts_match_golden_files(nodes):
+    """Reviewed line by line: whole nodes, 8 GPUs each, ranks placed by hostfile, pinned by the ranks."""
+    ov = [f"cluster.nodes={nodes}", f"sites={GOLDEN[nodes]}", "cluster.aggregator_own_node=false", "cluster.container="]
+    cfg = load_config(ROOT / "configs" / "cluster-multinode.yaml", ov)
+    text = render_sbatch(cfg, "configs/cluster-multinode.yaml", ov)
+    assert text == (ROOT / "tests" / "golden" / f"gpu-{nodes}node.sbatch").read_text()
+    hosts = placement_text(cfg, [f"gn{i}" for i in range(nodes)], "hostfile").split()
+    # every 4-rank site on one node; node 0 also hosts the aggregator
+    assert hosts[0] == "gn0" and all(len(set(hosts[1 + 4 * s:5 + 4 * s])) == 1 for s in range(nodes * 2))
