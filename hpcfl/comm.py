@@ -45,6 +45,16 @@ def bcast_array(comm: Any, arr: np.ndarray, root: int = 0, chunk_mb: int = 8) ->
         comm.Bcast(arr[s:e], root=root)
 
 
+def send_array(comm: Any, arr: np.ndarray, dest: int, chunk_mb: int = 8) -> None:
+    for s, e in _chunks(arr.size, arr.itemsize, chunk_mb):
+        comm.Send(arr[s:e], dest=dest)
+
+
+def recv_array(comm: Any, arr: np.ndarray, source: int, chunk_mb: int = 8) -> None:
+    for s, e in _chunks(arr.size, arr.itemsize, chunk_mb):
+        comm.Recv(arr[s:e], source=source)
+
+
 def reduce_sum_array(comm: Any, send: Optional[np.ndarray], recv: Optional[np.ndarray], root: int = 0,
                      chunk_mb: int = 8) -> None:
     """Sum ``send`` over ``comm`` into ``recv`` at ``root``. The root contributes ``recv``'s

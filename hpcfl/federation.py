@@ -25,7 +25,7 @@ import numpy as np
 
 from .aggregation import make_strategy
 from .checkpoint import save_checkpoint
-from .comm import Comms, bcast_array, gather_rows, quiet_barrier, reduce_sum_array
+from .comm import Comms, bcast_array, gather_rows, quiet_barrier, recv_array, reduce_sum_array, send_array
 from .config import Config, config_hash
 from .errors import CheckpointError, RankFailure, TopologyError
 from .model import Entry, layout_signature, state_views
@@ -106,7 +106,7 @@ class Aggregator:
             self.rng.bit_generator.state = ckpt["rng"]
         self.comms.federation.Bcast(np.array([ckpt is None], np.int8), root=0)
         if ckpt is None:
-            self.comms.federation.Recv(self.weights, source=1)  # site 0's leader: seeded initial weights
+            recv_array(self.comms.federation, self.weights, 1, self.cfg.launch.chunk_mb)  # site 0 leader's seeded init
         self.acc = np.zeros_like(self.weights)  # the one extra model-sized buffer rank 0 needs
 
     def run(self) -> Dict[str, Any]:
@@ -194,7 +194,7 @@ class SiteWorker:
             fresh = np.zeros(1, np.int8)
             fed.Bcast(fresh, root=0)
             if fresh[0] and role.site.index == 0:
-                fed.Send(tr.model.array, dest=0)  # the seeded initial weights (same on every site)
+                send_array(fed, tr.model.array, 0, chunk)  # the seeded initial weights (same on every site)
             bcast_array(fed, tr.model.array, chunk_mb=chunk)
         tr.receive_from_leader()
         for r in range(self.start_round, cfg.fl.rounds + 1):
