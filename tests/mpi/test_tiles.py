@@ -36,14 +36,15 @@ def test_tile_quickstart_two_rounds(tmp_path):
 ], ids=["smart_cache", "crops_and_batched_reads"])
 def test_tile_loading_options(tmp_path, options):
     sets = [f"run.root={tmp_path}", f"data.tiles.slides_dir={tmp_path}/slides", f"data.tiles.index_dir={tmp_path}/index",
-            "data.tiles.synthesize={slides: 4, size: 2048, seed: 0}", "fl.rounds=2", "data.val_fraction=0.5", *options]
+            "data.tiles.synthesize={slides: 4, size: 2048, seed: 0}", "fl.rounds=2", "fl.local_epochs=1",
+            "data.val_fraction=0.5", *options]
     r = hpcfl("launch", "configs/quickstart.yaml", *[a for s in sets for a in ("--set", s)], timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     recs = [json.loads(x) for x in (tmp_path / "quickstart" / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in recs if x.get("split") == "train"]
     assert len(train) == 4 and all(x["samples"] > 0 and x["steps"] > 0 for x in train)
     if "smart_cache" in options[0]:
-        assert all(x["steps"] == 2 for x in train)  # 64 cached tiles per rank, batches of 32
+        assert all(x["steps"] == 2 for x in train)  # 1 epoch of 64 cached tiles per rank, batches of 32
 
 
 def test_smart_cache_with_crops_is_refused_in_one_line(tmp_path):
