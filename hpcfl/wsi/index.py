@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,12 +34,10 @@ class TileIndex:
         return len(self.x)
 
     def slide_majority_class(self) -> np.ndarray:
-        """Most frequent tile class of every slide (for label-skewed partitions)."""
-        out = np.zeros(len(self.slide_ids), np.int64)
-        for s in range(len(self.slide_ids)):
-            lab = self.label[self.slide == s]
-            out[s] = np.bincount(lab, minlength=len(self.classes)).argmax() if len(lab) else 0
-        return out
+        """Most frequent tile class of every slide (for label-skewed partitions), in one pass."""
+        c = len(self.classes)
+        counts = np.bincount(self.slide.astype(np.int64) * c + self.label, minlength=len(self.slide_ids) * c)
+        return counts.reshape(len(self.slide_ids), c).argmax(axis=1)
 
 
 def load_index(index_dir, tile_label: str = "tissue") -> TileIndex:
@@ -114,10 +112,16 @@ def partition_slides(n_slides: int, n_sites: int, how: str, seed: int, alpha: fl
     raise ConfigError(f"data.dirichlet_alpha: {alpha} cannot give every site {min_per_site} slides; raise it")
 
 
-def site_tiles(index: TileIndex, cfg, site_index: int, n_sites: int) -> Tuple[np.ndarray, np.ndarray, Dict]:
+def slide_partition(index: TileIndex, cfg, n_sites: int) -> List[np.ndarray]:
+    """Which slides each site owns, for this config."""
+    return partition_slides(len(index.slide_ids), n_sites, cfg.data.tiles.partition, cfg.run.seed,
+                            cfg.data.dirichlet_alpha, index.slide_majority_class())
+
+
+def site_tiles(index: TileIndex, cfg, site_index: int, n_sites: int,
+               parts: Optional[List[np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, Dict]:
     """(train tile indices, validation tile indices, partition record) of one site."""
-    parts = partition_slides(len(index.slide_ids), n_sites, cfg.data.tiles.partition, cfg.run.seed,
-                             cfg.data.dirichlet_alpha, index.slide_majority_class())
+    parts = slide_partition(index, cfg, n_sites) if parts is None else parts
     tr_s, va_s = train_val_split(parts[site_index], cfg.data.val_fraction, cfg.run.seed, site_index, stream=37)
     tr = np.flatnonzero(np.isin(index.slide, tr_s))
     va = np.flatnonzero(np.isin(index.slide, va_s))
@@ -126,9 +130,10 @@ def site_tiles(index: TileIndex, cfg, site_index: int, n_sites: int) -> Tuple[np
 
 def partition_record(index: TileIndex, cfg, site_names: Sequence[str]) -> Dict:
     """Per site: its slides, tile counts and class counts (recorded in manifest.json)."""
+    parts = slide_partition(index, cfg, len(site_names))  # once, not once per site
     sites = {}
     for i, name in enumerate(site_names):
-        tr, va, rec = site_tiles(index, cfg, i, len(site_names))
+        tr, va, rec = site_tiles(index, cfg, i, len(site_names), parts)
         sites[name] = {**rec, "train": int(len(tr)), "val": int(len(va)),
                        "classes": {index.classes[c]: int(k) for c, k in zip(*np.unique(index.label[tr], return_counts=True))}}
     return {"dataset": "tiles", "partition": cfg.data.tiles.partition, "sites": sites}
