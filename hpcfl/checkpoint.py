@@ -57,25 +57,34 @@ def save_checkpoint(directory: Path, round_: int, model: Dict[str, np.ndarray], 
     final = checkpoint_path(d, round_)
     tmp = d / f".{final.name}.tmp-{os.getpid()}"
     header = {"format": FORMAT, "round": round_, **meta}
-    arrays = {"meta": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
-    arrays.update({f"model/{k}": np.asarray(v) for k, v in model.items()})
+    arrays = {f"model/{k}": np.asarray(v) for k, v in model.items()}
     arrays.update({f"strategy/{k}": np.asarray(v) for k, v in (strategy or {}).items()})
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(d)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_npz_atomic(final, arrays, header, tmp=tmp)
+    _fsync_dir(d)
     for old in list_checkpoints(d)[:-keep]:
         old.unlink(missing_ok=True)
     for stale in d.glob(".round-*.npz.tmp-*"):  # left by a process killed mid-write
         if stale != tmp:
             stale.unlink(missing_ok=True)
     return final
+
+
+def write_npz_atomic(path: Path, arrays: Dict[str, np.ndarray], meta: Dict[str, Any],
+                     tmp: Optional[Path] = None) -> Path:
+    """An .npz (``meta`` as JSON bytes + arrays) written to a temporary file, fsync'ed and renamed."""
+    path = Path(path)
+    tmp = tmp or path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    all_arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays}
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **all_arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel a job (JOBID, or RUN_DIR for its latest job)")
     p.add_argument("target")
 
+    p = sub.add_parser("stop", help="stop a running federation gracefully after the round in progress",
+                       description="Ask a running federation (RUN_DIR, or a SLURM job id) to stop: rank 0 finishes "
+                                   "the round in progress, writes a checkpoint and every rank exits cleanly. Run the "
+                                   "same launch command again to resume. (A job's SLURM warning signal does the same, "
+                                   "and then requeues the job.)")
+    p.add_argument("target")
+
     p = sub.add_parser("placement", help="print where every rank goes on the job's nodes",
                        description="Hostfile (one node per rank, for srun --distribution=arbitrary), Open MPI rankfile "
                                    "(node, socket and cores per rank) or horovodrun host list, from the config's "
@@ -141,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "tile":
             return _tile(args)
-        if args.command in ("status", "cancel"):
+        if args.command in ("status", "cancel", "stop"):
             return _status_or_cancel(args)
 
         from .config import dump_yaml, load_config
@@ -200,6 +207,14 @@ def _status_or_cancel(args) -> int:
         job_id, run_dir = target, slurm.run_dir_of_job(target)
     else:
         raise LaunchError(f"{target}: neither a run directory nor a SLURM job id")
+    if args.command == "stop":
+        from .federation import STOP_FILE
+
+        if run_dir is None or not (Path(run_dir) / "manifest.json").exists():
+            raise LaunchError(f"{target}: not the run directory of a started federation")
+        (Path(run_dir) / STOP_FILE).touch()
+        print(f"asked {run_dir} to stop: rank 0 checkpoints after the round in progress, then every rank exits")
+        return 0
     if args.command == "cancel":
         if job_id is None:
             raise LaunchError(f"{target}: no SLURM job recorded for this run directory")

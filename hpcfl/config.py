@@ -105,6 +105,39 @@ class SiteConfig:
     name: str = _f(help="site (institution) name; letters, digits, '-', '_', '.'")
     ranks: int = _f(1, help="MPI ranks (data-parallel replicas) of this site", min=1)
     overrides: SiteOverrides = _f(SiteOverrides(), help="per-site training overrides")
+    dropout: float = _f(0.0, help="simulated: probability that this site does not return its update in a round (seeded)", min=0.0, max=1.0)
+    speed: float = _f(1.0, help="simulated: relative speed; a round takes steps * fl.stragglers.step_time_s / speed simulated seconds", gt=0.0)
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum")
+
+
+@dataclass(frozen=True)
+class ServerOptConfig:
+    lr: Optional[float] = _f(None, help="server learning rate (default 1.0 for fedavgm, 0.01 for fedadam/fedyogi/fedadagrad)", gt=0.0)
+    momentum: float = _f(0.9, help="fedavgm: server momentum", min=0.0, max=0.999)
+    beta1: Optional[float] = _f(None, help="first-moment decay (default 0.9 for fedadam/fedyogi, 0.0 for fedadagrad)", min=0.0, max=0.999)
+    beta2: float = _f(0.99, help="fedadam/fedyogi: second-moment decay", min=0.0, max=0.999)
+    tau: float = _f(1e-3, help="fedadam/fedyogi/fedadagrad: adaptivity (epsilon); second moments start at tau^2", gt=0.0)
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    trim_fraction: float = _f(0.1, help="trimmed_mean: fraction of sites trimmed at each end, per coordinate", min=0.0, max=0.49)
+    byzantine: int = _f(0, help="krum: number of Byzantine sites f tolerated (needs sites >= 2f + 3)", min=0)
+    krum_keep: int = _f(1, help="krum: sites kept and averaged (1 = Krum, more = Multi-Krum)", min=1)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    fraction: float = _f(1.0, help="fraction of sites sampled each round (seeded, reproducible)", gt=0.0, max=1.0)
+    min_sites: int = _f(1, help="sample at least this many sites", min=1)
+
+
+@dataclass(frozen=True)
+class StragglerConfig:
+    step_time_s: float = _f(1.0, help="simulated seconds one local step takes at speed 1", gt=0.0)
+    deadline_s: Optional[float] = _f(None, help="simulated round deadline: sites slower than this do not return (null = wait for all)", gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -112,7 +145,15 @@ class FLConfig:
     rounds: int = _f(10, help="federated rounds", min=1)
     local_epochs: Optional[int] = _f(None, help="local epochs per round (default 1 when local_steps is unset)", min=1)
     local_steps: Optional[int] = _f(None, help="local optimizer steps per round instead of epochs", min=1)
-    strategy: Literal["fedavg"] = _f("fedavg", help="aggregation rule")
+    strategy: Literal[STRATEGIES] = _f("fedavg", help="aggregation rule (docs/algorithms.md)")  # type: ignore[valid-type]
+    proximal_mu: float = _f(0.01, help="fedprox: weight mu of the proximal term mu/2 |w - w_global|^2 in local training", gt=0.0)
+    server: ServerOptConfig = _f(ServerOptConfig(), help="server optimizer (fedavgm, fedadam, fedyogi, fedadagrad)")
+    robust: RobustConfig = _f(RobustConfig(), help="robust rules (trimmed_mean, krum)")
+    sampling: SamplingConfig = _f(SamplingConfig(), help="which sites take part in a round")
+    stragglers: StragglerConfig = _f(StragglerConfig(), help="simulated time and the round deadline")
+    min_sites: int = _f(1, help="a round aggregates only if at least this many sites return", min=1)
+    on_too_few: Literal["retry", "skip", "fail"] = _f("retry", help="when fewer than min_sites return: redraw who takes part (up to max_retries), keep the global model unchanged, or stop with an error")
+    max_retries: int = _f(10, help="retry: redraws before the round fails", min=1)
 
 
 @dataclass(frozen=True)
@@ -188,6 +229,44 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PercentileConfig:
+    percent: float = _f(10.0, help="share only the largest percent% of |delta w| (the rest as zero)", gt=0.0, max=100.0)
+    gamma: float = _f(0.01, help="shared values are clipped to [-gamma, gamma]", gt=0.0)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    noise_multiplier: float = _f(1.0, help="z: Gaussian noise of std z * clip_norm is added to the sum of clipped updates", min=0.0)
+    clip_norm: float = _f(1.0, help="C: each site's update is clipped to L2 norm C (the initial C when adaptive)", gt=0.0)
+    delta: float = _f(1e-5, help="delta of the (epsilon, delta) guarantee reported every round", gt=0.0, max=1.0)
+    adaptive: bool = _f(False, help="adaptive clipping (Andrew et al. 2021): C tracks a quantile of the update norms")
+    target_quantile: float = _f(0.5, help="adaptive: fraction of updates that should be unclipped", gt=0.0, max=1.0)
+    clip_lr: float = _f(0.2, help="adaptive: geometric learning rate of C", gt=0.0)
+    count_noise_multiplier: float = _f(10.0, help="adaptive: noise multiplier of the unclipped-count (spends part of the budget)", gt=0.0)
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    frac_bits: int = _f(24, help="fixed-point fractional bits of the masked integers (mod 2^64)", min=8, max=40)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    exclude_vars: Tuple[str, ...] = _f((), help="regexes of parameter names never sent: each site keeps its own values (partial weight sharing)")
+    percentile: Optional[PercentileConfig] = _f(None, help="percentile privacy (Shokri & Shmatikov 2015): share the largest updates, clipped")
+    dp: Optional[DPConfig] = _f(None, help="differential privacy, DP-FedAvg: clip each site's update, add Gaussian noise to the sum, account (epsilon, delta)")
+    secure_aggregation: Optional[SecAggConfig] = _f(None, help="pairwise-masked uploads: rank 0 learns only the sum")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    locally_tuned: bool = _f(True, help="every round, each site also evaluates its locally trained model on its own validation data")
+    cross_site: bool = _f(True, help="at the end, every site's final local model and the global model on every site's validation data (cross_site.json)")
+    best_metric: Literal["val_accuracy", "val_loss", "val_auc", "val_balanced_accuracy"] = _f("val_accuracy", help="the global model with the best value of this metric is kept as best.npz")
+    auc_bins: int = _f(256, help="score histogram bins per class for AUC (summed over ranks and sites exactly; AUC error < 1/bins)", min=16, max=100000)
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = _f(1, help="write a checkpoint every N rounds (the last round always)", min=1)
     keep: int = _f(2, help="checkpoints kept on disk", min=1)
@@ -223,6 +302,7 @@ class ClusterConfig:
     container: str = _f("", help="Singularity/Apptainer image: every rank runs inside it")
     binds: Tuple[str, ...] = _f((), help="extra container bind mounts (host[:container])")
     requeue: bool = _f(True, help="#SBATCH --requeue: a preempted job restarts and resumes after its last complete round")
+    signal_s: int = _f(300, help="seconds before the time limit SLURM warns the job (#SBATCH --signal=B:USR1@N): the federation checkpoints after the round in progress and requeues; 0 = no warning", min=0)
 
 
 @dataclass(frozen=True)
@@ -246,6 +326,8 @@ class Config:
     data: DataConfig = _f(DataConfig(), help="data")
     model: ModelConfig = _f(ModelConfig(), help="model")
     train: TrainConfig = _f(TrainConfig(), help="local training")
+    privacy: PrivacyConfig = _f(PrivacyConfig(), help="privacy filters around any strategy")
+    eval: EvalConfig = _f(EvalConfig(), help="evaluation")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), help="checkpoints")
     launch: LaunchConfig = _f(LaunchConfig(), help="launcher")
     cluster: ClusterConfig = _f(ClusterConfig(), help="the SLURM cluster the job runs on")
@@ -289,6 +371,8 @@ def _convert(tp: Any, value: Any, path: str, src: str) -> Any:
         if value is None:
             return None
         inner = [a for a in args if a is not type(None)]
+        if dataclasses.is_dataclass(inner[0]) and isinstance(value, bool):  # `dp: true` = the defaults, false = off
+            return _build(inner[0], {}, path, src) if value else None
         return _convert(inner[0], value, path, src)
     if origin is Literal:
         if value not in args:
@@ -405,11 +489,51 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: fl: set local_epochs or local_steps, not both")
     if cfg.run.name and not _SITE_NAME.match(cfg.run.name):
         raise ConfigError(f"{src}: run.name: {cfg.run.name!r} must be letters, digits, '-', '_' or '.'")
+    _validate_fl(cfg, src)
     inj = cfg.debug.inject_failure
     if inj is not None and inj.rank >= cfg.world_size:
         raise ConfigError(f"{src}: debug.inject_failure.rank: {inj.rank} is not a rank of this {cfg.world_size}-rank federation")
     if inj is not None and inj.round > cfg.fl.rounds:
         raise ConfigError(f"{src}: debug.inject_failure.round: {inj.round} is after the last round ({cfg.fl.rounds})")
+
+
+ROBUST = ("median", "trimmed_mean", "krum")
+
+
+def _validate_fl(cfg: Config, src: str) -> None:
+    """Combinations that cannot work, refused before any rank starts."""
+    fl, pv, k = cfg.fl, cfg.privacy, len(cfg.sites)
+    if fl.min_sites > k:
+        raise ConfigError(f"{src}: fl.min_sites: {fl.min_sites} is more than the {k} sites")
+    if fl.sampling.min_sites > k:
+        raise ConfigError(f"{src}: fl.sampling.min_sites: {fl.sampling.min_sites} is more than the {k} sites")
+    if fl.strategy in ROBUST:
+        if pv.secure_aggregation is not None:
+            raise ConfigError(f"{src}: privacy.secure_aggregation: {fl.strategy} needs each site's update, which "
+                              "secure aggregation hides from rank 0; use a mean-based strategy")
+        if pv.dp is not None:
+            raise ConfigError(f"{src}: privacy.dp: DP-FedAvg's noise calibration assumes a sum of clipped updates; "
+                              f"it is not defined for {fl.strategy}")
+    if fl.strategy == "krum":
+        f = fl.robust.byzantine
+        if k < 2 * f + 3:
+            raise ConfigError(f"{src}: fl.robust.byzantine: Krum with f={f} needs at least {2 * f + 3} sites, "
+                              f"the federation has {k}")
+        if fl.robust.krum_keep > k - f:
+            raise ConfigError(f"{src}: fl.robust.krum_keep: {fl.robust.krum_keep} is more than sites - byzantine "
+                              f"({k - f})")
+    if fl.strategy == "trimmed_mean" and 2 * int(fl.robust.trim_fraction * k) >= k:
+        raise ConfigError(f"{src}: fl.robust.trim_fraction: trimming {int(fl.robust.trim_fraction * k)} of {k} "
+                          "sites at each end leaves none")
+    if pv.dp is not None and pv.dp.adaptive and pv.dp.noise_multiplier > 0 \
+            and pv.dp.count_noise_multiplier <= pv.dp.noise_multiplier / 2:
+        raise ConfigError(f"{src}: privacy.dp.count_noise_multiplier: must be > noise_multiplier / 2 "
+                          f"({pv.dp.noise_multiplier / 2}) for adaptive clipping to leave budget for the updates")
+    for i, pat in enumerate(pv.exclude_vars):
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise ConfigError(f"{src}: privacy.exclude_vars[{i}]: {pat!r} is not a regular expression: {exc}") from None
 
 
 # --------------------------------------------------------------------------
@@ -430,6 +554,8 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment}: empty key path")
     value = parse_yaml(text, source=f"--set {key}") if text.strip() else ""
     node: Any = raw
+    if len(parts) > 1 and parts[0] == "sites" and parts[1].isdigit() and isinstance(raw.get("sites"), Mapping):
+        raw["sites"] = _expand_sites(raw["sites"], "sites", f"--set {key}")  # {count, ranks} -> a list to index
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
@@ -497,7 +623,7 @@ def dump_yaml(cfg: Config) -> str:
 
 # Keys that may change between a run and its resumption without changing what
 # the completed rounds mean: more rounds, where the run lives, how it is launched.
-_HASH_EXCLUDED = {("fl", "rounds"), ("run", "name"), ("run", "root"), ("launch",), ("debug",), ("checkpoint",),
+_HASH_EXCLUDED = {("fl", "rounds"), ("run", "name"), ("run", "root"), ("launch",), ("debug",), ("checkpoint",), ("eval",),
                   ("cluster",)}
 
 

@@ -25,42 +25,66 @@ PHASES = [
 
 
 def round_records(round_: int, topology, up: np.ndarray, ev: np.ndarray, up_cols: Sequence[str],
-                  ev_cols: Sequence[str], server: Dict[str, float]) -> List[Dict[str, Any]]:
-    """metrics.jsonl records of one round: per site and split, then the round summary (last)."""
+                  time_cols: Sequence[str], server: Dict[str, float], num_classes: int, bins: int,
+                  codes: np.ndarray, names: Sequence[str]) -> List[Dict[str, Any]]:
+    """metrics.jsonl records of one round: per site, split and model, then the round summary (last).
+
+    ``ev`` rows: the timing columns, the global model's metric sums, the locally
+    tuned model's metric sums (zeros if the site did not train), then the
+    training loss sum and sample count.
+    """
+    from . import metrics as M
+    from .participation import REASONS, RETURNS
+
     U = {c: up[:, i] for i, c in enumerate(up_cols)}
-    E = {c: ev[:, i] for i, c in enumerate(ev_cols)}
+    nt = len(time_cols)
+    T = {c: ev[:, i] for i, c in enumerate(time_cols)}
+    V = M.vector_size(num_classes, bins)
+    g_vec, l_vec, tr = ev[:, nt:nt + V], ev[:, nt + V:nt + 2 * V], ev[:, nt + 2 * V:]
+    trained = T["trained"] > 0
     recs: List[Dict[str, Any]] = []
     for i, site in enumerate(topology.sites):
-        n_val = E["val_count"][i]
+        status = "returned" if codes[i] == RETURNS else REASONS[int(codes[i])]
         recs.append({"kind": "site", "round": round_, "site": site.name, "split": "val", "model": "global",
-                     "loss": float(E["val_loss_sum"][i] / max(n_val, 1)),
-                     "accuracy": float(E["val_correct"][i] / max(n_val, 1)), "samples": int(n_val)})
-        n_tr = E["train_samples"][i]
-        recs.append({"kind": "site", "round": round_, "site": site.name, "split": "train", "model": "local",
-                     "loss": float(E["train_loss_sum"][i] / max(n_tr, 1)), "samples": int(n_tr),
-                     "steps": int(U["steps"][i]), "train_s": float(U["train_s"][i])})
-    slow = int(np.argmax(U["train_s"]))  # the slowest site sets the pace
-    n_val = E["val_count"].sum()
+                     "status": status, **M.summarize(g_vec[i], num_classes, bins)})
+        if trained[i]:
+            if l_vec[i, 2] > 0:  # locally tuned model on the site's own validation data
+                recs.append({"kind": "site", "round": round_, "site": site.name, "split": "val", "model": "local",
+                             "status": status, **M.summarize(l_vec[i], num_classes, bins)})
+            recs.append({"kind": "site", "round": round_, "site": site.name, "split": "train", "model": "local",
+                         "loss": float(tr[i, 0] / max(tr[i, 1], 1)), "samples": int(tr[i, 1]),
+                         "steps": int(U["steps"][i]), "train_s": float(U["train_s"][i]),
+                         "update_norm": float(U["update_norm"][i])})
+    slow = int(np.argmax(np.where(trained, U["train_s"], -1.0)))  # the slowest site that trained sets the pace
+    some = bool(trained.any())
     time_ = {
         "send_s": server["send_s"],
-        "site_bcast_s": float(E["site_bcast_s"].max()),
-        "train_s": float(U["train_s"][slow]),
-        "data_s": float(U["data_s"][slow]),
-        "compute_s": float(U["compute_s"][slow]),
-        "allreduce_s": float(U["allreduce_s"][slow]),
-        "upload_s": float(E["upload_s"][slow]),
+        "site_bcast_s": float(T["site_bcast_s"].max()),
+        "train_s": float(U["train_s"][slow]) if some else 0.0,
+        "data_s": float(U["data_s"][slow]) if some else 0.0,
+        "compute_s": float(U["compute_s"][slow]) if some else 0.0,
+        "allreduce_s": float(U["allreduce_s"][slow]) if some else 0.0,
+        "upload_s": float(T["upload_s"][slow]),
         "aggregate_s": server["aggregate_s"],
-        "eval_s": float(E["eval_s"].max()),
+        "eval_s": float((T["eval_s"] + T["local_eval_s"]).max()),
         "checkpoint_s": 0.0,
         "wait_upload_s": server["wait_upload_s"],
         "wait_eval_s": server["wait_eval_s"],
     }
-    recs.append({
-        "kind": "round", "round": round_, "sites_done": len(topology.sites), "sites_total": len(topology.sites),
-        "val_loss": float(E["val_loss_sum"].sum() / max(n_val, 1)),
-        "val_accuracy": float(E["val_correct"].sum() / max(n_val, 1)),
-        "num_train": int(U["num_train"].sum()), "timestamp": time.time(), "time": time_,
-    })
+    fed = M.summarize(g_vec.sum(0), num_classes, bins)
+    summary = {
+        "kind": "round", "round": round_, "sites_done": int((codes == RETURNS).sum()), "sites_total": len(names),
+        "participants": [n for n, c in zip(names, codes) if c == RETURNS],
+        "dropped": {n: REASONS[int(c)] for n, c in zip(names, codes) if c != RETURNS},
+        "val_loss": fed["loss"], "val_accuracy": fed["accuracy"], "val_auc": fed["auc"],
+        "val_balanced_accuracy": fed["balanced_accuracy"],
+        "num_train": int(U["num_train"][codes == RETURNS].sum()), "timestamp": time.time(), "time": time_,
+    }
+    if (l_vec[:, 2] > 0).any():
+        loc = M.summarize(l_vec.sum(0), num_classes, bins)
+        summary["local_val_accuracy"] = loc["accuracy"]
+        summary["local_val_loss"] = loc["loss"]
+    recs.append(summary)
     return recs
 
 
@@ -88,7 +112,11 @@ class Progress:
         w = len(str(self.cfg.fl.rounds))
         self._print(f"round {s['round']:>{w}}/{self.cfg.fl.rounds}  sites {s['sites_done']}/{s['sites_total']}  "
                     f"val_acc {s['val_accuracy']:.4f}  val_loss {s['val_loss']:.4f}  "
-                    f"{t['round_s']:.3f}s (train {t['train_s']:.3f}s, overhead {t['overhead_s'] * 1e3:.1f}ms)")
+                    + (f"eps {s['dp_epsilon']:.3g}  " if "dp_epsilon" in s else "")
+                    + (f"best {s['best']['value']:.4f}@{s['best']['round']}  " if s.get("best") else "")
+                    + f"{t['round_s']:.3f}s (train {t['train_s']:.3f}s, overhead {t['overhead_s'] * 1e3:.1f}ms)"
+                    + (f"  dropped: {', '.join(f'{k} ({v})' for k, v in s['dropped'].items())}" if s.get("dropped") else "")
+                    + ("  (too few returned: global model unchanged)" if s.get("skipped") else ""))
 
     def breakdown(self) -> Dict[str, Dict[str, float]]:
         """Mean seconds per round for each phase, over the rounds after the first of this launch

@@ -150,6 +150,20 @@ def _pin(cfg: Config, rank: int):
     return cpus
 
 
+def _install_stop_handler(rank: int) -> None:
+    """SIGUSR1 (SLURM's warning before the time limit) asks rank 0 to stop after the round in progress.
+
+    Other ranks ignore it (its default action would kill them mid-collective): rank 0 tells them.
+    """
+    import signal
+
+    from .federation import request_stop
+
+    if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
+        return  # someone (a test harness, an embedding program) already handles it
+    signal.signal(signal.SIGUSR1, request_stop if rank == 0 else signal.SIG_IGN)
+
+
 class _Clock:
     """Logs how long each start-up phase took: users feel every second of start-up."""
 
@@ -169,6 +183,7 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
     from .topology import topology_for
 
     rank = world.Get_rank()
+    _install_stop_handler(rank)
     cfg = load_config(config_path, overrides)
     topology = topology_for(cfg, world.Get_size())
     role = topology.role(rank)
@@ -183,6 +198,12 @@ def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restar
     if rank == 0:
         try:
             ckpt = rundir.prepare(resume=resume, restart=restart)
+            from .federation import STOP_FILE
+
+            stale = rundir.path / STOP_FILE
+            if stale.exists():  # left by a job that died before it could act on it
+                log.warning("removing a stale %s", stale)
+                stale.unlink()
             if cfg.data.name == "tiles":
                 from .wsi.prepare import prepare_tiles
 

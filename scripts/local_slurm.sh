@@ -36,7 +36,7 @@ NodeName=$host CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMe
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
 CONF
   pgrep -x munged >/dev/null || su -s /bin/sh munge -c "munged" 2>/dev/null || munged --force
-  pgrep -x slurmctld >/dev/null || slurmctld
+  pgrep -x slurmctld >/dev/null || slurmctld -c  # -c: forget jobs a previous cluster left behind
   pgrep -x slurmd >/dev/null || slurmd
   for _ in $(seq 60); do
     if sinfo -h -o "%t" 2>/dev/null | grep -qE "idle|mix|alloc"; then echo "local_slurm: up ($host, $cpus CPUs)"; return 0; fi

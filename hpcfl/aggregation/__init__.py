@@ -1,58 +1,28 @@
-"""Aggregation rules: pure functions over arrays and sample weights.
+"""Aggregation rules: pure functions over arrays (fedavg, fedopt, robust) and the
+:class:`Strategy` objects the round loop drives (strategies).
 
-The round loop talks to a :class:`Strategy`; how bytes move (MPI Reduce) is the
-transport's business, the math lives here.
+The round loop talks to a Strategy; how bytes move (MPI Reduce for mean-based
+rules, chunked Gather for coordinate-wise and selecting rules) is the
+transport's business, the math lives here. docs/algorithms.md lists them.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import Any, Dict
+from typing import Any
 
-import numpy as np
-
-from . import fedavg as _fedavg
+from .strategies import (STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Krum, Median, Strategy,
+                         TrimmedMean, make_strategy)
 
 
-class Strategy(ABC):
-    """A reducible aggregation rule.
-
-    Sites call :meth:`contribution` on their trained weights; the transport sums
-    contributions; the aggregator calls :meth:`finalize` on the sum. Stateful
-    rules keep their state in :meth:`state_dict` (name -> NumPy array), which is
-    checkpointed.
-    """
-
-    name = "base"
-
-    @abstractmethod
-    def contribution(self, weights: np.ndarray, num_samples: float, out: np.ndarray) -> np.ndarray:
-        """A site's upload for this rule, written into ``out``."""
-
-    @abstractmethod
-    def finalize(self, summed: np.ndarray, total_samples: float, global_weights: np.ndarray) -> None:
-        """Write the new global model into ``global_weights`` (which holds the previous one)."""
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{self.name} has no state, got {sorted(state)}")
+def strategy_for(fl: Any) -> Strategy:
+    """The Strategy of a config's ``fl`` section."""
+    s, r = fl.server, fl.robust
+    lr = s.lr if s.lr is not None else (1.0 if fl.strategy == "fedavgm" else 1e-2)
+    params = {"server_lr": lr, "server_momentum": s.momentum, "beta2": s.beta2, "tau": s.tau,
+              "trim_fraction": r.trim_fraction, "byzantine": r.byzantine, "krum_keep": r.krum_keep}
+    if s.beta1 is not None:
+        params["beta1"] = s.beta1
+    return make_strategy(fl.strategy, params)
 
 
-class FedAvg(Strategy):
-    name = "fedavg"
-
-    def contribution(self, weights, num_samples, out):
-        return _fedavg.contribution(weights, num_samples, out=out)
-
-    def finalize(self, summed, total_samples, global_weights):
-        _fedavg.finalize(summed, total_samples, out=global_weights)
-
-
-def make_strategy(name: str) -> Strategy:
-    rules = {"fedavg": FedAvg}
-    return rules[name]()
-
-
-__all__ = ["Strategy", "FedAvg", "make_strategy"]
+__all__ = ["Strategy", "FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "Median", "TrimmedMean", "Krum",
+           "STRATEGIES", "make_strategy", "strategy_for"]

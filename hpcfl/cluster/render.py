@@ -83,6 +83,8 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
             lines.append(f"#SBATCH --{flag}={value}")
     if c.requeue:
         lines.append("#SBATCH --requeue  # a requeued job resumes after its last complete round")
+    if c.signal_s:
+        lines.append(f"#SBATCH --signal=B:USR1@{c.signal_s}  # warning before the time limit: checkpoint, then requeue")
     lines += ["", "set -euo pipefail"]
     lines += [f"module load {m}" for m in c.modules]
     lines += list(c.setup)
@@ -94,6 +96,7 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
         'scontrol show hostnames "$SLURM_JOB_NODELIST" > "$nodes"',
     ]
     run = rank_command(cfg, config_path, overrides)
+    run_dir = f"{cfg.run.root}/{name}"
     where = lambda fmt: hpcfl_command(cfg, ["placement", *cfg_args, "--nodes-file"]) + f' "$nodes" --format {fmt} > "$placement"'
     if launcher == "srun":
         lines += [
@@ -115,7 +118,35 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
             _q(["horovodrun", "-np", str(n), "--mpi"]) + ' -H "$(cat "$placement")" \\\n    '
             + _q(["--binding-args=--bind-to none"]) + " " + run,
         ]
+    if c.signal_s:
+        launch = lines.pop() + " &"
+        trap, rest = _graceful_stop(run_dir, c.requeue)
+        lines += [trap, launch, *rest]
     return "\n".join(lines) + "\n"
+
+
+def _graceful_stop(run_dir: str, requeue: bool):
+    """Shell lines: on SLURM's warning signal, ask rank 0 to stop after the round in progress
+    (it checkpoints, every rank exits cleanly); then requeue the job, which resumes from there."""
+    d = _q([run_dir])
+    trap = (f"trap 'echo \"hpcfl: warning signal: the federation checkpoints after the round in progress\"; "
+            f"touch {d}/stop-requested' USR1")
+    lines = [
+        "pid=$!",
+        'while true; do  # wait returns early when the trapped signal arrives',
+        '    wait "$pid" && rc=0 || rc=$?',
+        '    kill -0 "$pid" 2>/dev/null || break',
+        "done",
+        '[ "$rc" = 0 ] || exit "$rc"',
+    ]
+    if requeue:
+        lines += [
+            f"if grep -q '\"stopped_after_round\"' {d}/summary.json 2>/dev/null; then",
+            '    echo "hpcfl: requeueing job $SLURM_JOB_ID: it resumes after the last complete round"',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "fi",
+        ]
+    return trap, lines
 
 
 def placement_text(cfg: Config, hostnames: Sequence[str], fmt: str) -> str:

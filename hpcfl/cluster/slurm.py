@@ -96,7 +96,8 @@ def progress(run_dir: Path) -> Dict[str, Any]:
         out["last_round"] = last["round"]
         out["val_accuracy"] = last.get("val_accuracy")
         out["sites"] = {r["site"]: {"val_accuracy": r.get("accuracy"), "val_loss": r.get("loss")}
-                        for r in recs if r.get("kind") == "site" and r["round"] == last["round"] and r.get("split") == "val"}
+                        for r in recs if r.get("kind") == "site" and r["round"] == last["round"] and r.get("split") == "val"
+                        and r.get("model", "global") == "global"}
         times = [s["time"]["round_s"] for s in summaries[1:] or summaries]
         if rounds:
             out["eta_s"] = max(0, rounds - last["round"]) * sum(times) / len(times)

@@ -6,6 +6,12 @@ task. Without SLURM (submitit's local executor) one task runs ``hpcfl launch``
 (mpirun) on this machine. Preemption and timeouts use submitit's
 checkpoint/requeue mechanism: the job is resubmitted as is and the federation
 resumes after its last complete round from the run directory's checkpoints.
+
+Graceful: submitit's own handler would requeue the moment the signal arrives,
+losing the round in progress. We hold it back: on the signal, rank 0 (or the
+mpirun task) asks the federation to stop after the round in progress (a stop
+file in the run directory); once rank 0 has checkpointed that round and every
+rank has exited cleanly, submitit's handler runs: checkpoint() and requeue.
 """
 from __future__ import annotations
 
@@ -29,7 +35,30 @@ class FederationTask(_checkpointable()):
         self.config_path, self.overrides, self.mode = str(config_path), list(overrides), mode
 
     def __call__(self) -> Optional[Dict[str, Any]]:
+        import signal
+
+        import submitit
+
+        from ..federation import STOP_FILE, request_stop
+
         cfg = load_config(self.config_path, self.overrides)
+        run_dir = Path(cfg.run.root) / cfg.run.name
+        try:
+            env = submitit.JobEnvironment()
+            sig, first = env._usr_sig(), env.global_rank == 0
+        except RuntimeError:  # not under submitit (called directly)
+            sig, first = None, True
+        submitit_handler = signal.getsignal(sig) if sig is not None else None
+        got: Dict[str, Any] = {}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            got["signum"] = signum
+            if first:
+                request_stop(signum)  # rank 0 in this process ("rank" mode) ...
+                (run_dir / STOP_FILE).touch()  # ... or in mpirun's children ("launch" mode)
+
+        if callable(submitit_handler):
+            signal.signal(sig, on_signal)
         if self.mode == "rank":
             from ..runtime import run_rank
 
@@ -39,9 +68,12 @@ class FederationTask(_checkpointable()):
 
             rc = launch(cfg, self.config_path, self.overrides)
             if rc != 0:
-                raise LaunchError(f"the federation failed (exit code {rc}); see {cfg.run.root}/{cfg.run.name}/logs")
-        summary = Path(cfg.run.root) / cfg.run.name / "summary.json"
-        return json.loads(summary.read_text()) if summary.exists() else None
+                raise LaunchError(f"the federation failed (exit code {rc}); see {run_dir}/logs")
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        if got and first and callable(submitit_handler) and summary and "stopped_after_round" in summary:
+            submitit_handler(got["signum"], None)  # submitit: checkpoint(), requeue, exit
+        return summary
     # checkpoint(): submitit's Checkpointable resubmits this same call; the run directory resumes it.
 
 

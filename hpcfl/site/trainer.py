@@ -59,6 +59,19 @@ class SiteTrainer:
         else:
             opt = torch.optim.Adam(params, lr=self.lr, weight_decay=cfg.train.weight_decay)
         self.optimizer = backend.distributed_optimizer(opt, module)  # once per process: it hooks the grads
+        self.num_classes = data.num_classes
+        # FedProx: the global model each round starts from, as views per parameter (for the proximal term).
+        self.mu = cfg.fl.proximal_mu if cfg.fl.strategy == "fedprox" else 0.0
+        self._prox = None
+        if self.mu:
+            self.global_flat = torch.zeros_like(self.model.flat)
+            offsets = {e.name: e for e in self.model.entries}
+            self._prox = [(p, self.global_flat[offsets[n].offset:offsets[n].offset + offsets[n].numel].view(p.shape))
+                          for n, p in module.named_parameters() if n in offsets]
+
+    def planned_steps(self) -> int:
+        """Local steps per round (what simulated time and the straggler deadline are computed from)."""
+        return self.steps if self.steps is not None else self.epochs * self.data.steps_per_epoch(self.batch_size)
 
     def receive_from_leader(self) -> float:
         """Copy the leader's weights (just received from rank 0) to every rank of the site."""
@@ -74,9 +87,10 @@ class SiteTrainer:
         torch.manual_seed(round_seed(cfg.run.seed, round_, role.rank))
         self.optimizer.state.clear()  # stateless sites: fresh optimizer state every round
         module = self.model.module
+        if self._prox is not None:
+            self.global_flat.copy_(self.model.flat)
         module.train()
-        per_epoch = self.data.steps_per_epoch(self.batch_size)
-        total = self.steps if self.steps is not None else self.epochs * per_epoch
+        total = self.planned_steps()
         epoch = 0
         while st.steps < total:
             batches = self.data.epoch_batches(round_, epoch, self.batch_size)
@@ -89,7 +103,11 @@ class SiteTrainer:
                 t1 = time.perf_counter()
                 self.optimizer.zero_grad()
                 loss = F.cross_entropy(module(xb), yb)
-                loss.backward()
+                if self._prox is not None:  # FedProx: mu/2 |w - w_global|^2 keeps local models near the global one
+                    loss_total = loss + 0.5 * self.mu * sum(((p - g) ** 2).sum() for p, g in self._prox)
+                    loss_total.backward()
+                else:
+                    loss.backward()
                 t2 = time.perf_counter()
                 self.backend.synchronize(self.optimizer)
                 t3 = time.perf_counter()
@@ -107,19 +125,22 @@ class SiteTrainer:
         return st
 
     def evaluate(self, extra=()) -> np.ndarray:
-        """[loss_sum, correct, count, *extra] of the current model on the site's validation data,
-        summed over the site's ranks (``extra`` rides along in the same collective)."""
+        """The metric sums (hpcfl.metrics) of the current model on the site's validation data, then
+        ``extra``, summed over the site's ranks in one collective."""
+        from .. import metrics
+
         torch, F = self.torch, self.torch.nn.functional
         module = self.model.module
         module.eval()
-        loss_sum = correct = 0.0
-        count = 0
+        bins = self.cfg.eval.auc_bins
+        vec = np.zeros(metrics.vector_size(self.num_classes, bins) + len(extra))
+        vec[len(vec) - len(extra):] = extra
+        body = vec[:len(vec) - len(extra)]
         with torch.no_grad():
             for x, y in self.data.val_batches(self.cfg.train.eval_batch_size):
                 out = module(x)
-                loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-                correct += float((out.argmax(1) == y).sum())
-                count += len(y)
-        totals = torch.tensor([loss_sum, correct, float(count), *extra], dtype=torch.float64)
+                loss = float(F.cross_entropy(out, y, reduction="sum"))
+                metrics.accumulate(body, torch.softmax(out, 1).numpy(), y.numpy(), loss, bins)
+        totals = torch.from_numpy(vec)
         self.backend.allreduce_sum_(totals)
         return totals.numpy()

@@ -58,7 +58,7 @@ def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path):
     assert all(x["versions"]["torch"] for x in ranks[1:])
     assert ranks[1]["versions"]["horovod"] == "0.28.1"
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(recs) == 2 * (2 * 2 + 1)
+    assert len(recs) == 2 * (2 * 3 + 1)  # per site: global on val, local on val (locally tuned), train; + round
     steps = {(x["site"], x["round"]): x["steps"] for x in recs if x.get("split") == "train"}
     assert steps == {("hospital-a", 1): 6, ("hospital-a", 2): 6, ("hospital-b", 1): 2, ("hospital-b", 2): 2}
     summary = [x for x in recs if x["kind"] == "round"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, hpcfl
+from conftest import hpcfl as hpcfl_cli
 from hpcfl.checkpoint import load_checkpoint
 
 NCPU = len(os.sched_getaffinity(0))
@@ -46,7 +47,24 @@ def wait(job, timeout=300):
     t = time.monotonic()
     while in_queue(job):
         assert time.monotonic() - t < timeout, f"job {job} still queued after {timeout}s"
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
+        if "BeginTime" in state:  # a requeued job waits SLURM's requeue delay: skip it
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
         time.sleep(1)
+
+
+def wait_for_round(metrics, job, n):
+    t = time.monotonic()
+    while not (metrics.exists() and metrics.read_text().count('"kind": "round"') >= n):
+        assert time.monotonic() - t < 240 and in_queue(job), f"job {job} never reached round {n}"
+        time.sleep(0.2)
+
+
+def wait_for_requeue(job):
+    t = time.monotonic()
+    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout:
+        assert time.monotonic() - t < 120, f"job {job} was not requeued"
+        time.sleep(0.5)
 
 
 def final(run):
@@ -75,12 +93,8 @@ def test_requeued_job_resumes_and_ends_with_the_uninterrupted_weights(cluster, t
     wait(straight)
     job = submit(tmp_path, "preempted", f"fl.rounds={rounds}")
     metrics = tmp_path / "preempted" / "metrics.jsonl"
-    t = time.monotonic()
-    while not (metrics.exists() and metrics.read_text().count('"kind": "round"') >= 3):
-        assert time.monotonic() - t < 240 and in_queue(job), "the job never reached round 3"
-        time.sleep(0.2)
+    wait_for_round(metrics, job, 3)
     subprocess.run(["scontrol", "requeue", job], check=True)  # what preemption does
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # skip SLURM's requeue delay
     wait(job)
     log = (tmp_path / "preempted" / "slurm" / f"{job}.out").read_text()
     assert "resuming after round" in log, log
@@ -90,6 +104,24 @@ def test_requeued_job_resumes_and_ends_with_the_uninterrupted_weights(cluster, t
     assert a["round"] == b["round"] == rounds
     for k in a["model"]:
         assert np.array_equal(a["model"][k], b["model"][k]), k
+
+    # graceful: SLURM's warning signal (#SBATCH --signal=B:USR1@N, sent here now) -> the round in progress
+    # finishes, rank 0 checkpoints it, every rank exits, and the job requeues itself
+    job = submit(tmp_path, "warned", f"fl.rounds={rounds}")
+    metrics = tmp_path / "warned" / "metrics.jsonl"
+    wait_for_round(metrics, job, 3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_for_requeue(job)
+    wait(job)
+    log0 = (tmp_path / "warned" / "logs" / "rank-0000.log").read_text()
+    assert "stop requested (a stop file)" in log0, log0
+    stopped = json.loads((tmp_path / "warned" / "manifest.json").read_text())["resumed_from_round"]
+    assert 3 <= stopped < rounds
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [x["round"] for x in recs if x["kind"] == "round"] == list(range(1, rounds + 1))
+    c = final(tmp_path / "warned")
+    for k in a["model"]:
+        assert np.array_equal(a["model"][k], c["model"][k]), k
 
 
 def test_submitit_slurm_executor_runs_one_task_per_rank(cluster, tmp_path, monkeypatch):
@@ -103,3 +135,30 @@ def test_submitit_slurm_executor_runs_one_task_per_rank(cluster, tmp_path, monke
     assert len(results) == 5  # one submitit task per rank
     assert results[0]["final"]["round"] == 2 and results[0]["final"]["val_accuracy"] > 0.2  # 10 classes: chance is 0.1
     assert all(r is None or r["final"]["round"] == 2 for r in results)
+
+
+def test_submitit_preemption_finishes_the_round_requeues_and_resumes(cluster, tmp_path, monkeypatch):
+    import hpcfl
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    rounds = 14
+    sets = [f"run.root={tmp_path}", f"fl.rounds={rounds}", "fl.local_steps=6", "train.batch_size=16", "cluster.nodes=1"]
+    ref = hpcfl_cli("launch", "configs/digits-2x2.yaml", *[a for s in sets + ["run.name=ref"] for a in ("--set", s)],
+                    env=ENV, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    job = hpcfl.submit("configs/digits-2x2.yaml", sets, executor="slurm")
+    run = tmp_path / "digits-2x2"
+    metrics = run / "metrics.jsonl"
+    wait_for_round(metrics, job.job_id, 3)
+    job._interrupt()  # what SLURM does on preemption: SIGTERM, then submitit's USR2
+    wait_for_requeue(job.job_id)
+    wait(job.job_id)
+    results = job.results()
+    assert results[0]["final"]["round"] == rounds
+    assert "stop requested" in (run / "logs" / "rank-0000.log").read_text()
+    resumed = json.loads((run / "manifest.json").read_text())["resumed_from_round"]
+    assert 3 <= resumed < rounds
+    a, b = final(tmp_path / "ref"), final(run)
+    for k in a["model"]:
+        assert np.array_equal(a["model"][k], b["model"][k]), k

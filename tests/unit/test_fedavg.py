@@ -27,14 +27,13 @@ def test_equal_weights_is_the_mean():
     np.testing.assert_array_equal(fedavg([a, b], [7, 7]), [1.0, 3.0])
 
 
-def test_strategy_writes_global_in_place():
+def test_strategy_adds_the_mean_update_in_place():
     s = make_strategy("fedavg")
-    assert isinstance(s, FedAvg)
-    g = np.zeros(2, np.float32)
-    out = np.empty(2, np.float32)
-    acc = s.contribution(np.array([1, 1], np.float32), 3, out=out).copy()
-    acc += s.contribution(np.array([3, 5], np.float32), 1, out=out)
-    s.finalize(acc, 4, g)
+    assert isinstance(s, FedAvg) and s.kind == "mean"
+    g = np.array([1, 1], np.float32)
+    # sites' updates (w_s - g) weighted by 3 and 1 samples: the transport sums and divides
+    acc = contribution(np.array([0, 0], np.float32), 3) + contribution(np.array([2, 4], np.float32), 1)
+    s.finalize(finalize(acc, 4), g, 1)
     np.testing.assert_array_equal(g, [1.5, 2.0])
     assert s.state_dict() == {}
 

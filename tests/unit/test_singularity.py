@@ -47,7 +47,7 @@ def test_recipe_uses_the_same_install_script_as_make_and_ci():
 def test_rendered_jobs_run_every_rank_in_the_image():
     cfg = load_config(ROOT / "configs" / "cluster-multinode.yaml")
     text = render_sbatch(cfg, "configs/cluster-multinode.yaml")
-    run_line = text.strip().splitlines()[-1]
+    run_line = next(line for line in text.splitlines() if " -m hpcfl run " in line)
     assert run_line.strip().startswith("singularity exec --nv --bind \"$SLURM_SUBMIT_DIR\",/work/project "
                                        "/work/project/hpcfl.sif python3 -m hpcfl run")
     assert "hpcfl.sif python3 -m hpcfl placement" in text  # the placement helper runs in the image too

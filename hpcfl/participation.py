@@ -1,0 +1,95 @@
+"""Who takes part in a round: client sampling, simulated dropout and stragglers.
+
+Pure and seeded: rank 0 draws the plan of every round from its own generator
+(checkpointed with the model), before the round starts, and broadcasts it.
+So the federation is reproducible, resumes exactly, and sites that will not
+return do not spend time training; their absence is recorded with a reason.
+
+Simulated time, not wall time, decides who is a straggler: a site needs
+``steps * step_time_s / speed`` simulated seconds for a round, and misses a
+deadline of ``deadline_s``. Measured wall times on a shared test machine
+would make the participants (and so the weights) differ from run to run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from .errors import RankFailure
+
+# Per-site codes of a plan (float-safe small integers: they travel in a float64 control vector).
+NOT_SAMPLED, RETURNS, DROPOUT, STRAGGLER, DISCARDED = 0, 1, 2, 3, 4
+REASONS = {NOT_SAMPLED: "not_sampled", DROPOUT: "dropout", STRAGGLER: "straggler", DISCARDED: "too_few_returned"}
+
+
+@dataclass
+class Plan:
+    codes: np.ndarray  # (K,) int: one code per site
+    retries: int = 0
+    aggregate: bool = True  # False: fewer than min_sites returned and on_too_few is "skip"
+    sim_time_s: float = 0.0
+
+    @property
+    def returns(self) -> np.ndarray:
+        return self.codes == RETURNS
+
+    @property
+    def masked(self) -> np.ndarray:
+        """Sites sampled into the round (secure aggregation sets up masks between these)."""
+        return np.isin(self.codes, (RETURNS, DROPOUT, STRAGGLER))
+
+    def dropped(self, names: Sequence[str]) -> Dict[str, str]:
+        return {names[i]: REASONS[int(c)] for i, c in enumerate(self.codes) if c != RETURNS}
+
+
+def sample_size(fraction: float, min_sites: int, num_sites: int) -> int:
+    """Sites sampled per round: floor(fraction * K), at least min_sites (as Flower's strategies do)."""
+    return int(min(num_sites, max(min_sites, int(fraction * num_sites))))
+
+
+def sim_times(steps: Sequence[int], speeds: Sequence[float], step_time_s: float) -> np.ndarray:
+    return np.asarray(steps, float) * step_time_s / np.asarray(speeds, float)
+
+
+def draw(rng: np.random.Generator, fl, sites, steps: Sequence[int]) -> Plan:
+    """One draw: sample, then dropout, then the deadline. Always consumes the same amount of randomness."""
+    k = len(sites)
+    m = sample_size(fl.sampling.fraction, fl.sampling.min_sites, k)
+    chosen = np.sort(rng.choice(k, size=m, replace=False))
+    u = rng.random(k)  # one uniform per site, sampled or not: the stream does not depend on who was sampled
+    codes = np.full(k, NOT_SAMPLED, dtype=np.int64)
+    codes[chosen] = RETURNS
+    times = sim_times(steps, [s.speed for s in sites], fl.stragglers.step_time_s)
+    for i in chosen:
+        if u[i] < sites[i].dropout:
+            codes[i] = DROPOUT
+        elif fl.stragglers.deadline_s is not None and times[i] > fl.stragglers.deadline_s:
+            codes[i] = STRAGGLER
+    back = codes == RETURNS
+    t = float(times[back].max()) if back.any() else 0.0
+    if fl.stragglers.deadline_s is not None and (codes == STRAGGLER).any():
+        t = float(fl.stragglers.deadline_s)  # the server waited until the deadline
+    return Plan(codes=codes, sim_time_s=t)
+
+
+def plan_round(rng: np.random.Generator, fl, sites, steps: Sequence[int], round_: int) -> Plan:
+    """The participants of a round, applying ``fl.min_sites`` / ``fl.on_too_few``."""
+    for attempt in range(fl.max_retries + 1):
+        plan = draw(rng, fl, sites, steps)
+        plan.retries = attempt
+        n = int(plan.returns.sum())
+        if n >= fl.min_sites:
+            return plan
+        if fl.on_too_few == "skip":
+            plan.codes[plan.codes == RETURNS] = DISCARDED
+            plan.aggregate = False
+            return plan
+        if fl.on_too_few == "fail":
+            break
+    names: List[str] = [s.name for s in sites]
+    why = ", ".join(f"{s}: {r}" for s, r in plan.dropped(names).items())
+    raise RankFailure(f"round {round_}: only {n} of {len(sites)} sites returned, fewer than fl.min_sites = "
+                      f"{fl.min_sites}" + (f" after {fl.max_retries} retries" if fl.on_too_few == "retry" else "")
+                      + f" ({why})")
