@@ -338,11 +338,11 @@ class Aggregator:
                                     plan.codes, names)
             summary = records[-1]
             summary.update(retries=plan.retries, sim_time_s=plan.sim_time_s, **agg_info)
-            self._track_best(r, summary)
+            t5 = time.perf_counter()
+            self._track_best(r, summary)  # best.npz: counted with the checkpoint
             if r % cfg.checkpoint.every == 0 or r == cfg.fl.rounds or ctl.stop:
-                t5 = time.perf_counter()
                 self.checkpoint(r, records)
-                summary["time"]["checkpoint_s"] = time.perf_counter() - t5
+            summary["time"]["checkpoint_s"] = time.perf_counter() - t5
             now = time.perf_counter()
             summary["time"]["round_s"] = now - t_prev
             summary["time"]["overhead_s"] = max(0.0, summary["time"]["round_s"] - summary["time"]["train_s"])
