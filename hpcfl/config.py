@@ -19,6 +19,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from .aggregation.strategies import STRATEGIES  # pure NumPy; it does not import the config
 from .errors import ConfigError
 
 # --------------------------------------------------------------------------
@@ -109,7 +110,6 @@ class SiteConfig:
     speed: float = _f(1.0, help="simulated: relative speed; a round takes steps * fl.stragglers.step_time_s / speed simulated seconds", gt=0.0)
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ round in progress finishes, rank 0 checkpoints it, and every rank exits cleanly.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -42,7 +41,7 @@ from .comm import (Comms, _chunks, bcast_array, gather_rows, quiet_barrier, recv
 from .config import Config, config_hash
 from .errors import CheckpointError, RankFailure, TopologyError
 from .model import Entry, layout_signature, state_views
-from .participation import RETURNS, Plan, plan_round, sample_size
+from .participation import DROPOUT, RETURNS, STRAGGLER, Plan, plan_round, sample_size
 from .report import Progress, round_records
 from .rundir import RunDir
 
@@ -123,7 +122,7 @@ class Control:
         return self.codes == RETURNS
 
     def masked(self) -> np.ndarray:
-        return np.isin(self.codes, (1, 2, 3))
+        return np.isin(self.codes, (RETURNS, DROPOUT, STRAGGLER))
 
 
 def dp_noise_multiplier(dp) -> float:
@@ -565,14 +564,13 @@ class SiteWorker:
                  for j in np.flatnonzero(masked) if j != me} if back[me] else {}
         # A survivor reveals the seeds it shares with sites that dropped (SecAgg's recovery step).
         fed.gather([(me, j, seed) for j, seed in peers.items() if not back[j]], root=0)
-        live = {j: seed for j, seed in peers.items()}
         d = self.scratch
         n_sites = max(1, int(back.sum()))
         for ci, (s, e) in enumerate(_chunks(d.size, 8, self.cfg.launch.chunk_mb)):
             x = d[s:e] * np.float32(weight) if weight != 1.0 else d[s:e]
             enc = secagg.encode(x, bits, num_sites=n_sites) if back[me] else np.zeros(e - s, np.uint64)
             if back[me]:
-                secagg.mask_(enc, ci, me, live)
+                secagg.mask_(enc, ci, me, peers)
                 if ci == 0 and self.cfg.debug.save_local_weights:  # what rank 0 receives from this site
                     np.save(self.rundir_path / "debug" / f"upload-round-{r:06d}-site-{me}.npy", enc)
             fed.Reduce(enc, None, op=MPI.SUM, root=0)
@@ -674,7 +672,6 @@ class SiteWorker:
                 bcast_array(fed, tr.model.array, root=root, chunk_mb=self.cfg.launch.chunk_mb)
             tr.receive_from_leader()
             if m == "global":
-                tr.model.array[...] = global_copy
                 self._restore_private()
             vec = tr.evaluate()
             if self.role.is_leader:
@@ -682,4 +679,4 @@ class SiteWorker:
         tr.model.array[...] = global_copy
 
 
-__all__ = ["Aggregator", "SiteWorker", "request_stop", "STOP_FILE", "json"]
+__all__ = ["Aggregator", "SiteWorker", "request_stop", "STOP_FILE"]
