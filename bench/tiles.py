@@ -282,7 +282,41 @@ def worker(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------- worker: training feed
 
+def monai_per_sample(ix, input_size: int, tile: int):
+    """The loader as it was before whole-batch assembly (for the side-by-side row): every tile through
+    MONAI's per-sample Resize + RandFlip x2 + RandRotate90, re-seeded per item, then stacked."""
+    import torch
+    from monai.data import set_track_meta
+    from monai.transforms import Compose, RandFlip, RandRotate90, Resize
+
+    from hpcfl.wsi.arrays import to_chw_float
+    from hpcfl.wsi.batch import BatchSpec
+    from hpcfl.wsi.dataset import TileDataset
+
+    set_track_meta(False)
+    tf = Compose(([Resize((input_size, input_size), mode="area")] if input_size != tile else [])
+                 + [RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1), RandRotate90(prob=0.5)])
+    reader = TileDataset(ix, BatchSpec(input_size), "cucim")
+
+    class PerSample(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ix)
+
+        def __getitem__(self, item):
+            i, seed = item
+            for k, t in enumerate(tf.transforms):
+                if hasattr(t, "R"):
+                    t.R.seed((int(seed) + 7919 * k) % (2**32))
+            return np.asarray(tf(to_chw_float(reader.read(int(i)))), np.float32), int(ix.label[i])
+
+    def collate(batch):
+        return torch.from_numpy(np.stack([b[0] for b in batch])), torch.as_tensor([b[1] for b in batch])
+
+    return PerSample(), collate
+
+
 def train_worker(spec: dict) -> dict:
+    """Samples/s of the same CNN on the same samples: from memory, and fed by each loader, side by side."""
     plan = json.loads(Path(spec["plan"]).read_text())
     from hpcfl.wsi.cache import configure_cache
 
@@ -293,7 +327,9 @@ def train_worker(spec: dict) -> dict:
 
     from hpcfl.config import from_dict
     from hpcfl.model import build_model
-    from hpcfl.wsi.dataset import OrderSampler, TileDataset, build_transforms, collate
+    from hpcfl.wsi.batch import BatchSpec
+    from hpcfl.wsi.dataset import OrderSampler, TileDataset, as_is
+    from hpcfl.wsi.feed import prefetched
     from hpcfl.wsi.index import load_index
 
     torch.set_num_threads(spec["threads"])
@@ -303,12 +339,12 @@ def train_worker(spec: dict) -> dict:
     ix = dataclasses.replace(full, slide=full.slide[sel], x=full.x[sel], y=full.y[sel], level=full.level[sel],
                              size=full.size[sel], label=full.label[sel])
     n_classes = len(ix.classes)
-    train_tf, _ = build_transforms(spec["input"], plan["tile"], True, 1)
-    ds = TileDataset(ix, train_tf, "cucim", False, "numpy")
+    ds = TileDataset(ix, BatchSpec(spec["input"], augment=True), "cucim")
     rng = np.random.default_rng([plan["seed"], 2])
     order = np.concatenate([rng.permutation(len(ix)) for _ in range(-(-spec["samples"] // len(ix)))])[:spec["samples"]]
+    items = list(zip(order.tolist(), rng.integers(0, 2**31 - 1, len(order)).tolist()))
     sampler = OrderSampler()
-    sampler.items = list(zip(order.tolist(), rng.integers(0, 2**31 - 1, len(order)).tolist()))
+    sampler.items = items
     bs = spec["batch"]
 
     cfg = from_dict({"sites": [{"name": "a"}], "model": {"name": "cnn"}})
@@ -334,25 +370,31 @@ def train_worker(spec: dict) -> dict:
                 n += len(yb)
         return n / (time.perf_counter() - t0) if n else float("nan")
 
+    def in_thread():
+        return (ds.batch(items[b:b + bs]) for b in range(0, len(items), bs))
+
     def loader(workers: int):
         return torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=workers,
-                                           collate_fn=collate, persistent_workers=False)
+                                           collate_fn=as_is, persistent_workers=False)
 
-    res: Dict[str, Any] = {"samples": int(len(order)), "batch": bs, "torch_threads": torch.get_num_threads()}
+    old_ds, old_collate = monai_per_sample(ix, spec["input"], plan["tile"])
+
+    def per_sample():
+        return torch.utils.data.DataLoader(old_ds, batch_size=bs, sampler=sampler, num_workers=0, collate_fn=old_collate)
+
+    res: Dict[str, Any] = {"samples": int(len(order)), "batch": bs, "torch_threads": torch.get_num_threads(),
+                           "cache": spec["cache"]}
     # The same samples (same reads, same augmentation seeds) collected into memory first.
-    xs, ys = [], []
-    for xb, yb in loader(0):
-        xs.append(xb)
-        ys.append(yb)
+    xs, ys = zip(*in_thread())
     X, Y = torch.cat(xs), torch.cat(ys)
     mem_batches = lambda: ((X[b:b + bs], Y[b:b + bs]) for b in range(0, len(Y), bs))
+    feeds = [("memory", mem_batches), ("per_sample", per_sample), ("batch", in_thread),
+             ("batch_thread", lambda: prefetched(in_thread(), 2)), ("batch_workers2", lambda: loader(2))]
     for rep in range(spec["repeats"]):
-        for key, batches, train in (("memory_train", mem_batches, True),
-                                    ("loader0_only", lambda: loader(0), False),
-                                    ("loader0_train", lambda: loader(0), True),
-                                    ("loader2_only", lambda: loader(2), False),
-                                    ("loader2_train", lambda: loader(2), True)):
-            res.setdefault(key, []).append(timed(batches(), train))
+        for key, batches in feeds:
+            if key != "memory":
+                res.setdefault(f"{key}_only", []).append(timed(batches(), False))
+            res.setdefault(f"{key}_train", []).append(timed(batches(), True))
     return res
 
 
@@ -676,6 +718,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 2 slides of 3072, 100 tiles, 1 repeat, 100k-tile coordinate test")
     ap.add_argument("--json", type=Path, default=None, help="also write all measurements as JSON here")
+    ap.add_argument("--train-only", action="store_true",
+                    help="measure only the training feed (loader-fed training vs in-memory), skip the reader table")
+    ap.add_argument("--train-caches", default="per_process",
+                    help="cuCIM cache of the training feed, comma-separated runs (per_process, nocache; default per_process)")
+    ap.add_argument("--train-repeats", type=int, default=0,
+                    help="round-robin repeats inside the training-feed process (default 2, 1 with --quick)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--train-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -706,6 +754,86 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tmp.cleanup()
 
 
+TRAIN_FEEDS = [  # (key, label), in the order they run
+    ("per_sample", "before: TileDataset per sample through MONAI transforms, DataLoader num_workers=0"),
+    ("batch", "whole-batch assembly in the training thread (data.tiles.prefetch: 0)"),
+    ("batch_thread", "whole-batch assembly in a prefetch thread, 2 batches ahead (the default)"),
+    ("batch_workers2", "whole-batch assembly in DataLoader workers (data.tiles.loader_workers: 2)"),
+]
+
+
+def run_train_feed(args, plan: dict, log) -> List[dict]:
+    """The training feed in a fresh process per cuCIM cache setting."""
+    out = []
+    for cache in args.train_caches.split(","):
+        tspec = {"plan": plan["path"], "cache": cache, "cache_mb": args.cache_mb, "input": 64, "batch": 64,
+                 "samples": max(args.train_samples, 2 * 64), "repeats": args.train_repeats or (1 if args.quick else 2),
+                 "threads": args.train_threads}
+        train = run_child("--train-worker", tspec)
+        train.setdefault("cache", cache)
+        out.append(train)
+        if "error" in train:
+            log(f"training feed ({cache}): FAILED {train['error']}")
+        else:
+            log(f"training feed ({cache}): " + ", ".join(f"{k} {max(v):,.0f}/s" for k, v in train.items()
+                                                          if isinstance(v, list)))
+    return out
+
+
+def report_train(out, trains: List[dict]) -> None:
+    for train in trains:
+        cache = train["cache"]
+        out(f"## Training feed (cuCIM cache: {cache}; tiles resized 224->64, random flips/rot90 per item seed; "
+            "CNN of hpcfl.model, SGD, batch 64)\n")
+        if "error" in train:
+            out(f"failed: {train['error']}\n")
+            continue
+        mem = max(train["memory_train"])
+        out(f"{train['samples']} samples per epoch (tiles cycle"
+            + (", so after the first pass every read hits the warm tile cache" if cache != "nocache" else
+               ", every read decodes its JPEG tiles") + f"); samples/s after the first batch, best of "
+            f"{len(train['memory_train'])} (all: see the JSON); torch threads {train['torch_threads']}, "
+            f"measured side by side in one process.\n")
+        out("| feed | samples/s, loader only | samples/s, training | training vs in-memory |")
+        out("|---|---:|---:|---:|")
+        out(f"| the same samples in memory as a tensor | — | {fmt_rate(mem)} | 1.00x |")
+        for key, label in TRAIN_FEEDS:
+            if f"{key}_train" in train:
+                lo, tr = max(train[f"{key}_only"]), max(train[f"{key}_train"])
+                out(f"| {label} | {fmt_rate(lo)} | {fmt_rate(tr)} | {fmt_x(tr / mem)} |")
+        out("")
+
+
+def summarise_train(out, trains: List[dict]) -> None:
+    for train in trains:
+        if "error" in train:
+            continue
+        mem = max(train["memory_train"])
+        new = max(max(train[f"{k}_train"]) for k, _ in TRAIN_FEEDS if k != "per_sample")
+        old = max(train["per_sample_train"])
+        out(f"- Training feed, cuCIM cache {train['cache']}: the best loader-fed training ran at {new / mem:.2f}x "
+            f"the in-memory rate (per-sample MONAI transforms: {old / mem:.2f}x); "
+            f"{'the loader keeps training fed' if new / mem >= 0.8 else 'the loader does NOT keep training fed'}"
+            f" on {os.cpu_count()} cores.")
+
+
+def _run_train_only(args, plan, command, cupy_state, results, t_start, log) -> int:
+    trains = run_train_feed(args, plan, log)
+    results["train"] = trains
+    print("# hpcfl tile-pipeline benchmark: training feed only\n")
+    print(f"command: `{command}`  ")
+    for f in machine_facts(cupy_state):
+        print(f"machine: {f}  ")
+    print("")
+    report_train(print, trains)
+    print("## Summary\n")
+    summarise_train(print, trains)
+    print(f"\nwall time {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
 def _run(args, work: Path, command: str, log, t_start: float) -> int:
     from hpcfl.wsi.arrays import array_module
 
@@ -717,6 +845,8 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
     has_cupy = xp.__name__ == "cupy"
     cupy_state = "works (GPU)" if has_cupy else "n/a (no GPU)"
     results: Dict[str, Any] = {"command": command, "plan": {k: v for k, v in plan.items() if k not in ("sel", "order")}}
+    if args.train_only:
+        return _run_train_only(args, plan, command, cupy_state, results, t_start, log)
 
     # --- coordinates alone
     coords = coord_bench(plan, loads=50)
@@ -789,14 +919,8 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
         f"NumPy math only {ref['math_fast']:,.0f} tiles/s (naive {ref['math_naive']:,.0f})")
 
     # --- training feed
-    tspec = {"plan": plan["path"], "cache": "per_process", "cache_mb": args.cache_mb, "input": 64, "batch": 64,
-             "samples": max(args.train_samples, 2 * 64), "repeats": 1 if args.quick else 2, "threads": args.train_threads}
-    train = run_child("--train-worker", tspec)
-    results["train"] = train
-    if "error" in train:
-        log(f"training feed: FAILED {train['error']}")
-    else:
-        log("training feed: " + ", ".join(f"{k} {max(v):,.0f}/s" for k, v in train.items() if isinstance(v, list)))
+    trains = run_train_feed(args, plan, log)
+    results["train"] = trains
 
     # --- report
     out = print
@@ -875,21 +999,7 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
             out("The 2nd-epoch column is a warm process; when the cuCIM cache holds every file tile of the epoch "
                 "(true for these small synthetic slides, not for real slides of several GB) it is an upper bound.\n")
 
-    out("## Training feed (TileDataset + DataLoader, cuCIM per_process cache, MONAI Resize 224->64 + flips/rot90; "
-        "CNN of hpcfl.model, SGD, batch 64)\n")
-    if "error" in train:
-        out(f"failed: {train['error']}\n")
-    else:
-        mem = max(train["memory_train"])
-        out(f"{train['samples']} samples per epoch; samples/s after the first batch, best of {len(train['memory_train'])}; "
-            f"torch threads {train['torch_threads']}.\n")
-        out("| feed | samples/s, loader only | samples/s, training | training vs in-memory |")
-        out("|---|---:|---:|---:|")
-        out(f"| same samples in memory as a tensor | — | {fmt_rate(mem)} | 1.00x |")
-        for w in (0, 2):
-            lo, tr = max(train[f"loader{w}_only"]), max(train[f"loader{w}_train"])
-            out(f"| DataLoader, num_workers={w} | {fmt_rate(lo)} | {fmt_rate(tr)} | {fmt_x(tr / mem)} |")
-        out("")
+    report_train(out, trains)
 
     out("## Summary\n")
     for reads in (1, 4):
@@ -901,12 +1011,7 @@ def _run(args, work: Path, command: str, log, t_start: float) -> int:
                 f"baseline, {opt['rate'] / rows[('strong', reads)]['rate']:.2f}x the strong baseline "
                 f"(documents: 5.53x, with CuPy on a GPU; CuPy here: {cupy_state}). Fastest: {best_label} "
                 f"({rows[(best_key, reads)]['rate'] / rows[('strong', reads)]['rate']:.2f}x strong).")
-    if "error" not in train:
-        mem = max(train["memory_train"])
-        best = max(max(train["loader0_train"]), max(train["loader2_train"]))
-        out(f"- Training feed: the best loader-fed training ran at {best / mem:.2f}x the in-memory rate "
-            f"({'the loader keeps training fed' if best / mem >= 0.9 else 'the loader does NOT keep training fed'}"
-            f" on {os.cpu_count()} cores).")
+    summarise_train(out, trains)
     out(f"\nwall time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

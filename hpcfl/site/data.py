@@ -74,38 +74,60 @@ class ArrayData(SiteData):
 
 
 class TileData(SiteData):
-    """Tiles of the slides this site owns, read through cuCIM/OpenSlide by a DataLoader."""
+    """Tiles of the slides this site owns: read through cuCIM/OpenSlide, assembled a whole batch at a time.
+
+    Batches come from a background thread (``data.tiles.prefetch`` ahead) or from
+    DataLoader workers (``loader_workers``); ``data.tiles.decode_device`` and
+    ``data.array_backend`` put decoding and assembly on the GPU (hpcfl.wsi.feed).
+    Batches are (x, y) torch tensors: on the GPU already when assembled there, else
+    on the host, pinned when CUDA is present (the trainer copies them non-blocking).
+
+    Several instances in one process (one per simulated site) share the tile index,
+    the open slide readers and cuCIM's tile cache; each holds only its tile indices.
+    """
 
     def __init__(self, cfg, topology, role, run_dir):
-        from ..wsi.arrays import resolved_name
+        from ..errors import ConfigError
+        from ..wsi.batch import BatchSpec
         from ..wsi.cache import configure_cache
-        from ..wsi.dataset import OrderSampler, TileDataset, build_transforms, collate
-        from ..wsi.index import load_index, site_tiles
+        from ..wsi.dataset import OrderSampler, TileDataset, as_is
+        from ..wsi.feed import check_gpu_decode, feed_plan
+        from ..wsi.index import shared_index, site_tiles
 
         import torch
 
         t = cfg.data.tiles
+        self.plan = feed_plan(t, cfg.data.array_backend)  # refusals first, in one line
         if t.backend == "cucim":  # before cuCIM reads its config (the first CuImage)
             configure_cache(t.cache.type, t.cache.capacity_mb, run_dir)
         self.cfg, self.role, self.topology, self.torch = cfg, role, topology, torch
-        self.index = load_index(t.index_dir)
+        self.index = shared_index(t.index_dir)
+        sizes = np.unique(self.index.size)
+        if len(sizes) != 1:
+            raise ConfigError(f"data.tiles.index_dir: {t.index_dir} mixes tile sizes {sizes.tolist()}; "
+                              "re-tile it with one tile_size")
+        if t.crops_per_read > 1 and int(sizes[0]) < t.input_size:
+            raise ConfigError(f"data.tiles.crops_per_read: crops of input_size {t.input_size} need tiles of at least "
+                              f"that size; the index has {int(sizes[0])}-px tiles")
         if t.backend == "cucim":
             from ..wsi.readers import warm_up_cucim
 
             warm_up_cucim(self.index.slide_paths[0])  # must precede Horovod: see its docstring
+            check_gpu_decode(self.index.slide_paths[0], self.plan)
         self.num_classes = len(self.index.classes)
         self.input_shape = (3, t.input_size, t.input_size)
         self.train_idx, val_idx, _ = site_tiles(self.index, cfg, role.site.index, len(topology.sites))
         self.crops = t.crops_per_read
         self.num_train = int(len(self.train_idx)) * self.crops
         self.val_idx = val_idx[role.rank_in_site::role.site.size]
-        xp = resolved_name(cfg.data.array_backend)
-        train_tf, eval_tf = build_transforms(t.input_size, t.tile_size, t.augment, t.crops_per_read)
-        self.train_ds = TileDataset(self.index, train_tf, t.backend, t.batched_reads, xp)
-        self.eval_ds = TileDataset(self.index, eval_tf, t.backend, t.batched_reads, xp)
+        self.train_ds = TileDataset(self.index, BatchSpec(t.input_size, t.augment, t.crops_per_read, True),
+                                    t.backend, t.batched_reads, self.plan)
+        self.eval_ds = TileDataset(self.index, BatchSpec(t.input_size, False, t.crops_per_read, False),
+                                   t.backend, t.batched_reads, self.plan)
+        self.prefetch = t.prefetch
         self.sampler = OrderSampler()
-        self._loader_args = dict(num_workers=t.loader_workers, collate_fn=collate,
-                                 persistent_workers=t.loader_workers > 0)
+        self._loader_args = dict(num_workers=t.loader_workers, collate_fn=as_is,
+                                 persistent_workers=t.loader_workers > 0, pin_memory=self.plan.pin)
         self._loaders: Dict[int, Any] = {}
         self.smart = None
         if t.smart_cache is not None:
@@ -113,29 +135,21 @@ class TileData(SiteData):
 
     def _start_smart_cache(self, t) -> None:
         """MONAI SmartCacheDataset over a fixed per-rank shard: the deterministic part (read, resize)
-        is cached, ``replace_rate`` of the cache is refreshed every epoch, augmentation runs on access."""
+        is cached, ``replace_rate`` of the cache is refreshed every epoch, flips/rotations run per batch."""
         from monai.data import SmartCacheDataset
-        from monai.transforms import Compose, RandFlipd, RandRotate90d, Resized
 
         from ..errors import ConfigError
         from ..wsi.dataset import ReadTiled
 
-        if t.crops_per_read > 1 or t.loader_workers > 0:
-            raise ConfigError("data.tiles.smart_cache: use it with crops_per_read: 1 and loader_workers: 0 "
-                              "(MONAI's SmartCacheDataset breaks with persistent loader workers)")
+        if t.crops_per_read > 1 or t.loader_workers > 0 or self.plan.on_gpu:
+            raise ConfigError("data.tiles.smart_cache: use it with crops_per_read: 1, loader_workers: 0 and "
+                              "decode_device: cpu (MONAI's SmartCacheDataset breaks with persistent loader workers)")
         r, seed = self.role, self.cfg.run.seed
         perm = np.random.default_rng([seed, 43, r.site.index]).permutation(self.train_idx)
         per = len(perm) // r.site.size
         shard = perm[r.rank_in_site * per:(r.rank_in_site + 1) * per]
         self.smart_num = min(t.smart_cache.cache_num, per)
-        steps = [ReadTiled(self.train_ds)]
-        if t.input_size != t.tile_size:
-            steps.append(Resized("img", (t.input_size, t.input_size), mode="area"))
-        if t.augment:
-            steps += [RandFlipd("img", prob=0.5, spatial_axis=0), RandFlipd("img", prob=0.5, spatial_axis=1),
-                      RandRotate90d("img", prob=0.5)]
-        self.smart_tf = Compose(steps)
-        self.smart = SmartCacheDataset([{"i": int(i)} for i in shard], transform=self.smart_tf,
+        self.smart = SmartCacheDataset([{"i": int(i)} for i in shard], transform=ReadTiled(self.train_ds),
                                        replace_rate=t.smart_cache.replace_rate, cache_num=self.smart_num,
                                        num_init_workers=1, num_replace_workers=1, progress=False, shuffle=False)
         self.smart.start()
@@ -153,17 +167,31 @@ class TileData(SiteData):
         return steps_per_epoch(len(self.train_idx), self.role.site.size, batch_size)
 
     def _smart_epoch(self, round_, epoch, batch_size):
-        from ..wsi.dataset import seed_transforms
+        from ..wsi.dataset import smart_batch
 
         r, seed = self.role, self.cfg.run.seed
         rng = np.random.default_rng([seed, 47, round_, epoch, r.rank])
-        seed_transforms(self.smart_tf, int(rng.integers(2**31)))
         order = rng.permutation(self.smart_num)
+        seeds = rng.integers(0, 2**31 - 1, self.smart_num)
         for b in range(0, len(order), batch_size):
             items = [self.smart[int(k)] for k in order[b:b + batch_size]]
-            yield (self.torch.stack([self.torch.as_tensor(np.asarray(d["img"], np.float32)) for d in items]),
-                   self.torch.as_tensor([d["label"] for d in items], dtype=self.torch.int64))
+            yield smart_batch([d["img"] for d in items], [d["label"] for d in items], seeds[b:b + batch_size],
+                              self.train_ds.spec, self.plan.pin)
         self.smart.update_cache()
+
+    def _thread_setup(self) -> None:
+        """In the prefetch thread: CuPy's and torch's current device are per thread."""
+        if self.plan.on_gpu:
+            from ..wsi.arrays import array_module
+
+            array_module("cupy").cuda.Device(self.plan.device).use()
+            self.torch.cuda.set_device(self.plan.device)
+
+    def _batches(self, ds, items, batch_size):
+        from ..wsi.feed import prefetched
+
+        source = (ds.batch(items[b:b + batch_size]) for b in range(0, len(items), batch_size))
+        return prefetched(source, self.prefetch, self._thread_setup)
 
     def epoch_batches(self, round_, epoch, batch_size):
         if self.smart is not None:
@@ -172,15 +200,19 @@ class TileData(SiteData):
         r, seed = self.role, self.cfg.run.seed
         shard = epoch_shard(self.train_idx, r.rank_in_site, r.site.size, seed, round_, epoch, r.site.index)
         seeds = np.random.default_rng([seed, 41, round_, epoch, r.rank]).integers(0, 2**31 - 1, len(shard))
-        self.sampler.items = list(zip(shard.tolist(), seeds.tolist()))
+        items = list(zip(shard.tolist(), seeds.tolist()))
+        if self._loader_args["num_workers"] == 0:
+            yield from self._batches(self.train_ds, items, batch_size)
+            return
+        self.sampler.items = items
         yield from self._loader(batch_size)
 
     def val_batches(self, batch_size):
-        from ..wsi.dataset import collate
+        yield from self._batches(self.eval_ds, [(int(i), 0) for i in self.val_idx], batch_size)
 
-        items = [(int(i), 0) for i in self.val_idx]
-        for b in range(0, len(items), batch_size):
-            yield collate(self.eval_ds.__getitems__(items[b:b + batch_size]))
+    def train_eval_batches(self, batch_size):
+        mine = self.train_idx[self.role.rank_in_site::self.role.site.size]
+        yield from self._batches(self.eval_ds, [(int(i), 0) for i in mine], batch_size)
 
     def partition_record(self, site_names):
         from ..wsi.index import partition_record
@@ -191,6 +223,7 @@ class TileData(SiteData):
         if self.smart is not None:
             self.smart.shutdown()
             self.smart = None
+        self._loaders.clear()  # persistent loader workers end with their DataLoader
 
 
 def make_site_data(cfg, topology, role, run_dir) -> SiteData:

@@ -2,6 +2,8 @@
 
 ``data.array_backend: auto | numpy | cupy``. The same code runs on both (the
 module is the only thing that changes); on CPU machines everything is NumPy.
+Tile batches are assembled with it (hpcfl.wsi.batch) and handed to torch
+without a copy: NumPy through ``torch.from_numpy``, CuPy through DLPack.
 """
 from __future__ import annotations
 
@@ -31,6 +33,18 @@ def array_module(name: str = "auto") -> Any:
 
 def resolved_name(name: str) -> str:
     return "cupy" if array_module(name) is not np else "numpy"
+
+
+def module_of(a: Any) -> Any:
+    """NumPy for host arrays, CuPy for device arrays (without importing CuPy for NumPy input)."""
+    return np if isinstance(a, np.ndarray) else array_module("cupy")
+
+
+def to_torch(a: Any):
+    """A torch tensor on the same memory: ``from_numpy`` on the host, DLPack on a GPU (no copy either way)."""
+    import torch
+
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
 
 
 def to_numpy(a: Any) -> np.ndarray:

@@ -1,137 +1,154 @@
-"""Tile datasets for torch's DataLoader, with MONAI transforms.
+"""Tile batches: read a batch's tiles, then assemble and augment the WHOLE batch in a few array ops.
 
-- Readers are opened lazily inside each process (and each DataLoader worker):
-  never pickled, never shared.
-- Items are ``(tile index, seed)`` pairs: augmentation is seeded per item from
-  (run seed, round, epoch, tile), so a round is reproducible whatever the
-  number of loader workers, and a resumed run is exact.
+- Items are ``(tile index, seed)`` pairs: augmentation (flips, 90-degree
+  rotations, crop positions) comes from each item's seed (hpcfl.wsi.batch), so
+  a round is reproducible whatever the number of loader workers, and a resumed
+  run is exact.
+- A batch is read, then assembled in one go (:meth:`TileDataset.batch`):
+  NumPy on the host, or CuPy on the GPU (hpcfl.wsi.feed decides), and leaves
+  as torch tensors: pinned host memory when CUDA is present, or GPU memory
+  handed over through DLPack.
+- Readers are shared by everyone in a process (hpcfl.wsi.readers.shared_reader)
+  and opened again in each DataLoader worker: never pickled.
 - ``batched_reads``: a batch's tiles are read slide by slide through cuCIM's
-  multi-location ``read_region`` (torch's ``__getitems__`` hook).
+  multi-location ``read_region`` (always so when decoding on the GPU: that is
+  where nvJPEG decodes a batch).
 - ``crops_per_read`` > 1 is batch-by-transform: read one tile, cut several
-  training crops from it (MONAI ``RandSpatialCropSamples``).
+  training crops from it.
+- As a map-style dataset for torch's DataLoader, ``__getitems__`` returns the
+  finished batch (collate with :func:`as_is`).
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .arrays import to_chw_float
+from .arrays import array_module, to_torch
+from .batch import BatchSpec, assemble, batch_shape, resize_area, to_chw
+from .feed import FeedPlan
 from .index import TileIndex
-from .readers import SlideReader, open_slide
+from .readers import shared_reader
 
 
-def build_transforms(input_size: int, tile_size: int, augment: bool, crops_per_read: int):
-    """MONAI pipelines on CHW float arrays: (train, eval).
+@dataclass
+class RawBatch:
+    """A batch as read: (N, T, T, 3) uint8 tiles (NumPy or CuPy), one seed and one label per tile."""
 
-    MONAI's metadata tracking is switched off: we carry no metadata, and
-    building MetaTensors dominated the cost of transforming small tiles.
-    """
-    from monai.data import set_track_meta
-    from monai.transforms import (CenterSpatialCrop, Compose, RandFlip, RandRotate90, RandSpatialCropSamples,
-                                  Resize)
-
-    if crops_per_read > 1:
-        base = [RandSpatialCropSamples((input_size, input_size), num_samples=crops_per_read, random_size=False)]
-        evaluate = Compose([CenterSpatialCrop((input_size, input_size))])
-    else:
-        base = [Resize((input_size, input_size), mode="area")] if input_size != tile_size else []
-        evaluate = Compose(list(base))
-    set_track_meta(False)
-    aug = [RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1), RandRotate90(prob=0.5)] if augment else []
-    return Compose(base + aug), evaluate
-
-
-def seed_transforms(transform, seed: int) -> None:
-    """Re-seed every random MONAI transform in place (Compose.set_random_state builds new
-    generators, which cost more than the transforms on small tiles)."""
-    for k, t in enumerate(getattr(transform, "transforms", [transform])):
-        if hasattr(t, "R"):
-            t.R.seed((int(seed) + 7919 * k) % (2**32))
+    tiles: Any
+    seeds: np.ndarray
+    labels: np.ndarray
 
 
 class TileDataset:
-    """Map-style dataset over tiles of a TileIndex; an item is (tile index, seed)."""
+    """Map-style dataset over the tiles of a TileIndex; an item is (tile index, seed)."""
 
-    def __init__(self, index: TileIndex, transform, backend: str = "cucim", batched_reads: bool = False,
-                 xp_name: str = "numpy"):
-        self.index = index
-        self.transform = transform
-        self.backend = backend
-        self.batched_reads = batched_reads
-        self.xp_name = xp_name
-        self._readers: Dict[int, SlideReader] = {}
-        self._pid = os.getpid()
+    def __init__(self, index: TileIndex, spec: BatchSpec, backend: str = "cucim", batched_reads: bool = False,
+                 plan: FeedPlan = FeedPlan()):
+        self.index, self.spec, self.backend, self.plan = index, spec, backend, plan
+        self.batched_reads = batched_reads or plan.decode != "cpu"
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_readers"] = {}  # readers never cross a process boundary
-        return state
-
-    def reader(self, slide: int) -> SlideReader:
-        if os.getpid() != self._pid:  # forked into a worker: open our own files
-            self._readers, self._pid = {}, os.getpid()
-        r = self._readers.get(slide)
-        if r is None:
-            r = self._readers[slide] = open_slide(self.index.slide_paths[slide], self.backend)
-        return r
-
     def read(self, i: int) -> np.ndarray:
+        """One tile, (T, T, 3) uint8 on the host."""
         ix = self.index
         s = int(ix.size[i])
-        return self.reader(int(ix.slide[i])).read_region(ix.x[i], ix.y[i], int(ix.level[i]), (s, s))
+        r = shared_reader(self.index.slide_paths[int(ix.slide[i])], self.backend)
+        with r.lock:
+            return r.read_region(ix.x[i], ix.y[i], int(ix.level[i]), (s, s))
 
-    def _finish(self, item: Tuple[int, int], rgb: np.ndarray) -> List[Tuple[Any, int]]:
-        i, seed = item
-        img = to_chw_float(rgb, self.xp_name)
-        seed_transforms(self.transform, seed)
-        out = self.transform(img)
-        label = int(self.index.label[i])
-        crops = out if isinstance(out, list) else [out]
-        return [(np.asarray(c, dtype=np.float32), label) for c in crops]
+    def read_tiles(self, tiles: Sequence[int]):
+        """The tiles of a batch as one (N, T, T, 3) uint8 array where they are decoded (NumPy or CuPy)."""
+        ix, plan = self.index, self.plan
+        n, t = len(tiles), int(ix.size[tiles[0]])
+        if not self.batched_reads:
+            out = np.empty((n, t, t, 3), np.uint8)
+            for k, i in enumerate(tiles):
+                out[k] = self.read(int(i))
+            return out
+        xp = np if plan.decode == "cpu" else array_module("cupy")
+        out = xp.empty((n, t, t, 3), xp.uint8)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for k, i in enumerate(tiles):
+            groups.setdefault((int(ix.slide[i]), int(ix.level[i])), []).append(k)
+        for (slide, level), ks in groups.items():
+            r = shared_reader(ix.slide_paths[slide], self.backend)
+            locs = [(int(ix.x[tiles[k]]), int(ix.y[tiles[k]])) for k in ks]
+            with r.lock:
+                got = r.read_batch(locs, level, (t, t), plan.cuda_device)
+            out[xp.asarray(ks)] = got
+        return out
+
+    def fetch(self, items: Sequence[Tuple[int, int]]) -> RawBatch:
+        tiles = [int(i) for i, _ in items]
+        return RawBatch(self.read_tiles(tiles), np.asarray([int(s) for _, s in items], np.int64),
+                        self.index.label[tiles].astype(np.int64))
+
+    def finish(self, raw: RawBatch):
+        """Assemble a read batch into (x, y) torch tensors: on the GPU (CuPy, DLPack) or on the host (pinned
+        when the plan says so; written there directly, no extra copy)."""
+        import torch
+
+        spec, plan = self.spec, self.plan
+        y = np.repeat(raw.labels, spec.per_item)
+        if plan.on_gpu:
+            cp = array_module("cupy")
+            x = to_torch(assemble(cp, cp.asarray(raw.tiles), raw.seeds, spec))
+            return x, torch.from_numpy(y).to(x.device)
+        tiles = raw.tiles if isinstance(raw.tiles, np.ndarray) else raw.tiles.get()
+        if plan.pin:
+            x = torch.empty(batch_shape(len(raw.seeds), spec), dtype=torch.float32, pin_memory=True)
+            assemble(np, tiles, raw.seeds, spec, out=x.numpy())
+            return x, torch.from_numpy(y).pin_memory()
+        return to_torch(assemble(np, tiles, raw.seeds, spec)), torch.from_numpy(y)
+
+    def batch(self, items: Sequence[Tuple[int, int]]):
+        """Read and assemble one batch: (x, y) torch tensors."""
+        return self.finish(self.fetch(items))
 
     def __getitem__(self, item: Tuple[int, int]):
-        return self._finish(item, self.read(int(item[0])))
+        return self.batch([item])
 
     def __getitems__(self, items: Sequence[Tuple[int, int]]):
-        if not self.batched_reads:
-            return [self[it] for it in items]
-        ix = self.index
-        rgbs: List[Optional[np.ndarray]] = [None] * len(items)
-        groups: Dict[Tuple[int, int, int], List[int]] = {}
-        for k, (i, _) in enumerate(items):
-            groups.setdefault((int(ix.slide[i]), int(ix.level[i]), int(ix.size[i])), []).append(k)
-        for (slide, level, size), ks in groups.items():
-            locs = [(int(ix.x[items[k][0]]), int(ix.y[items[k][0]])) for k in ks]
-            for k, rgb in zip(ks, self.reader(slide).read_regions(locs, level, (size, size))):
-                rgbs[k] = rgb
-        return [self._finish(it, rgb) for it, rgb in zip(items, rgbs)]
+        """A DataLoader worker's whole batch (workers run on the host: hpcfl.wsi.feed refuses them with CUDA)."""
+        return self.batch(items)
+
+
+def as_is(batch):
+    """DataLoader collate for :class:`TileDataset`: its ``__getitems__`` returns a finished batch."""
+    return batch
 
 
 class ReadTiled:
-    """MONAI-style deterministic transform {"i": tile} -> {"img": CHW float, "label": class}
-    (what SmartCacheDataset caches; random transforms after it run on every access)."""
+    """MONAI-style deterministic transform {"i": tile} -> {"img": (size, size, 3) float32 in [0, 1], "label"}
+    (what SmartCacheDataset caches; flips and rotations run on every batch)."""
 
-    def __init__(self, ds: "TileDataset"):
+    def __init__(self, ds: TileDataset):
         self.ds = ds
 
     def __call__(self, d: dict) -> dict:
         i = int(d["i"])
-        return {"img": to_chw_float(self.ds.read(i), self.ds.xp_name), "label": int(self.ds.index.label[i])}
+        img = resize_area(np, self.ds.read(i)[None], self.ds.spec.size, 1.0 / 255.0)[0]
+        return {"img": img, "label": int(self.ds.index.label[i])}
 
 
-def collate(batch):
-    """Flatten the crops of every item into one batch of (x, y) tensors."""
+def smart_batch(images: Sequence[np.ndarray], labels: Sequence[int], seeds: Sequence[int], spec: BatchSpec,
+                pin: bool = False):
+    """A batch from SmartCacheDataset entries: stacked, then turned by each item's seed in one pass."""
     import torch
 
-    pairs = [p for item in batch for p in item]
-    x = torch.from_numpy(np.stack([p[0] for p in pairs]))
-    y = torch.as_tensor([p[1] for p in pairs], dtype=torch.int64)
-    return x, y
+    from .batch import dihedral_codes, item_draws
+
+    x = np.stack(images)
+    codes = dihedral_codes(item_draws(seeds, 1)) if spec.augment else np.zeros(len(seeds), np.int8)
+    n, h, w, c = x.shape
+    out = torch.empty((n, c, h, w), dtype=torch.float32, pin_memory=pin)
+    to_chw(np, x, codes, 1.0, out=out.numpy())
+    y = torch.as_tensor(np.asarray(labels, np.int64))
+    return out, (y.pin_memory() if pin else y)
 
 
 class OrderSampler:

@@ -2,6 +2,8 @@
 
 Feather files are memory-mapped: the coordinates are read from the page cache
 by every rank without copies, and the index is never re-opened per item.
+:func:`shared_index` loads it once per process for everyone in it (several
+sites simulated in one process share one copy).
 Sites own whole slides (a hospital never sees another's slides); train and
 validation are split by slide inside each site.
 """
@@ -75,6 +77,26 @@ def load_index(index_dir, tile_label: str = "tissue") -> TileIndex:
         x=col("x", np.int64), y=col("y", np.int64), level=col("level", np.int16), size=col("size", np.int32),
         label=col("class_id", np.int16),
     )
+
+
+_SHARED: Dict[Tuple[str, str], Tuple[int, TileIndex]] = {}
+
+
+def shared_index(index_dir, tile_label: str = "tissue") -> TileIndex:
+    """:func:`load_index`, once per process and index (reloaded when index.json changes). Read-only."""
+    d = Path(index_dir).resolve()
+    try:
+        stamp = (d / "index.json").stat().st_mtime_ns
+    except OSError:
+        return load_index(d, tile_label)  # names the problem
+    key = (str(d), tile_label)
+    hit = _SHARED.get(key)
+    if hit is None or hit[0] != stamp:
+        ix = load_index(d, tile_label)
+        for a in (ix.slide, ix.x, ix.y, ix.level, ix.size, ix.label):
+            a.setflags(write=False)
+        _SHARED[key] = hit = (stamp, ix)
+    return hit[1]
 
 
 def partition_slides(n_slides: int, n_sites: int, how: str, seed: int, alpha: float = 0.5,

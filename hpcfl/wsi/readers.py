@@ -4,15 +4,19 @@ Both are imported lazily, so a machine without one still works with the
 other, and the error for a missing one says what to install. Readers are
 opened inside each process (and each DataLoader worker): cuCIM's ``CuImage``
 cannot be pickled, and a reader must never be shared across processes.
+Inside a process, :func:`shared_reader` keeps one open reader per slide for
+everyone (every simulated site, every dataset, the prefetch threads); a lock
+per reader serialises its reads.
 
 Every failure to open or read a slide raises :class:`SlideError` naming it.
 """
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -32,6 +36,7 @@ class SlideReader(ABC):
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.lock = threading.Lock()
 
     @property
     @abstractmethod
@@ -64,6 +69,14 @@ class SlideReader(ABC):
     def read_regions(self, locations: Sequence[Tuple[int, int]], level: int, size: Tuple[int, int]) -> List[np.ndarray]:
         """Several regions of one size; backends that batch reads override this."""
         return [self.read_region(x, y, level, size) for x, y in locations]
+
+    def read_batch(self, locations: Sequence[Tuple[int, int]], level: int, size: Tuple[int, int],
+                   device: str = "cpu") -> Any:
+        """Regions of one size as one (N, h, w, 3) uint8 array: NumPy, or CuPy when ``device`` is a GPU."""
+        if device != "cpu":
+            raise SlideError(f"{self.path}: the {self.backend} reader decodes on the CPU only "
+                             "(data.tiles.decode_device: cuda needs data.tiles.backend: cucim)")
+        return np.stack(self.read_regions(locations, level, size))
 
     def close(self) -> None:
         """Release the file."""
@@ -108,12 +121,32 @@ class CuCIMReader(SlideReader):
         """cuCIM's multi-location read_region decodes a batch in one call (numpy 2 needs a list of tuples)."""
         if len(locations) < 2:
             return super().read_regions(locations, level, size)
+        return list(self.read_batch(locations, level, size))
+
+    def read_batch(self, locations, level, size, device="cpu", workers: int = 1):
+        """One multi-location ``read_region`` call returning the whole batch.
+
+        On ``device="cuda"`` cuCIM decodes the JPEG tiles of a multi-location read on
+        the GPU (nvJPEG, in its default plugin); a single location is decoded on the
+        CPU and copied over. ``workers``: cuCIM's reading threads. The result is copied
+        out of cuCIM's reused buffer.
+        """
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
         locs = [(int(x), int(y)) for x, y in locations]
+        wh = (int(size[0]), int(size[1]))
+        xp = np if device == "cpu" else _cupy()
         try:
-            batch = self._img.read_region(locs, tuple(int(s) for s in size), level, num_workers=1)
-            return [np.array(r)[..., :3] for r in batch]  # the iterator reuses its buffer: copy
+            if len(locs) == 1:
+                out = self._img.read_region(locs[0], wh, level, device=device)
+                return xp.array(xp.asarray(out)[None, ..., :3], order="C")  # always a copy
+            batch = self._img.read_region(locs, wh, level, num_workers=max(1, int(workers)), batch_size=len(locs),
+                                           device=device)
+            return xp.array(xp.asarray(next(iter(batch)))[..., :3], order="C")  # a copy: the loader reuses its buffer
         except Exception as exc:  # noqa: BLE001
-            raise SlideError(f"{self.path}: batched read of {len(locs)} regions failed: {type(exc).__name__}: {exc}") from None
+            where = "" if device == "cpu" else f" on {device} (data.tiles.decode_device)"
+            raise SlideError(f"{self.path}: batched read of {len(locs)} regions{where} failed: "
+                             f"{type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:
         self._img = None
@@ -166,6 +199,36 @@ def open_slide(path, backend: str = "cucim") -> SlideReader:
     if reader.level_count < 1:
         raise SlideError(f"{p}: slide has no image levels")
     return reader
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+_POOL: Dict[Tuple[str, str], SlideReader] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _forget_readers() -> None:
+    """In a forked child (a DataLoader worker): the parent's open files and locks are not ours."""
+    global _POOL_LOCK
+    _POOL.clear()
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_readers)
+
+
+def shared_reader(path, backend: str = "cucim") -> SlideReader:
+    """The process's one open reader of a slide (opened on first use). Take ``reader.lock`` to read."""
+    key = (str(path), backend)
+    with _POOL_LOCK:
+        r = _POOL.get(key)
+        if r is None:
+            r = _POOL[key] = open_slide(path, backend)
+        return r
 
 
 def warm_up_cucim(path) -> None:

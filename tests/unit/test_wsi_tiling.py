@@ -1,4 +1,4 @@
-"""Tiling, the Feather index, slide ownership and sharding, the dataset, and the cuCIM cache."""
+"""Tiling, the Feather index, slide ownership and sharding, and the cuCIM cache (batches: test_wsi_dataset.py)."""
 import json
 import subprocess
 import sys
@@ -160,46 +160,6 @@ def test_site_tiles_and_rank_shards(synth_index):
         assert len(tr) - len(flat) < k  # at most k-1 dropped in an epoch, different ones next epoch
     assert not owned[0] & owned[1]  # a hospital never sees another's slides
     assert owned[0] | owned[1] == set(ix.slide_ids)
-
-
-def test_dataset_reads_transforms_and_is_seeded(synth_index):
-    from hpcfl.wsi.dataset import TileDataset, build_transforms, collate
-
-    ix = load_index(synth_index / "index")
-    tr, ev = build_transforms(32, 64, augment=True, crops_per_read=1)
-    ds = TileDataset(ix, tr, "cucim")
-    items = [(i, 100 + i) for i in range(0, 40, 3)]
-    a = collate(ds.__getitems__(items))
-    b = collate(ds.__getitems__(items))
-    assert a[0].shape == (len(items), 3, 32, 32) and a[0].dtype.is_floating_point
-    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()  # same seeds, same augmentation
-    c = collate(ds.__getitems__([(i, s + 1) for i, s in items]))
-    assert not (a[0] == c[0]).all()
-    # batched cuCIM reads return exactly what single reads return
-    batched = TileDataset(ix, ev, "cucim", batched_reads=True)
-    single = TileDataset(ix, ev, "cucim")
-    assert all(np.array_equal(p[0][0], q[0][0]) for p, q in zip(batched.__getitems__(items), single.__getitems__(items)))
-    # batch-by-transform: several crops per read
-    tr4, _ = build_transforms(32, 64, augment=True, crops_per_read=4)
-    x, y = collate(TileDataset(ix, tr4, "cucim").__getitems__(items[:3]))
-    assert x.shape == (12, 3, 32, 32) and (y[:4] == y[0]).all()
-
-
-def test_loader_workers_give_the_same_batches(synth_index):
-    import torch
-
-    from hpcfl.wsi.dataset import OrderSampler, TileDataset, build_transforms, collate
-
-    ix = load_index(synth_index / "index")
-    tr, _ = build_transforms(32, 64, augment=True, crops_per_read=1)
-    sampler = OrderSampler()
-    sampler.items = [(i, 7 * i) for i in range(24)]
-    out = []
-    for workers in (0, 2):
-        dl = torch.utils.data.DataLoader(TileDataset(ix, tr, "cucim"), batch_size=8, sampler=sampler,
-                                         num_workers=workers, collate_fn=collate)
-        out.append(torch.cat([x for x, _ in dl]))
-    assert torch.equal(out[0], out[1])
 
 
 CACHE_PROBE = r"""

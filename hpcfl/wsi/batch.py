@@ -1,0 +1,167 @@
+"""Whole-batch tile math: resize, crops, flips/rotations, float conversion, in a few array ops per batch.
+
+Every function takes the array module ``xp`` (NumPy, or CuPy on a GPU): the
+same code assembles a batch on the host or on the device. Random decisions
+(which of the 8 flips/90-degree rotations, where a crop sits) come from each
+item's seed through a hash, on the host: a batch is the same whatever the
+number of loader workers, the batch it falls in, or the device it is built on.
+
+Layout: tiles arrive as decoded, (N, H, W, 3) uint8; a batch leaves as
+(N, 3, h, w) float32 in [0, 1], contiguous.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Tuple
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function of state ``x + golden``: a well-mixed uint64 per element (vectorised)."""
+    z = np.asarray(x).astype(np.uint64) + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def item_draws(seeds: Sequence[int], crops: int) -> np.ndarray:
+    """One uint64 per (item, crop), row-major: hash of (hash of the item's seed, crop number)."""
+    base = splitmix64(np.asarray(seeds, np.int64).astype(np.uint64))
+    return splitmix64(base[:, None] + np.arange(crops, dtype=np.uint64)[None, :]).reshape(-1)
+
+
+def dihedral_codes(draws: np.ndarray) -> np.ndarray:
+    """Which of the 8 flips/rotations (bit 2: transpose, bit 0: flip rows, bit 1: flip columns), uniformly."""
+    return (draws & np.uint64(7)).astype(np.int8)
+
+
+def crop_offsets(draws: np.ndarray, tile: int, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(row, column) of each crop's top-left corner, uniform over the positions that fit in the tile."""
+    span = np.uint64(tile - size + 1)
+    return ((draws >> np.uint64(8)) % span).astype(np.int64), ((draws >> np.uint64(32)) % span).astype(np.int64)
+
+
+def area_bounds(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray]:
+    """[start, end) of every output pixel's window, as torch's adaptive average pooling (and MONAI's
+    ``Resize(mode="area")``) define them: floor(i * n_in / n_out) to ceil((i + 1) * n_in / n_out)."""
+    i = np.arange(n_out, dtype=np.int64)
+    return (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+
+
+def _window_sum(xp, x, axis: int, start: np.ndarray, end: np.ndarray, dtype):
+    """Sum of x over [start[i], end[i]) along ``axis``, for every window i: one strided take per offset.
+
+    Costs (longest window) takes of the output's size, not a pass over an integral image.
+    """
+    length = end - start
+    acc = xp.take(x, xp.asarray(start), axis=axis).astype(dtype)
+    for d in range(1, int(length.max())):
+        live = np.flatnonzero(length > d)
+        if len(live) == len(start):
+            acc += xp.take(x, xp.asarray(start + d), axis=axis)
+        else:  # windows of unequal length (non-integer factors): only the longer ones grow
+            sel = (slice(None),) * axis + (xp.asarray(live),)
+            acc[sel] += xp.take(x, xp.asarray(start[live] + d), axis=axis)
+    return acc
+
+
+def resize_area(xp, x, size: int, scale: float = 1.0):
+    """(N, H, W, C) uint8 -> (N, size, size, C) float32: the mean of each area window, times ``scale``.
+
+    Window sums are exact integers (uint16 along rows, then uint32), then one float multiply:
+    ``scale = 1/255`` gives values in [0, 1] without a separate pass.
+    """
+    n, h, w, c = x.shape
+    if h == size and w == size:
+        return x.astype(xp.float32) * xp.float32(scale)
+    sh, eh = area_bounds(h, size)
+    sw, ew = area_bounds(w, size)
+    rows = _window_sum(xp, x, 1, sh, eh, xp.uint16 if int((eh - sh).max()) <= 257 else xp.uint32)
+    s = _window_sum(xp, rows, 2, sw, ew, xp.uint32 if 255 * h * w < 2**32 else xp.uint64)
+    weight = (scale / np.outer(eh - sh, ew - sw)).astype(np.float32)
+    return s.astype(xp.float32) * xp.asarray(weight)[None, :, :, None]
+
+
+def crop(xp, x, item: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int):
+    """Crops of ``size`` from (N, H, W, C): crop k is x[item[k], rows[k]:+size, cols[k]:+size] (one gather)."""
+    r = rows[:, None] + np.arange(size)
+    c = cols[:, None] + np.arange(size)
+    return x[xp.asarray(item)[:, None, None], xp.asarray(r)[:, :, None], xp.asarray(c)[:, None, :]]
+
+
+def to_chw(xp, x, codes: np.ndarray, scale: float = 1.0, out=None):
+    """(N, h, w, C) -> (N, C, h, w) float32 times ``scale``, each image turned by its dihedral code.
+
+    One gather-and-store per code present (at most 8), the layout change included: the
+    flips are strided views, so no pass over the batch is spent on them alone.
+    """
+    n, h, w, c = x.shape
+    if out is None:
+        out = xp.empty((n, c, h, w), xp.float32)
+    codes = np.asarray(codes)
+    if h != w and (codes & 4).any():
+        raise ValueError("transposing rotations need square images")
+    present = np.unique(codes)
+    for code in present.tolist():
+        v = x if len(present) == 1 else x[xp.asarray(np.flatnonzero(codes == code))]
+        if code & 4:
+            v = v.transpose(0, 2, 1, 3)
+        if code & 1:
+            v = v[:, ::-1]
+        if code & 2:
+            v = v[:, :, ::-1]
+        v = v.transpose(0, 3, 1, 2)
+        if len(present) == 1:
+            out[...] = v
+        else:
+            out[xp.asarray(np.flatnonzero(codes == code))] = v
+    if scale != 1.0:
+        out *= xp.float32(scale)
+    return out
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How tiles become a batch: resize to ``size`` (crops = 1) or cut ``crops`` crops of ``size`` per tile."""
+
+    size: int
+    augment: bool = False
+    crops: int = 1
+    train: bool = True
+
+    @property
+    def per_item(self) -> int:
+        """Samples each item contributes (evaluation takes one centre crop per tile)."""
+        return self.crops if self.train else 1
+
+
+def assemble(xp, tiles, seeds: Sequence[int], spec: BatchSpec, out=None):
+    """(N, T, T, 3) uint8 tiles + one seed per tile -> (N * per_item, 3, size, size) float32 in [0, 1].
+
+    ``out``: an (N * per_item, 3, size, size) float32 buffer to fill (pinned host memory, say).
+    """
+    n, t = tiles.shape[0], tiles.shape[1]
+    k, size = spec.per_item, spec.size
+    draws = item_draws(seeds, k)
+    codes = dihedral_codes(draws) if spec.augment else np.zeros(n * k, np.int8)
+    if spec.crops > 1:
+        if spec.train:
+            rows, cols = crop_offsets(draws, t, size)
+        else:
+            rows = cols = np.full(n, (t - size) // 2, np.int64)
+        x = crop(xp, tiles, np.repeat(np.arange(n), k), rows, cols, size)
+        return to_chw(xp, x, codes, 1.0 / 255.0, out)
+    x = resize_area(xp, tiles, size, 1.0 / 255.0)
+    return to_chw(xp, x, codes, 1.0, out)
+
+
+def batch_shape(n_items: int, spec: BatchSpec, channels: int = 3) -> Tuple[int, int, int, int]:
+    return (n_items * spec.per_item, channels, spec.size, spec.size)
+
+
+def stack(xp, tiles: Sequence[Any]):
+    """A list of equal (T, T, 3) uint8 tiles as one (N, T, T, 3) array."""
+    return xp.stack([xp.asarray(a) for a in tiles])
