@@ -10,19 +10,15 @@ from typing import List, Optional
 DESCRIPTION = """\
 hpcfl: federated learning simulated inside one HPC job.
 Rank 0 aggregates; the other ranks form sites that train data-parallel (Horovod).
-
-commands:
-  launch    run a federation on this machine: builds and runs the mpirun command
-  run       what each rank executes, under any launcher (mpirun, srun, horovodrun)
-  validate  check a config file (and --set overrides) without running anything
-  synth-slides  write deterministic synthetic pyramidal slides (demo and test data)
-  tile      find tissue, tile slides and write the Feather tile index
-  render    print the sbatch script for a config (srun, mpirun or horovodrun)
-  placement where every rank goes on the job's nodes (called by rendered scripts)
-  submit    render and sbatch the job; prints the job id and the run directory
-  status    a job's SLURM state and its federation's progress (RUN_DIR or JOBID)
-  cancel    scancel a job (JOBID, or RUN_DIR for its latest job)
+`hpcfl COMMAND --help` describes a command.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (the command, what is wrong, where to read more), not the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -41,9 +37,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcfl", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="hpcfl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     p = sub.add_parser("launch", help="run a federation on this machine under mpirun",
                        description="Build the mpirun command for this machine (one process per rank the config "
@@ -136,13 +131,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if args.command == "run":
-            from .runtime import run_rank
-
-            return run_rank(args.config, args.overrides, resume=args.resume, restart=args.restart)
+            return _run(args)
 
         if args.command == "synth-slides":
+            from .config import check_arg
             from .wsi.synth import synthesize_slides
 
+            check_arg("synth-slides --slides", args.slides, "data.tiles.synthesize.slides")
+            check_arg("synth-slides --size", args.size, "data.tiles.synthesize.size")
+            check_arg("synth-slides --seed", args.seed, "data.tiles.synthesize.seed")
+            _check_out_dir("synth-slides", args.out_dir)
             infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed)
             print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json)")
             return 0
@@ -154,7 +152,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .config import dump_yaml, load_config
         from .topology import expected_layout
 
+        if args.command == "render" and args.output:
+            _check_out_file("render -o", args.output)
+        if args.command == "placement" and args.nodes_file:
+            _check_in_file("placement --nodes-file", args.nodes_file)
+        if args.command == "submit":
+            _need_slurm("sbatch")
         cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.command in ("render", "submit"):
+            from .cluster.nodecheck import fill_node_shape
+
+            cfg, overrides, line = fill_node_shape(cfg, overrides)
+            if line:
+                print(f"hpcfl: {line}", file=sys.stderr)
         if args.command == "validate":
             print(f"ok: {args.config}: {expected_layout([(s.name, s.ranks) for s in cfg.sites])}; "
                   f"{cfg.fl.rounds} rounds; run directory {cfg.run.root}/{cfg.run.name}")
@@ -164,9 +175,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "render":
             from .cluster.render import render_sbatch
 
-            text = render_sbatch(cfg, args.config, args.overrides, args.launcher)
+            text = render_sbatch(cfg, args.config, overrides, args.launcher)
             if args.output:
-                Path(args.output).write_text(text)
+                from .atomic import write_atomic
+
+                write_atomic(args.output, text)
                 print(f"wrote {args.output}; submit it with: sbatch {args.output}")
             else:
                 print(text, end="")
@@ -176,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "submit":
             from .cluster.slurm import submit
 
-            job = submit(cfg, args.config, args.overrides, args.launcher)
+            job = submit(cfg, args.config, overrides, args.launcher)
             print(f"submitted job {job['job_id']}; results in {job['run_dir']} (job log {job['log']}); "
                   f"follow it with: hpcfl status {job['run_dir']}")
             return 0
@@ -241,6 +254,7 @@ def _placement(cfg, args) -> int:
     import subprocess
 
     from .cluster.render import cluster_places, placement_text
+    from .errors import LaunchError
 
     if args.format == "table":
         print("rank  node  socket  cores           gpu")
@@ -249,18 +263,118 @@ def _placement(cfg, args) -> int:
             print(f"{p.rank:>4}  {p.node:>4}  {p.socket:>6}  {cores:<15} {'-' if p.gpu is None else p.gpu}")
         return 0
     if args.nodes_file:
-        names = [x.strip() for x in Path(args.nodes_file).read_text().splitlines() if x.strip()]
+        names = _read_text("placement --nodes-file", args.nodes_file).split()
+        if not names:
+            raise LaunchError(f"placement --nodes-file {args.nodes_file}: no node names in it (one per line)")
     else:
         nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
-        names = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                               check=True).stdout.split()
+        if not nodelist:
+            raise LaunchError("placement: not inside a SLURM job (SLURM_JOB_NODELIST is unset); "
+                              "name the nodes with --nodes-file FILE")
+        _need_slurm("scontrol")
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if r.returncode != 0:
+            why = (r.stderr or r.stdout).strip().splitlines() or [f"exit code {r.returncode}"]
+            raise LaunchError(f"placement: scontrol show hostnames {nodelist} failed: {why[-1]}")
+        names = r.stdout.split()
     print(placement_text(cfg, names, args.format), end="")
     return 0
 
 
-def _tile(args) -> int:
-    from .wsi.tiling import TilingParams, tile_directory
+# -- argument checks: every file and folder a command is given, before it is used ------------------
 
+
+def _need_slurm(tool: str) -> None:
+    import shutil
+
+    from .errors import LaunchError
+
+    if shutil.which(tool) is None:
+        raise LaunchError(f"no SLURM client here: {tool} not found (install slurm-wlm, or run this on the cluster)")
+
+
+def _check_out_file(label: str, path: str) -> None:
+    """An output file: its folder must exist, and it must not be a folder."""
+    from .errors import HpcflError
+
+    p = Path(path)
+    if p.is_dir():
+        raise HpcflError(f"{label} {path}: is a folder; name a file")
+    if not p.parent.is_dir():
+        raise HpcflError(f"{label} {path}: the folder {p.parent} does not exist")
+
+
+def _check_out_dir(label: str, path: str) -> None:
+    """An output folder: it may not exist yet, but it must not be a file, nor under one."""
+    from .errors import HpcflError
+
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            raise HpcflError(f"{label} {path}: {q} is a file, not a folder")
+        if q.exists():
+            break
+
+
+def _check_in_file(label: str, path: str) -> None:
+    from .errors import HpcflError
+
+    p = Path(path)
+    if not p.exists():
+        raise HpcflError(f"{label} {path}: no such file")
+    if p.is_dir():
+        raise HpcflError(f"{label} {path}: is a folder, not a file")
+
+
+def _read_text(label: str, path: str) -> str:
+    from .errors import HpcflError
+
+    _check_in_file(label, path)
+    try:
+        return Path(path).read_bytes().decode()
+    except OSError as exc:
+        raise HpcflError(f"{label} {path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise HpcflError(f"{label} {path}: not a text file (not UTF-8)") from None
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the launcher set it (before MPI starts); 0 when not under a launcher."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID", "HOROVOD_RANK"):
+        if os.environ.get(var, "").isdecimal():
+            return int(os.environ[var])
+    return 0
+
+
+def _run(args) -> int:
+    """`hpcfl run`: a bad config is reported before MPI starts, once (by rank 0), in one line. Every rank
+    checks it (so none is left waiting for a rank 0 that exited: srun does not end the others); the run itself
+    uses the config as rank 0 resolved it."""
+    from .config import load_config
+    from .errors import HpcflError
+
+    try:
+        load_config(args.config, args.overrides)
+    except HpcflError as exc:
+        if _launcher_rank() == 0:
+            print(f"hpcfl: {exc}", file=sys.stderr)
+        return 2
+    from .runtime import run_rank
+
+    return run_rank(args.config, args.overrides, resume=args.resume, restart=args.restart)
+
+
+def _tile(args) -> int:
+    from .config import check_arg
+    from .errors import HpcflError
+    from .wsi.tiling import SLIDE_SUFFIXES, TilingParams, list_slides, tile_directory
+
+    check_arg("tile --level", args.level, "data.tiles.level")
+    check_arg("tile --tile-size", args.tile_size, "data.tiles.tile_size")
+    check_arg("tile --stride", args.stride, "data.tiles.stride")
+    _check_out_dir("tile --out", args.out)
+    if not list_slides(args.slides_dir):  # a missing folder: "slides directory not found"
+        raise HpcflError(f"tile {args.slides_dir}: no slides in this folder (looked for {', '.join(SLIDE_SUFFIXES)})")
     params = TilingParams(level=args.level, tile_size=args.tile_size, stride=args.stride or args.tile_size,
                           backend=args.backend)
     classes = [c for c in args.classes.split(",") if c]

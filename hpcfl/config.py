@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -47,22 +49,101 @@ _Loader.add_implicit_resolver(
 )
 
 
+# Limits that keep a small hostile or mistaken file from becoming a huge or endless
+# load: aliases may repeat a subtree (YAML's "billion laughs"), so the size is
+# counted with every alias expanded, as every later walk of the config sees it.
+MAX_CONFIG_BYTES = 256 << 10  # a config file is read only up to this size (checked before parsing; ~3 s to parse)
+MAX_YAML_DEPTH = 64  # nested lists/mappings, aliases expanded
+MAX_YAML_NODES = 100_000  # values in the document, aliases expanded
+
+
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are plain scalars, without duplicates; merge keys (``<<: *base``) are
+    merged first, and the mapping's own keys override the merged ones, as YAML specifies."""
     seen: Dict[Any, Any] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value, not a list or mapping", key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
         seen[key] = True
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _compose_node(self: Any, parent: Any, index: Any) -> Any:
+    """PyYAML's composer recurses once per nesting level: stop at MAX_YAML_DEPTH, before Python's stack does."""
+    depth = getattr(self, "_hpcfl_depth", 0)
+    if depth >= MAX_YAML_DEPTH and not self.check_event(yaml.AliasEvent, yaml.ScalarEvent):
+        raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                          self.peek_event().start_mark)
+    self._hpcfl_depth = depth + 1
+    try:
+        return yaml.composer.Composer.compose_node(self, parent, index)
+    finally:
+        self._hpcfl_depth = depth
+
+
+def _compose_document(self: Any) -> Any:
+    node = yaml.composer.Composer.compose_document(self)
+    _check_expansion(node)
+    return node
+
+
+_Loader.compose_node = _compose_node  # type: ignore[method-assign]
+_Loader.compose_document = _compose_document  # type: ignore[method-assign]
+
+
+def _check_expansion(root: Any) -> None:
+    """Size and depth of the document with every alias expanded, counted once per distinct node."""
+    size: Dict[int, int] = {}
+    depth: Dict[int, int] = {}
+    stack = [(root, False)]
+    on_path = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[key] > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"holds more than {MAX_YAML_NODES} values (aliases expanded); a config is limited to that", node.start_mark)
+            if depth[key] > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)", node.start_mark)
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it",
+                                              node.start_mark)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _children(node) if id(k) not in size)
+
+
+def _children(node: Any) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for pair in node.value for x in pair]
+    return []
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """One YAML document with our resolvers; every error is a ConfigError naming the source and line."""
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
@@ -70,6 +151,32 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}:{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # a structure built past the limits (it should not get here)
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+
+
+def read_config_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
+    """A config file's text: read as bytes (at most ``limit``, checked before parsing), decoded as UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise ConfigError(f"{path}: {os.fstat(f.fileno()).st_size} bytes; a config file may have at most "
+                                  f"{limit} bytes (is it the right file?)")
+            data = f.read(limit + 1)
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{path}: more than {limit} bytes; a config file may have at most {limit} bytes")
+    if b"\0" in data:
+        raise ConfigError(f"{path}: a binary file (it holds NUL bytes), not a YAML config")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                          "a config must be a UTF-8 YAML file") from None
 
 
 # --------------------------------------------------------------------------
@@ -284,9 +391,9 @@ class LaunchConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     nodes: int = _f(1, help="nodes of the SLURM job", min=1)
-    sockets_per_node: int = _f(2, help="CPU sockets per node", min=1)
-    cores_per_socket: int = _f(16, help="cores per socket", min=1)
-    gpus_per_node: int = _f(0, help="GPUs per node (0 = CPU nodes: one rank per socket, or per cores_per_rank)", min=0)
+    sockets_per_node: Optional[int] = _f(None, help="CPU sockets per node; when the config sets none of the three node-shape keys, render/submit read them from SLURM (`scontrol show node`); a key left out is otherwise 2", min=1)
+    cores_per_socket: Optional[int] = _f(None, help="cores per socket; left out: from SLURM as for sockets_per_node, else 16", min=1)
+    gpus_per_node: Optional[int] = _f(None, help="GPUs per node (0 = CPU nodes: one rank per socket, or per cores_per_rank); left out: from SLURM as for sockets_per_node, else 0", min=0)
     cores_per_rank: int = _f(0, help="cores per site rank (0 = a socket on CPU nodes, a GPU's share on GPU nodes)", min=0)
     aggregator_cores: int = _f(1, help="cores reserved for rank 0 on the first node (0 = not pinned: it mostly sleeps)", min=0)
     aggregator_own_node: bool = _f(False, help="give rank 0 a node of its own (the sites start on the second)")
@@ -399,6 +506,8 @@ def _convert(tp: Any, value: Any, path: str, src: str) -> Any:
             raise ConfigError(f"{src}: {path}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{src}: {path}: must be a finite integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"{src}: {path}: expected an integer, got {value!r}")
         return int(value)
@@ -410,7 +519,13 @@ def _convert(tp: Any, value: Any, path: str, src: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{src}: {path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{src}: {path}: {value} is too large for a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{src}: {path}: must be a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{src}: {path}: expected a string, got {value!r}")
@@ -420,15 +535,41 @@ def _convert(tp: Any, value: Any, path: str, src: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {path}")  # a schema bug, not a user error
 
 
-def _check_range(meta: Mapping[str, Any], value: Any, path: str, src: str) -> None:
+def _range_problem(meta: Mapping[str, Any], value: Any) -> str:
+    """What is wrong with a number against a field's bounds ('' when nothing)."""
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
+        return f"must be a finite number, got {value!r}"
     if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{src}: {path}: must be >= {meta['min']}, got {value}")
+        return f"must be >= {meta['min']}, got {value}"
     if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{src}: {path}: must be <= {meta['max']}, got {value}")
+        return f"must be <= {meta['max']}, got {value}"
     if "gt" in meta and not value > meta["gt"]:
-        raise ConfigError(f"{src}: {path}: must be > {meta['gt']}, got {value}")
+        return f"must be > {meta['gt']}, got {value}"
+    return ""
+
+
+def _check_range(meta: Mapping[str, Any], value: Any, path: str, src: str) -> None:
+    problem = _range_problem(meta, value)
+    if problem:
+        raise ConfigError(f"{src}: {path}: {problem}")
+
+
+def check_arg(label: str, value: Any, key: str) -> None:
+    """A command-line value checked against the range of the config key it mirrors (e.g. "data.tiles.tile_size")."""
+    cls: Any = Config
+    *parents, name = key.split(".")
+    for part in parents:
+        tp = typing.get_type_hints(cls)[part]
+        cls = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), tp)
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+    problem = _range_problem(meta, value)
+    if problem:
+        raise ConfigError(f"{label}: {problem} (as the config key {key})")
+
+
+MAX_SITES = 100_000  # `sites: {count: 1e9}` would otherwise build a billion dicts
 
 
 def _expand_sites(raw: Any, path: str, src: str) -> Any:
@@ -441,7 +582,7 @@ def _expand_sites(raw: Any, path: str, src: str) -> Any:
                               "sites is a list of {name, ranks, overrides} or the shorthand {count, ranks}")
         count = _convert(int, raw.get("count", 1), _join(path, "count"), src)
         ranks = _convert(int, raw.get("ranks", 1), _join(path, "ranks"), src)
-        _check_range({"min": 1}, count, _join(path, "count"), src)
+        _check_range({"min": 1, "max": MAX_SITES}, count, _join(path, "count"), src)
         return [{"name": f"site{i + 1}", "ranks": ranks} for i in range(count)]
     return raw
 
@@ -542,6 +683,8 @@ def _validate_fl(cfg: Config, src: str) -> None:
 # overrides and loading
 
 
+_INDEX = re.compile(r"^[0-9]{1,9}$")  # a list index in a --set key path (str.isdigit accepts '²')
+
 # An override of one of these replaces the other, which the file may have set.
 _EXCLUSIVE = {"local_steps": "local_epochs", "local_epochs": "local_steps"}
 
@@ -556,13 +699,13 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment}: empty key path")
     value = parse_yaml(text, source=f"--set {key}") if text.strip() else ""
     node: Any = raw
-    if len(parts) > 1 and parts[0] == "sites" and parts[1].isdigit() and isinstance(raw.get("sites"), Mapping):
+    if len(parts) > 1 and parts[0] == "sites" and _INDEX.match(parts[1]) and isinstance(raw.get("sites"), Mapping):
         raw["sites"] = _expand_sites(raw["sites"], "sites", f"--set {key}")  # {count, ranks} -> a list to index
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not _INDEX.match(part) or int(part) >= len(node):
                 raise ConfigError(f"--set {assignment}: {where}: index out of range (list has {len(node)} items)")
             if last:
                 node[int(part)] = value
@@ -601,11 +744,7 @@ def from_dict(raw: Any, source: str = "<dict>", overrides: Sequence[str] = ()) -
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Load, override and validate a YAML config; raises ConfigError naming file and key."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
-    return from_dict(parse_yaml(text, str(p)), str(p), overrides)
+    return from_dict(parse_yaml(read_config_text(p), str(p)), str(p), overrides)
 
 
 def to_dict(cfg: Any) -> Any:

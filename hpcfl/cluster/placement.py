@@ -15,6 +15,11 @@ from typing import List, Optional, Sequence, Tuple
 from ..errors import ConfigError
 
 
+# (sockets_per_node, cores_per_socket, gpus_per_node) of a node whose shape the config leaves
+# out and no SLURM could describe (render/submit read it from `scontrol show node` where they can).
+DEFAULT_NODE = (2, 16, 0)
+
+
 @dataclass(frozen=True)
 class Shape:
     nodes: int
@@ -38,6 +43,13 @@ class Place:
     @property
     def ncores(self) -> int:
         return len(self.cores)
+
+
+def node_shape(cluster) -> Shape:
+    """The Shape a config's cluster section describes: node-shape keys left out (None) take DEFAULT_NODE."""
+    got = (cluster.sockets_per_node, cluster.cores_per_socket, cluster.gpus_per_node)
+    s, c, g = (d if v is None else v for v, d in zip(got, DEFAULT_NODE))
+    return Shape(cluster.nodes, s, c, g)
 
 
 def _slots(shape: Shape, node: int, reserved: int, cores_per_rank: int) -> List[Tuple[int, Tuple[int, ...], Optional[int]]]:

@@ -13,12 +13,12 @@ from typing import List, Optional, Sequence
 
 from ..config import Config
 from ..topology import expected_layout
-from .placement import Shape, place, ranks_per_node
+from .placement import Shape, node_shape, place, ranks_per_node
 
 
 def cluster_shape(cfg: Config) -> Shape:
-    c = cfg.cluster
-    return Shape(c.nodes, c.sockets_per_node, c.cores_per_socket, c.gpus_per_node)
+    """The job's nodes; node-shape keys left out (null) take DEFAULT_NODE (render/submit fill them from SLURM first)."""
+    return node_shape(cfg.cluster)
 
 
 def cluster_places(cfg: Config):
@@ -45,13 +45,14 @@ def hpcfl_command(cfg: Config, args: Sequence[str], gpu: bool = False) -> str:
 
 def rank_command(cfg: Config, config_path: str, overrides: Sequence[str]) -> str:
     args = ["run", config_path, *[a for o in overrides for a in ("--set", o)]]
-    return hpcfl_command(cfg, args, gpu=bool(cfg.cluster.gpus_per_node))
+    return hpcfl_command(cfg, args, gpu=bool(cluster_shape(cfg).gpus_per_node))
 
 
 def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
                   launcher: Optional[str] = None) -> str:
     """The sbatch script (text) for a config; raises ConfigError if the request cannot fit."""
     c = cfg.cluster
+    shape = cluster_shape(cfg)
     launcher = launcher or c.launcher
     places = cluster_places(cfg)
     per_node = ranks_per_node(places, c.nodes)
@@ -60,8 +61,8 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
     lines = [
         "#!/bin/bash",
         f"# hpcfl federation {name!r}: {expected_layout([(s.name, s.ranks) for s in cfg.sites])},",
-        f"# on {c.nodes} node(s) of {c.sockets_per_node}x{c.cores_per_socket} cores"
-        + (f" and {c.gpus_per_node} GPUs" if c.gpus_per_node else "") + f"; ranks per node: {per_node}.",
+        f"# on {c.nodes} node(s) of {shape.sockets_per_node}x{shape.cores_per_socket} cores"
+        + (f" and {shape.gpus_per_node} GPUs" if shape.gpus_per_node else "") + f"; ranks per node: {per_node}.",
         f"# Rendered by: hpcfl render {_q([config_path, *[a for o in overrides for a in ('--set', o)]])} --launcher {launcher}",
         "# Re-render after changing the config instead of editing this file. Submit: sbatch <this file>.",
         "# Results: runs/<name>/ under the submit directory; the job log: hpcfl-<name>-<jobid>.out.",
@@ -76,8 +77,8 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
     ]
     if c.oversubscribe:
         lines.append("#SBATCH --overcommit  # cluster.oversubscribe: more ranks than cores")
-    if c.gpus_per_node:
-        lines.append(f"#SBATCH --gpus-per-node={c.gpus_per_node}")
+    if shape.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={shape.gpus_per_node}")
     for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos), ("mem", c.mem_per_node)):
         if value:
             lines.append(f"#SBATCH --{flag}={value}")
@@ -103,7 +104,7 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
             where("hostfile"),
             'export SLURM_HOSTFILE="$placement"  # one line per rank: the node of its place',
             _q(["srun", f"--mpi={c.srun_mpi}", f"--ntasks={n}", "--distribution=arbitrary", "--cpu-bind=none",
-                *(["--gpu-bind=none"] if c.gpus_per_node else []), "--kill-on-bad-exit=1"]) + " \\\n    " + run,
+                *(["--gpu-bind=none"] if shape.gpus_per_node else []), "--kill-on-bad-exit=1"]) + " \\\n    " + run,
         ]
     elif launcher == "mpirun":
         lines += [
@@ -152,7 +153,7 @@ def _graceful_stop(run_dir: str, requeue: bool):
 def placement_text(cfg: Config, hostnames: Sequence[str], fmt: str) -> str:
     """What the job writes at start: the hostfile, rankfile or host list of the placement."""
     places = cluster_places(cfg)
-    c = cfg.cluster
+    c, cps = cfg.cluster, cluster_shape(cfg).cores_per_socket
     if len(hostnames) < c.nodes:
         from ..errors import LaunchError
 
@@ -163,10 +164,10 @@ def placement_text(cfg: Config, hostnames: Sequence[str], fmt: str) -> str:
         out = []
         for p in places:
             if p.cores:
-                local = [k - p.socket * c.cores_per_socket for k in p.cores]
+                local = [k - p.socket * cps for k in p.cores]
                 out.append(f"rank {p.rank}={hostnames[p.node]} slot={p.socket}:{local[0]}-{local[-1]}\n")
             else:
-                out.append(f"rank {p.rank}={hostnames[p.node]} slot=0:0-{c.cores_per_socket - 1}\n")
+                out.append(f"rank {p.rank}={hostnames[p.node]} slot=0:0-{cps - 1}\n")
         return "".join(out)
     counts = ranks_per_node(places, c.nodes)
     return ",".join(f"{hostnames[i]}:{k}" for i, k in enumerate(counts) if k) + "\n"

@@ -1,4 +1,5 @@
 """Placement (pure) and sbatch rendering (golden files: slurm/*.sbatch)."""
+import os
 import subprocess
 from pathlib import Path
 
@@ -122,3 +123,152 @@ def test_multi_node_gpu_scripts_match_golden_files(nodes):
     hosts = placement_text(cfg, [f"gn{i}" for i in range(nodes)], "hostfile").split()
     # every 4-rank site on one node; node 0 also hosts the aggregator
     assert hosts[0] == "gn0" and all(len(set(hosts[1 + 4 * s:5 + 4 * s])) == 1 for s in range(nodes * 2))
+
+
+# -- a place the node cannot give (hpcfl/cluster/nodecheck.py) ----------------------------------
+
+from hpcfl.cluster.nodecheck import (NodeFacts, NodeMismatch, check_place, count_gpus, fill_node_shape,  # noqa: E402
+                                     parse_gres_gpus, parse_scontrol_nodes, shape_of_nodes)
+
+
+def places_of(cluster: dict, sites=({"name": "a", "ranks": 2},)):
+    from hpcfl.cluster.render import cluster_places
+
+    cfg = from_dict({"sites": list(sites), "cluster": cluster}, "c.yaml")
+    return cfg.cluster, cluster_places(cfg)
+
+
+def test_a_node_with_fewer_cores_than_the_config_names_the_key():
+    c, places = places_of({"sockets_per_node": 1, "cores_per_socket": 8, "cores_per_rank": 2, "aggregator_cores": 1})
+    vm = NodeFacts("vm", cpus=(0, 1), node_cpus=2, gpus=0)
+    with pytest.raises(NodeMismatch) as e:
+        check_place(c, places[2], vm)
+    assert str(e.value) == "cluster.cores_per_socket is 8 but node vm has 2 CPUs (rank 2 was placed on cores 3-4)"
+    with pytest.raises(NodeMismatch, match=r"^cluster.cores_per_socket is 8 but node vm has 2 CPUs \(rank 0 "):
+        check_place(c, places[0], vm)  # every rank on the node sees it, not only the one that would crash
+    check_place(c, places[2], NodeFacts("big", cpus=tuple(range(8)), node_cpus=8, gpus=0))
+    c, places = places_of({"sockets_per_node": 2, "cores_per_socket": 4})
+    with pytest.raises(NodeMismatch, match=r"^cluster.cores_per_socket is 4 \(x 2 sockets_per_node = 8 cores\) but"):
+        check_place(c, places[1], NodeFacts("vm", cpus=(0, 1, 2, 3), node_cpus=4, gpus=0))
+    c, places = places_of({"sockets_per_node": 4, "cores_per_socket": 1})
+    with pytest.raises(NodeMismatch, match=r"^cluster.sockets_per_node is 4 but node vm has 2 CPUs"):
+        check_place(c, places[1], NodeFacts("vm", cpus=(0, 1), node_cpus=2, gpus=0))
+
+
+def test_a_shape_left_out_says_it_is_the_default():
+    c, places = places_of({"nodes": 1})
+    with pytest.raises(NodeMismatch, match=r"^cluster.cores_per_socket is 16 \(the default: the config leaves it out\)"):
+        check_place(c, places[1], NodeFacts("vm", cpus=(0, 1), node_cpus=2, gpus=0))
+
+
+def test_cpus_the_process_may_not_use():
+    c, places = places_of({"sockets_per_node": 1, "cores_per_socket": 4, "cores_per_rank": 1, "aggregator_cores": 0})
+    with pytest.raises(NodeMismatch, match=r"^cluster: rank 2 was placed on cores 1 but this process may use only "
+                                           r"CPUs 0,2,3,5 of node vm"):
+        check_place(c, places[2], NodeFacts("vm", cpus=(0, 2, 3, 5), node_cpus=4, gpus=0))
+    # bound by the launcher to fewer CPUs than the node has: its binding stands, nothing to check
+    check_place(c, places[2], NodeFacts("vm", cpus=(3,), node_cpus=4, gpus=0))
+
+
+def test_gpus_the_node_does_not_show():
+    c, places = places_of({"sockets_per_node": 2, "cores_per_socket": 4, "gpus_per_node": 8, "aggregator_cores": 0},
+                          sites=[{"name": "a", "ranks": 7}])
+    two = NodeFacts("vm", cpus=tuple(range(8)), node_cpus=8, gpus=2)
+    with pytest.raises(NodeMismatch) as e:
+        check_place(c, places[5], two)
+    assert str(e.value) == "cluster.gpus_per_node is 8 but node vm shows 2 GPUs (rank 5 was placed on GPU 4)"
+    with pytest.raises(NodeMismatch, match=r"^cluster.gpus_per_node is 8 but node vm shows no GPU$"):
+        check_place(c, places[0], NodeFacts("vm", cpus=tuple(range(8)), node_cpus=8, gpus=0))
+    check_place(c, places[5], NodeFacts("vm", cpus=tuple(range(8)), node_cpus=8, gpus=8))
+    # the launcher chose the visible GPUs (one per rank): one is enough, none is not
+    check_place(c, places[5], NodeFacts("vm", cpus=tuple(range(8)), node_cpus=8, gpus=1, gpus_bound=True))
+    with pytest.raises(NodeMismatch, match=r"rank 5 on node vm sees no GPU"):
+        check_place(c, places[5], NodeFacts("vm", cpus=tuple(range(8)), node_cpus=8, gpus=0, gpus_bound=True))
+
+
+def test_count_gpus_without_cuda(tmp_path):
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": "0,1,3"}) == (3, True)
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": ""}) == (0, True)
+    assert count_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,2"}) == (1, True)  # CUDA stops at an invalid id
+    proc = tmp_path / "gpus"
+    for bus in ("0000:17:00.0", "0000:65:00.0"):
+        (proc / bus).mkdir(parents=True)
+    assert count_gpus({}, proc=proc, dev=tmp_path) == (2, False)
+    for name in ("nvidia0", "nvidia1", "nvidia2", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / "dev" / name).mkdir(parents=True)
+    assert count_gpus({}, proc=tmp_path / "none", dev=tmp_path / "dev") == (3, False)
+
+
+# `scontrol --oneliner show node` as SLURM 22.05 prints it (the fields hpcfl reads; OS= holds spaces)
+SCONTROL_CPU = (
+    "NodeName=vm Arch=x86_64 CoresPerSocket=2 CPUAlloc=0 CPUEfctv=2 CPUTot=2 CPULoad=0.08 AvailableFeatures=(null) "
+    "ActiveFeatures=(null) Gres=(null) NodeAddr=vm NodeHostName=vm Version=22.05.8 OS=Linux 6.1.0-13-amd64 #1 SMP "
+    "PREEMPT_DYNAMIC Debian 6.1.55-1 (2023-09-29)  RealMemory=20000 AllocMem=0 FreeMem=21000 Sockets=1 Boards=1 "
+    "State=IDLE ThreadsPerCore=1 TmpDisk=0 Weight=1 Owner=N/A MCS_label=N/A Partitions=debug  "
+    "BootTime=2026-11-30T08:00:00 SlurmdStartTime=2026-12-01T09:00:00 CfgTRES=cpu=2,mem=20000M,billing=2 AllocTRES= "
+    "CapWatts=n/a CurrentWatts=0 AveWatts=0 ExtSensorsJoules=n/s ExtSensorsWatts=0 ExtSensorsTemp=n/s\n")
+SCONTROL_GPU = "".join(
+    f"NodeName=gn{i:02d} Arch=x86_64 CoresPerSocket=18 CPUAlloc=0 CPUTot=72 Gres=gpu:v100:8(S:0-1) "
+    f"NodeAddr=gn{i:02d} Sockets=2 Boards=1 State=IDLE ThreadsPerCore=2 Partitions=gp1d,gtest RealMemory=770000\n"
+    for i in range(3)) + \
+    "NodeName=cn01 Arch=x86_64 CoresPerSocket=28 CPUTot=56 Gres=(null) Sockets=2 Boards=1 State=IDLE Partitions=cpu\n"
+
+
+def test_node_shapes_from_scontrol_output():
+    assert parse_gres_gpus("gpu:8") == 8 and parse_gres_gpus("gpu:a100:4(S:0-1),gpu:t4:2") == 6
+    assert parse_gres_gpus("(null)") == 0 and parse_gres_gpus("mps:100,gpu:v100:2(S:0)") == 2
+    nodes = parse_scontrol_nodes(SCONTROL_GPU)
+    assert [n["NodeName"] for n in nodes] == ["gn00", "gn01", "gn02", "cn01"]
+    assert shape_of_nodes(nodes, "gp1d") == ((2, 18, 8), "3 node(s) of partition gp1d")
+    assert shape_of_nodes(nodes, "cpu")[0] == (2, 28, 0)
+    assert shape_of_nodes(nodes)[0] == (2, 18, 0)  # shapes differ: the smallest of each
+    assert shape_of_nodes(nodes, "nope")[0] is None
+    assert shape_of_nodes(parse_scontrol_nodes(SCONTROL_CPU))[0] == (1, 2, 0)
+
+
+def fake_slurm(tmp_path, output: str, rc: int = 0) -> str:
+    """A `scontrol` on PATH that prints recorded output (and records that it ran)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    (tmp_path / "scontrol.out").write_text(output)
+    script = bin_ / "scontrol"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.calls\ncat {tmp_path}/scontrol.out\nexit {rc}\n")
+    script.chmod(0o755)
+    return str(bin_)
+
+
+def test_render_reads_a_left_out_node_shape_from_slurm(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", fake_slurm(tmp_path, SCONTROL_GPU) + os.pathsep + os.environ["PATH"])
+    raw = {"sites": {"count": 4, "ranks": 2}, "cluster": {"partition": "gp1d"}}
+    cfg, sets, line = fill_node_shape(from_dict(raw, "c.yaml"), ["fl.rounds=3"])
+    assert (cfg.cluster.sockets_per_node, cfg.cluster.cores_per_socket, cfg.cluster.gpus_per_node) == (2, 18, 8)
+    assert sets == ["fl.rounds=3", "cluster.sockets_per_node=2", "cluster.cores_per_socket=18", "cluster.gpus_per_node=8"]
+    assert line == ("cluster: node shape from SLURM (scontrol show node, 3 node(s) of partition gp1d): 2 sockets x 18 "
+                    "cores, 8 GPUs; the script sets cluster.sockets_per_node=2 cluster.cores_per_socket=18 "
+                    "cluster.gpus_per_node=8")
+    # a config that describes the node is left alone: SLURM is not asked
+    (tmp_path / "scontrol.calls").unlink()
+    same = from_dict({**raw, "cluster": {"cores_per_socket": 4}}, "c.yaml")
+    assert fill_node_shape(same, []) == (same, [], "")
+    assert not (tmp_path / "scontrol.calls").exists()
+
+
+def test_render_cli_says_what_it_read_and_the_ranks_get_it(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sites: [{name: a, ranks: 1}]\ncluster: {aggregator_cores: 0, launcher: mpirun}\n")
+    env = {"PATH": fake_slurm(tmp_path, SCONTROL_CPU) + os.pathsep + os.environ["PATH"]}
+    r = hpcfl("render", cfg, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ("hpcfl: cluster: node shape from SLURM (scontrol show node, 1 node(s) of all partitions): "
+                        "1 socket x 2 cores, no GPU; the script sets cluster.sockets_per_node=1 "
+                        "cluster.cores_per_socket=2 cluster.gpus_per_node=0\n")
+    assert "# on 1 node(s) of 1x2 cores; ranks per node: [2]." in r.stdout
+    assert r.stdout.count("--set cluster.sockets_per_node=1 --set cluster.cores_per_socket=2 "
+                          "--set cluster.gpus_per_node=0") == 3  # the header, the placement and every rank
+    broken = {"PATH": fake_slurm(tmp_path, "scontrol: error: Could not establish a configuration source", rc=1)
+              + os.pathsep + os.environ["PATH"]}
+    r = hpcfl("render", cfg, env=broken)
+    assert r.returncode == 0 and r.stderr.count("\n") == 1
+    assert "SLURM could not tell it (scontrol show node: scontrol: error: Could not establish" in r.stderr
+    assert "using sockets_per_node=2, cores_per_socket=16, gpus_per_node=0" in r.stderr
+    assert "# on 1 node(s) of 2x16 cores" in r.stdout

@@ -42,7 +42,7 @@ def test_unknown_key_suggests_the_right_one():
     ({"fl": {"rounds": "ten"}}, r"fl.rounds: expected an integer"),
     ({"fl": {"rounds": 2.5}}, r"fl.rounds: expected an integer"),
     ({"train": {"lr": 0}}, r"train.lr: must be > 0.0"),
-    ({"train": {"optimizer": "adamw"}}, r"train.optimizer: 'adamw' is not one of sgd, adam \(did you mean 'adam'\?\)"),
+    ({"train": {"optimizer": "adma"}}, r"train.optimizer: 'adma' is not one of sgd, adam(, adamw)? \(did you mean 'adam'\?\)"),
     ({"fl": {"local_epochs": 1, "local_steps": 5}}, r"fl: set local_epochs or local_steps, not both"),
     ({"data": {"val_fraction": 1.5}}, r"data.val_fraction: must be <= 0.9"),
     ({"model": {"batchnorm": "yes"}}, r"model.batchnorm: expected true or false"),
@@ -112,3 +112,69 @@ def test_apply_override_creates_nested_keys():
     raw = {}
     apply_override(raw, "a.b.c=1")
     assert raw == {"a": {"b": {"c": 1}}}
+
+
+# -- hostile or mistaken input: one ConfigError naming the file and key ------------------------------
+
+
+@pytest.mark.parametrize("text,key", [
+    ("fl: {rounds: .nan}", "fl.rounds"), ("fl: {rounds: -.inf}", "fl.rounds"), ("train: {momentum: .nan}", "train.momentum"),
+    ("train: {lr: .inf}", "train.lr"), ("model: {conv_blocks: .NaN}", "model.conv_blocks"),
+    ("privacy: {dp: {noise_multiplier: .nan}}", "privacy.dp.noise_multiplier"),
+])
+def test_non_finite_numbers_are_refused(text, key):
+    with pytest.raises(ConfigError, match=rf"^x.yaml: {key}: must be a finite (number|integer), got"):
+        from_dict(parse_yaml("sites: [{name: a}]\n" + text), "x.yaml")
+    with pytest.raises(ConfigError, match=rf"x.yaml: {key}: must be a finite"):
+        from_dict(BASE, "x.yaml", overrides=[f"{key}=.nan"])
+
+
+def test_merge_keys_merge_and_the_mapping_wins():
+    doc = parse_yaml("a: &a {x: 1, y: 2}\nb: &b {z: 3}\nc: {<<: [*a, *b], y: 9}\nd: {<<: *a}\n")
+    assert doc["c"] == {"x": 1, "y": 9, "z": 3} and doc["d"] == {"x": 1, "y": 2}
+    with pytest.raises(ConfigError, match=r"line 5: invalid YAML: duplicate key 'y'"):
+        parse_yaml("a: &a {x: 1}\nc:\n  <<: *a\n  y: 1\n  y: 2\n")
+
+
+def test_alias_expansion_and_nesting_are_bounded():
+    from hpcfl.config import MAX_YAML_DEPTH, MAX_YAML_NODES
+
+    fine = parse_yaml("a: &a [1, 2]\nb: [*a, *a, *a]")  # aliases as such are fine
+    assert fine["b"] == [[1, 2]] * 3
+    n = 1 + int(MAX_YAML_NODES ** 0.5)
+    bomb = f"a: &a [{', '.join(['1'] * n)}]\nb: [{', '.join(['*a'] * n)}]\n"  # ~n^2 values once expanded
+    with pytest.raises(ConfigError, match=rf"line 2: invalid YAML: holds more than {MAX_YAML_NODES} values"):
+        parse_yaml(bomb, "x.yaml")
+    ok_depth = "[" * (MAX_YAML_DEPTH - 1) + "]" * (MAX_YAML_DEPTH - 1)
+    assert parse_yaml(ok_depth) is not None
+    with pytest.raises(ConfigError, match=rf"nested more than {MAX_YAML_DEPTH} levels deep"):
+        parse_yaml("[" * (MAX_YAML_DEPTH + 1) + "]" * (MAX_YAML_DEPTH + 1))
+    chain = "a0: &a0 " + "[" * 40 + "]" * 40 + "\n" + "".join(f"a{i}: &a{i} [[[[*a{i - 1}]]]]\n" for i in range(1, 10))
+    with pytest.raises(ConfigError, match=r"nested more than .* \(aliases expanded\)"):
+        parse_yaml(chain)  # deep only once expanded: 40 + 4 per link
+
+
+def test_config_files_are_read_as_bounded_utf8_bytes(tmp_path):
+    from hpcfl.config import MAX_CONFIG_BYTES, read_config_text
+
+    sparse = tmp_path / "huge.yaml"
+    with open(sparse, "wb") as f:
+        f.truncate(8 << 30)  # 8 GiB on paper, nothing on disk: refused by its size, not read
+    with pytest.raises(ConfigError, match=rf"huge.yaml: {8 << 30} bytes; a config file may have at most {MAX_CONFIG_BYTES}"):
+        load_config(sparse)
+    with pytest.raises(ConfigError, match=rf"more than {MAX_CONFIG_BYTES} bytes"):
+        read_config_text(Path("/dev/zero"))  # no size to check: read up to the cap, then refused
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfsites: [{name: a}]\nmodel: {args: {note: caf\xc3\xa9}}\n")  # UTF-8 with a BOM is fine
+    assert load_config(bom).model.args == {"note": "caf\u00e9"}
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"sites: [{name: a}]\nrun: {name: caf\xe9}\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml: line 2: not UTF-8 text \(byte 0xe9\)"):
+        load_config(latin)
+
+
+def test_sites_count_and_set_indexes_are_bounded():
+    with pytest.raises(ConfigError, match=r"sites.count: must be <= 100000, got 1000000000"):
+        from_dict({"sites": {"count": 1e9}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"sites.\u00b2: index out of range"):
+        from_dict(BASE, "x.yaml", overrides=["sites.\u00b2.ranks=2"])

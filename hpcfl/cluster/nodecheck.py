@@ -1,0 +1,223 @@
+"""Does the node agree with the config? Checked by each rank before it pins itself, and read from SLURM.
+
+A ``cluster:`` section describing more cores or GPUs than the node has used to end in
+``OSError: [Errno 22] Invalid argument`` from ``sched_setaffinity`` on one rank, naming no
+setting. :func:`check_place` compares a rank's place with what this process can see
+(:func:`node_facts`) and raises one line naming the cluster key that disagrees.
+
+Where the config leaves the node shape out (none of ``cluster.sockets_per_node``,
+``cores_per_socket``, ``gpus_per_node`` set), ``hpcfl render``/``submit`` read it
+from ``scontrol show node`` (:func:`fill_node_shape`), say what they read, and fix it in the
+rendered script with ``--set`` so that every rank of the job places itself the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import ConfigError
+from .placement import DEFAULT_NODE, Place, node_shape
+
+SHAPE_KEYS = ("sockets_per_node", "cores_per_socket", "gpus_per_node")
+
+
+class NodeMismatch(ConfigError):
+    """The node a rank runs on cannot give the place the config's cluster section asks for."""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What one process sees of its node."""
+    host: str
+    cpus: Tuple[int, ...]  # the CPUs this process may use (sched_getaffinity)
+    node_cpus: int  # CPUs of the node (os.cpu_count)
+    gpus: int  # GPUs this process can see
+    gpus_bound: bool = False  # CUDA_VISIBLE_DEVICES was set (by the launcher): ``gpus`` is its share, not the node's
+
+
+def count_gpus(env: Optional[Dict[str, str]] = None, proc: Path = Path("/proc/driver/nvidia/gpus"),
+               dev: Path = Path("/dev")) -> Tuple[int, bool]:
+    """(GPUs this process can see, whether CUDA_VISIBLE_DEVICES decides it), without importing torch or CUDA."""
+    env = os.environ if env is None else env
+    vis = env.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        ids = [x.strip() for x in vis.split(",") if x.strip()]
+        usable = []
+        for x in ids:  # CUDA stops at the first invalid id ("-1", "NoDevFiles")
+            if x.startswith("-") or x == "NoDevFiles":
+                break
+            usable.append(x)
+        return len(usable), True
+    try:
+        return len([p for p in proc.iterdir() if p.is_dir()]), False
+    except OSError:
+        pass
+    try:
+        return len([p for p in dev.iterdir() if re.fullmatch(r"nvidia\d+", p.name)]), False
+    except OSError:
+        return 0, False
+
+
+def node_facts() -> NodeFacts:
+    gpus, bound = count_gpus()
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
+    return NodeFacts(socket.gethostname(), cpus, max(os.cpu_count() or len(cpus), len(cpus)), gpus, bound)
+
+
+def _span(ids: Sequence[int]) -> str:
+    ids = sorted(ids)
+    if not ids:
+        return "none"
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
+    return ",".join(map(str, ids))
+
+
+def _is(cluster, key: str, value: int) -> str:
+    left_out = getattr(cluster, key) is None
+    return f"cluster.{key} is {value}" + (" (the default: the config leaves it out)" if left_out else "")
+
+
+def check_place(cluster, place: Place, facts: NodeFacts) -> None:
+    """Raise NodeMismatch, in one line naming the cluster key, if this node cannot give ``place``.
+
+    ``cluster`` is the config's cluster section. Checked: the node has the cores the section
+    describes; the place's cores are CPUs this process may use (unless the launcher bound it
+    to fewer CPUs than the node has: then the launcher's binding stands and nothing is pinned);
+    the node shows the GPUs the section describes (or, when the launcher chose the visible
+    GPUs, at least one for a rank placed on a GPU).
+    """
+    shape = node_shape(cluster)
+    S, C = shape.sockets_per_node, shape.cores_per_socket
+    on = f"rank {place.rank} was placed on cores {_span(place.cores)}" if place.cores else ""
+    if S * C > facts.node_cpus:
+        if S > facts.node_cpus:
+            what = _is(cluster, "sockets_per_node", S)
+        elif S == 1:
+            what = _is(cluster, "cores_per_socket", C)
+        else:
+            what = _is(cluster, "cores_per_socket", C) + f" (x {S} sockets_per_node = {S * C} cores)"
+        raise NodeMismatch(f"{what} but node {facts.host} has {facts.node_cpus} CPUs" + (f" ({on})" if on else ""))
+    launcher_bound = len(facts.cpus) < facts.node_cpus
+    if place.cores and not launcher_bound and not set(place.cores) <= set(facts.cpus):
+        raise NodeMismatch(f"cluster: {on} but this process may use only CPUs {_span(facts.cpus)} of node "
+                           f"{facts.host}; check cluster.sockets_per_node and cluster.cores_per_socket")
+    G = shape.gpus_per_node
+    if facts.gpus_bound:
+        if place.gpu is not None and facts.gpus < 1:
+            raise NodeMismatch(f"{_is(cluster, 'gpus_per_node', G)} but rank {place.rank} on node {facts.host} "
+                               "sees no GPU (CUDA_VISIBLE_DEVICES is set and empty)")
+        return
+    if G > facts.gpus:
+        gpu = f" (rank {place.rank} was placed on GPU {place.gpu})" if place.gpu is not None else ""
+        shows = f"{facts.gpus} GPU{'s' if facts.gpus != 1 else ''}" if facts.gpus else "no GPU"
+        raise NodeMismatch(f"{_is(cluster, 'gpus_per_node', G)} but node {facts.host} shows {shows}{gpu}")
+
+
+# -- the node shape from SLURM ---------------------------------------------------------
+
+_FIELD = re.compile(r"(\w+)=(\S*)")
+
+
+def parse_gres_gpus(gres: str) -> int:
+    """GPUs in a Gres string: ``gpu:8``, ``gpu:a100:4(S:0-1)``, ``gpu:v100:2,mps:200``; 0 for ``(null)``."""
+    total = 0
+    for item in re.split(r",(?![^(]*\))", gres or ""):
+        item = item.split("(")[0]
+        parts = item.split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def parse_scontrol_nodes(text: str) -> List[Dict[str, str]]:
+    """``scontrol --oneliner show node`` output: one dict of fields per node."""
+    nodes = []
+    for line in text.splitlines():
+        fields = dict(_FIELD.findall(line))
+        if "NodeName" in fields:
+            nodes.append(fields)
+    return nodes
+
+
+def shape_of_nodes(nodes: Sequence[Dict[str, str]], partition: str = "") -> Tuple[Optional[Tuple[int, int, int]], str]:
+    """((sockets, cores per socket, GPUs), what was read) over the partition's nodes; the smallest where they differ."""
+    if partition:
+        nodes = [n for n in nodes if partition in n.get("Partitions", "").split(",")]
+    shapes = []
+    for n in nodes:
+        try:
+            sockets = int(n["Sockets"]) * int(n.get("Boards", "1") or 1)
+            cores = int(n["CoresPerSocket"])
+        except (KeyError, ValueError):
+            continue
+        if sockets >= 1 and cores >= 1:
+            shapes.append((sockets, cores, parse_gres_gpus(n.get("Gres", ""))))
+    where = f"partition {partition}" if partition else "all partitions"
+    if not shapes:
+        return None, f"no node{' of ' + where if partition else ''} with a readable shape"
+    counts = Counter(shapes)
+    if len(counts) == 1:
+        return shapes[0], f"{len(shapes)} node(s) of {where}"
+    smallest = tuple(min(s[i] for s in shapes) for i in range(3))
+    return smallest, f"{len(shapes)} nodes of {where}, of {len(counts)} shapes: the smallest of each"  # type: ignore[return-value]
+
+
+Runner = Callable[[List[str]], Tuple[int, str, str]]
+
+
+def _run(argv: List[str]) -> Tuple[int, str, str]:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, "", str(exc)
+    return r.returncode, r.stdout, r.stderr
+
+
+def _describe(shape: Tuple[int, int, int]) -> str:
+    s, c, g = shape
+    return f"{s} socket{'s' if s != 1 else ''} x {c} cores, " + (f"{g} GPU{'s' if g != 1 else ''}" if g else "no GPU")
+
+
+def fill_node_shape(cfg, overrides: Sequence[str] = (), run: Runner = _run, which=shutil.which):
+    """(cfg, overrides, line): the node shape read from ``scontrol show node`` when the config leaves it out.
+
+    "Left out" means that none of cluster.sockets_per_node, cores_per_socket and gpus_per_node
+    is set (absent or null): a config that sets any of them describes the node itself, and the
+    keys it leaves out take DEFAULT_NODE. The values read are added to ``overrides`` as ``--set
+    cluster.KEY=N`` (so the rendered script's ranks place themselves on the same shape), and
+    ``line`` says what was read and from where; without SLURM the defaults stand and ``line``
+    says so. ``line`` is '' when the config describes the node."""
+    c = cfg.cluster
+    missing = [k for k in SHAPE_KEYS if getattr(c, k) is None]
+    if len(missing) < len(SHAPE_KEYS):  # the config describes the node: keys it leaves out take DEFAULT_NODE
+        return cfg, list(overrides), ""
+    defaults = ", ".join(f"{k}={v}" for k, v in zip(SHAPE_KEYS, DEFAULT_NODE) if k in missing)
+    hint = "set cluster.sockets_per_node, cores_per_socket and gpus_per_node to describe the nodes"
+    if which("scontrol") is None:
+        return cfg, list(overrides), f"cluster: the node shape is left out and there is no SLURM here (scontrol not " \
+                                     f"found): using {defaults}; {hint}"
+    rc, out, err = run(["scontrol", "--oneliner", "show", "node"])
+    shape, what = shape_of_nodes(parse_scontrol_nodes(out), c.partition) if rc == 0 else (None, "")
+    if shape is None:
+        why = what if rc == 0 else ((err or out).strip().splitlines() or [f"exit code {rc}"])[-1]
+        return cfg, list(overrides), f"cluster: the node shape is left out and SLURM could not tell it " \
+                                     f"(scontrol show node: {why}): using {defaults}; {hint}"
+    values = {k: v for k, v in zip(SHAPE_KEYS, shape) if k in missing}
+    new = dataclasses.replace(cfg, cluster=dataclasses.replace(c, **values))
+    sets = [f"cluster.{k}={v}" for k, v in values.items()]
+    line = f"cluster: node shape from SLURM (scontrol show node, {what}): {_describe(shape)}; " \
+           f"the script sets {' '.join(sets)}"
+    return new, [*overrides, *sets], line
+
+
+__all__ = ["NodeFacts", "NodeMismatch", "check_place", "node_facts", "count_gpus", "fill_node_shape",
+           "parse_scontrol_nodes", "parse_gres_gpus", "shape_of_nodes"]
