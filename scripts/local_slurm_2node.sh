@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# A real TWO-node SLURM cluster on this one machine, for running hpcfl's rendered multi-node jobs:
+# `scripts/local_slurm_2node.sh start|stop|status|env|restart-controller`. Needs root, iproute2, slurm-wlm and munge
+# (scripts/install.sh installs them with HPCFL_WITH_SLURM=1).
+#
+#   root namespace: slurmctld (port 6917) and munged, bridge hpcfl-br0 10.77.0.254/24
+#        |-- veth --> netns hpcfl-n1: eth0 10.77.0.1, hostname hpcfl-n1, slurmd (port 6918)
+#        `-- veth --> netns hpcfl-n2: eth0 10.77.0.2, hostname hpcfl-n2, slurmd (port 6918)
+#
+# Each node has its own network stack, address and hostname (a network + UTS namespace), so MPI
+# sees two hosts and talks TCP between them; the filesystem is shared, like a cluster's.
+# It lives beside scripts/local_slurm.sh's one-node cluster without touching it: its own config
+# ($HPCFL_2NODE_DIR/etc/slurm.conf: point SLURM_CONF there, or `eval "$(... env)"`), ports,
+# state, munged (own socket and key) and daemon names (hpcfl2n-*, so `pkill -x slurmd` in the
+# other script does not reach them). Daemons are stopped by their pid files; `start` first
+# removes whatever a previous run left behind.
+set -euo pipefail
+cmd="${1:-status}"
+base="${HPCFL_2NODE_DIR:-/var/lib/hpcfl-2node}"
+net="${HPCFL_2NODE_NET:-10.77.0}"  # a /24 this machine does not use
+cpus="${HPCFL_2NODE_CPUS:-4}"      # slots each node offers (both share this machine's cores)
+nodes=(hpcfl-n1 hpcfl-n2)
+bridge=hpcfl-br0
+conf="$base/etc/slurm.conf"
+sock="$base/run/munge.socket"
+host="$(hostname -s)"
+
+die() { echo "local_slurm_2node: $*" >&2; exit "${2:-1}"; }
+
+env_lines() { echo "export SLURM_CONF=$conf"; }
+
+# A daemon under its own name: a symlink named hpcfl2n-X to the real binary gives the process that comm name.
+bin() { ln -sf "$(command -v "$1")" "$base/bin/hpcfl2n-$1"; echo "$base/bin/hpcfl2n-$1"; }
+
+# alive PID: running (a zombie is not: where PID 1 does not reap, dead daemons stay zombies)
+alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+
+kill_pidfile() {
+  local f="$1" pid
+  [ -s "$f" ] || return 0
+  pid="$(cat "$f")"
+  if alive "$pid" && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == hpcfl2n-* ]]; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 40); do alive "$pid" || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+
+stop() {
+  local n pid
+  for n in "${nodes[@]}"; do kill_pidfile "$base/run/slurmd-$n.pid"; done
+  kill_pidfile "$base/run/slurmctld.pid"
+  for n in "${nodes[@]}"; do
+    if ip netns list 2>/dev/null | grep -qw "$n"; then
+      # whatever still runs inside the node (job steps of a killed run) was started by this cluster
+      for pid in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+      ip netns del "$n" 2>/dev/null || true
+    fi
+    ip link del "$n-br" 2>/dev/null || true
+    rm -rf "/etc/netns/$n"
+  done
+  ip link del "$bridge" 2>/dev/null || true
+  kill_pidfile "$base/run/munged.pid"
+  rm -f "$sock" "$sock.lock"
+  echo "local_slurm_2node: stopped"
+}
+
+network() {
+  ip link add "$bridge" type bridge 2>/dev/null || die "cannot create network devices here (a container without CAP_NET_ADMIN?)" 77
+  ip addr add "$net.254/24" dev "$bridge"
+  ip link set "$bridge" up
+  local i n
+  for i in 1 2; do
+    n="${nodes[$((i - 1))]}"
+    ip netns add "$n"
+    ip link add "$n-br" type veth peer name eth0 netns "$n"
+    ip link set "$n-br" master "$bridge" up
+    ip -n "$n" addr add "$net.$i/24" dev eth0
+    ip -n "$n" link set eth0 up
+    ip -n "$n" link set lo up
+    # mounted over /etc/hosts inside the node (what `ip netns exec` does too)
+    mkdir -p "/etc/netns/$n"
+    printf '127.0.0.1 localhost\n%s.1 %s\n%s.2 %s\n%s.254 %s\n' \
+      "$net" "${nodes[0]}" "$net" "${nodes[1]}" "$net" "$host" > "/etc/netns/$n/hosts"
+  done
+}
+
+write_conf() {
+  mkdir -p "$base/etc"
+  cat > "$conf" <<CONF
+# scripts/local_slurm_2node.sh: two nodes (network namespaces) on one machine
+ClusterName=hpcfl-2node
+SlurmctldHost=$host($net.254)
+SlurmctldPort=6917
+SlurmdPort=6918
+AuthType=auth/munge
+AuthInfo=socket=$sock
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SlurmUser=root
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+StateSaveLocation=$base/spool/ctld
+SlurmdSpoolDir=$base/spool/%n
+SlurmctldPidFile=$base/run/slurmctld.pid
+SlurmdPidFile=$base/run/slurmd-%n.pid
+SlurmctldLogFile=$base/log/slurmctld.log
+SlurmdLogFile=$base/log/slurmd-%n.log
+MpiDefault=none
+SlurmdParameters=config_overrides
+NodeName=${nodes[0]} NodeAddr=$net.1 CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=4000 State=UNKNOWN
+NodeName=${nodes[1]} NodeAddr=$net.2 CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=4000 State=UNKNOWN
+# hpcfl's jobs ask --exclusive: they run one after another, as on a cluster
+PartitionName=two Nodes=${nodes[0]},${nodes[1]} Default=YES MaxTime=INFINITE State=UP
+CONF
+}
+
+start() {
+  [ "$(id -u)" = 0 ] || die "needs root (network namespaces, slurmd)" 77
+  command -v ip >/dev/null || die "ip not found: apt-get install iproute2" 77
+  command -v slurmctld >/dev/null && command -v munged >/dev/null || die "slurm-wlm/munge not installed" 77
+  stop >/dev/null
+  mkdir -p "$base"/{bin,run,log,spool/ctld} "${nodes[@]/#/$base/spool/}"
+  chmod 0700 "$base/run"
+  [ -s "$base/etc/munge.key" ] || { mkdir -p "$base/etc"; head -c 1024 /dev/urandom > "$base/etc/munge.key"; }
+  chmod 0400 "$base/etc/munge.key"
+  write_conf
+  network
+  "$(bin munged)" --force --socket="$sock" --key-file="$base/etc/munge.key" --pid-file="$base/run/munged.pid" \
+    --log-file="$base/log/munged.log" --seed-file="$base/run/munged.seed"
+  "$(bin slurmctld)" -c -f "$conf"  # -c: forget jobs a previous cluster left behind
+  local slurmd n
+  slurmd="$(bin slurmd)"
+  for n in "${nodes[@]}"; do
+    # its own network (the netns), hostname (--uts), and in its own mount namespace its /etc/hosts and a
+    # node-local /tmp (as on a real cluster: the two slurmd's PMIx and Open MPI's session directories,
+    # named by job and step, would collide in one shared /tmp). Not `ip netns exec`: it remounts /sys
+    # without the cgroup filesystem slurmd needs.
+    mkdir -p "$base/tmp/$n"; chmod 1777 "$base/tmp/$n"
+    nsenter --net="/run/netns/$n" unshare --uts --mount --propagation slave -- sh -c \
+      'hostname "$1" && mount --bind "/etc/netns/$1/hosts" /etc/hosts && mount --bind "$4" /tmp \
+       && exec "$2" -f "$3" -N "$1"' sh "$n" "$slurmd" "$conf" "$base/tmp/$n"
+  done
+  wait_up
+}
+
+wait_up() {
+  local n
+  export SLURM_CONF="$conf"
+  for _ in $(seq 60); do
+    if [ "$(sinfo -h -N -o '%t' 2>/dev/null | grep -cE 'idle|mix|alloc')" = 2 ]; then
+      # the nodes reach the controller; now each other (MPI goes node to node): a TCP connect to the other slurmd
+      timeout 5 ip netns exec "${nodes[0]}" bash -c "exec 3<>/dev/tcp/$net.2/6918" \
+        && timeout 5 ip netns exec "${nodes[1]}" bash -c "exec 3<>/dev/tcp/$net.1/6918" \
+        || die "the two nodes cannot reach each other over $bridge (a firewall on bridged traffic?)"
+      echo "local_slurm_2node: up (${nodes[*]} at $net.1 and $net.2, $cpus CPUs each; SLURM_CONF=$conf)"
+      return 0
+    fi
+    for n in "${nodes[@]}"; do scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true; done
+    sleep 1
+  done
+  die "the nodes did not come up; see $base/log/"
+}
+
+# Debian 12's Slurm 22.05.8: a job that ran an `srun --distribution=arbitrary` step (hpcfl's srun
+# launcher) leaves "make_node_comp: run_job_cnt underflow" in slurmctld.log when it ends, and the next
+# submission can crash slurmctld (SIGSEGV in bit_size); seen on a plain one-node cluster too. A restart
+# recovers every job from the state files (no -c).
+restart_controller() {
+  kill_pidfile "$base/run/slurmctld.pid"
+  "$(bin slurmctld)" -f "$conf"
+  wait_up
+}
+
+case "$cmd" in
+  start) start ;;
+  restart-controller) restart_controller ;;
+  stop) stop ;;
+  status) SLURM_CONF="$conf" sinfo -N ;;
+  env) env_lines ;;
+  *) echo "usage: $0 start|stop|status|env|restart-controller" >&2; exit 2 ;;
+esac
