@@ -74,9 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--launcher", choices=["srun", "mpirun", "horovodrun"], help="default: cluster.launcher")
 
-    p = sub.add_parser("status", help="SLURM state and federation progress of a job or run directory")
+    p = sub.add_parser("status", help="where a run stands: round, ETA, per-site metrics, live ranks, SLURM state",
+                       description="A run directory (local or SLURM run) or a SLURM job id: the run's state, the round "
+                                   "in progress and an ETA, every site's last metrics, which ranks are alive "
+                                   "(heartbeats, else pids on this host), and a SLURM job's real state with its exit "
+                                   "code and error line. Exits non-zero when there is nothing to report.")
     p.add_argument("target", help="a run directory or a SLURM job id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until the run ends or Ctrl-C")
+
+    p = sub.add_parser("report", help="one self-contained HTML report of one or more runs (plots, tables)",
+                       description="Accuracy and loss per site per round (global and locally tuned models), the time "
+                                   "breakdown per round, participation, the cross-site matrix, DP epsilon, rank "
+                                   "placement and tiling thumbnails, in one HTML file with its images embedded (opens "
+                                   "offline). Several runs are overlaid for comparison.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html of the first run)")
 
     p = sub.add_parser("cancel", help="cancel a job (JOBID, or RUN_DIR for its latest job)")
     p.add_argument("target")
@@ -148,6 +162,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _tile(args)
         if args.command in ("status", "cancel", "stop"):
             return _status_or_cancel(args)
+        if args.command == "report":
+            from .observe import write_report
+
+            print(f"report: {write_report(*args.run_dirs, output=args.output)}")
+            return 0
 
         from .config import dump_yaml, load_config
         from .topology import expected_layout
@@ -206,47 +225,70 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _status_or_cancel(args) -> int:
+    """status / stop / cancel of a run directory or a SLURM job id (hpcfl.observe.status, hpcfl.cluster.slurm)."""
     import json
+    import math
+
+    from .cluster import slurm
+    from .errors import LaunchError
+    from .observe import status as S
+
+    run_dir, job_id = _resolve_target(args.target)
+    if args.command == "stop":
+        return _stop(args.target, run_dir, job_id)
+    if args.command == "cancel":
+        if job_id is None:
+            raise LaunchError(f"{args.target}: no SLURM job recorded ({Path(run_dir) / 'slurm' / 'jobs.json'}); "
+                              f"a local run is stopped with: hpcfl stop {args.target}")
+        slurm.cancel(job_id)
+        print(f"cancelled job {job_id}")
+        return 0
+    if args.watch is not None:
+        if not (math.isfinite(args.watch) and args.watch > 0):
+            raise LaunchError(f"status --watch: {args.watch} is not a positive number of seconds")
+        return S.watch(run_dir, job_id, args.watch, as_json=args.json)
+    lines, doc, _ = S.collect(run_dir, job_id)
+    print(json.dumps(doc, indent=2) if args.json else "\n".join(lines))
+    return 0
+
+
+def _resolve_target(target: str):
+    """(run directory or None, SLURM job id or None) of a RUN_DIR or JOBID argument; one line if it is neither."""
+    import re
 
     from .cluster import slurm
     from .errors import LaunchError
 
-    target = args.target
-    if Path(target).is_dir():
-        run_dir = Path(target)
-        jobs = slurm.progress(run_dir).get("jobs", [])
-        job_id = jobs[-1] if jobs else None
-    elif target.isdigit():
-        job_id, run_dir = target, slurm.run_dir_of_job(target)
-    else:
-        raise LaunchError(f"{target}: neither a run directory nor a SLURM job id")
-    if args.command == "stop":
-        from .federation import STOP_FILE
+    p = Path(target)
+    if p.is_dir():
+        jobs = slurm.recorded_jobs(p)
+        return p, (jobs[-1] if jobs else None)
+    if re.fullmatch(r"\d+", target):
+        slurm.require_client("squeue")  # "no SLURM client here: squeue not found" before anything else
+        return slurm.run_dir_of_job(target), target
+    if p.exists():
+        raise LaunchError(f"{target}: not a directory (a run directory or a SLURM job id expected)")
+    raise LaunchError(f"{target}: no such run directory, and not a SLURM job id")
 
-        if run_dir is None or not (Path(run_dir) / "manifest.json").exists():
-            raise LaunchError(f"{target}: not the run directory of a started federation")
-        (Path(run_dir) / STOP_FILE).touch()
-        print(f"asked {run_dir} to stop: rank 0 checkpoints after the round in progress, then every rank exits")
-        return 0
-    if args.command == "cancel":
-        if job_id is None:
-            raise LaunchError(f"{target}: no SLURM job recorded for this run directory")
-        slurm.cancel(job_id)
-        print(f"cancelled job {job_id}")
-        return 0
-    info = slurm.progress(run_dir) if run_dir is not None and run_dir.is_dir() else {}
-    info["job_id"] = job_id
-    info["state"] = slurm.job_state(job_id) if job_id else "no SLURM job recorded"
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"job {job_id}: {info['state']}")
-    if info.get("run_dir"):
-        eta = f", ETA {info['eta_s']:.0f}s" if info.get("eta_s") is not None else ""
-        acc = f", val_accuracy {info['val_accuracy']:.4f}" if info.get("val_accuracy") is not None else ""
-        print(f"{info['run_dir']}: round {info['last_round']}/{info.get('rounds') or '?'}{acc}{eta}")
-        for site, m in (info.get("sites") or {}).items():
-            print(f"  {site}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f}")
+
+def _stop(target: str, run_dir, job_id) -> int:
+    """Ask a running federation to stop after the round in progress; refuse when nothing is running."""
+    from .errors import LaunchError
+    from .federation import STOP_FILE
+    from .observe.status import run_status
+
+    if run_dir is None:
+        raise LaunchError(f"job {job_id}: its run directory is unknown (not submitted by hpcfl submit, "
+                          "or SLURM no longer knows the job)")
+    if not (Path(run_dir) / "manifest.json").exists() and not (Path(run_dir) / "config.yaml").exists():
+        raise LaunchError(f"{target}: not the run directory of a started federation (no manifest.json)")
+    st = run_status(Path(run_dir))
+    if st.state in ("finished", "stopped"):
+        raise LaunchError(f"{run_dir}: the run has already {st.state} (round {st.last_round}); nothing to stop")
+    if not st.active:
+        raise LaunchError(f"{run_dir}: not running ({st.state} after round {st.last_round}); nothing to stop")
+    (Path(run_dir) / STOP_FILE).touch()
+    print(f"asked {run_dir} to stop: rank 0 checkpoints after the round in progress, then every rank exits")
     return 0
 
 

@@ -428,6 +428,18 @@ class DebugConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = _f("", help="MLflow tracking URI; empty = a local file store in <run.root>/mlruns")
+    experiment: str = _f("hpcfl", help="MLflow experiment the run is logged under")
+
+
+@dataclass(frozen=True)
+class ObserveConfig:
+    tensorboard: bool = _f(True, help="rank 0 writes TensorBoard event files to runs/<name>/tb/ (every numeric metric, per site)")
+    mlflow: Optional[MlflowConfig] = _f(None, help="also log every metric to MLflow (needs mlflow-skinny); null = off")
+
+
+@dataclass(frozen=True)
 class Config:
     sites: Tuple[SiteConfig, ...] = _f(help="the simulated institutions, in rank order (list, or {count, ranks})")
     run: RunConfig = _f(RunConfig(), help="run identity")
@@ -441,6 +453,7 @@ class Config:
     launch: LaunchConfig = _f(LaunchConfig(), help="launcher")
     cluster: ClusterConfig = _f(ClusterConfig(), help="the SLURM cluster the job runs on")
     debug: DebugConfig = _f(DebugConfig(), help="fault injection")
+    observe: ObserveConfig = _f(ObserveConfig(), help="TensorBoard and MLflow logging of the metrics")
 
     @property
     def world_size(self) -> int:
@@ -765,7 +778,7 @@ def dump_yaml(cfg: Config) -> str:
 # Keys that may change between a run and its resumption without changing what
 # the completed rounds mean: more rounds, where the run lives, how it is launched.
 _HASH_EXCLUDED = {("fl", "rounds"), ("run", "name"), ("run", "root"), ("launch",), ("debug",), ("checkpoint",), ("eval",),
-                  ("cluster",)}
+                  ("cluster",), ("observe",)}
 
 
 def trajectory_dict(cfg: Any) -> dict:

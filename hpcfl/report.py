@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -101,12 +101,45 @@ class Progress:
         resumed = f", resuming after round {start_round - 1}" if start_round > 1 else ""
         self._print(f"hpcfl: {cfg.run.name}: {topology.world_size} ranks = aggregator + {len(topology.sites)} sites "
                     f"({sites}), {cfg.fl.rounds} rounds{resumed}")
+        from .observe import observers_for
+
+        # TensorBoard / MLflow (cfg.observe); they see every record rank 0 appends to metrics.jsonl.
+        self.observers = observers_for(cfg, rundir.path, start_round, warn=self._print)
+        mp = getattr(rundir, "metrics_path", None)
+        self._metrics_pos = mp.stat().st_size if mp is not None and mp.exists() else 0
 
     def _print(self, line: str) -> None:
         self.out.write(line + "\n")
         self.out.flush()
 
-    def round_done(self, s: Dict[str, Any]) -> None:
+    def round_done(self, s: Dict[str, Any], records: Optional[List[Dict[str, Any]]] = None) -> None:
+        """Print the round's line and hand its metrics.jsonl records to the observers.
+
+        Without ``records``, the observers get the lines appended to metrics.jsonl since the last call."""
+        self._line(s)
+        if self.observers:
+            self.observers.records(records if records is not None else self._new_records())
+
+    def _new_records(self) -> List[Dict[str, Any]]:
+        import json
+
+        mp = getattr(self.rundir, "metrics_path", None)
+        if mp is None or not mp.exists():
+            return []
+        with open(mp, "rb") as f:
+            f.seek(self._metrics_pos)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # complete lines only
+        self._metrics_pos += end
+        out = []
+        for line in chunk[:end].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def _line(self, s: Dict[str, Any]) -> None:
         t = s["time"]
         self.times.append(t)
         w = len(str(self.cfg.fl.rounds))
@@ -144,4 +177,8 @@ class Progress:
             self._print(f"\nfinal (round {last['round']}): val_accuracy {last['val_accuracy']:.4f}  "
                         f"val_loss {last['val_loss']:.4f}")
         self._print(f"run directory: {summary['run_dir']}  (metrics.jsonl, checkpoints/, logs/, manifest.json)")
+        if self.observers:
+            self.observers.finish(self.rundir.path)
+            if self.cfg.observe.tensorboard:
+                self._print(f"tensorboard --logdir {self.rundir.path / 'tb'}")
         return summary

@@ -11,27 +11,51 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import Config
 from ..errors import LaunchError
 from .render import render_sbatch
 
 
+class SlurmClientMissing(LaunchError):
+    """A SLURM command is not on PATH: this machine is not a SLURM login node."""
+
+
+def require_client(name: str) -> str:
+    """The path of SLURM client ``name``; SlurmClientMissing ("no SLURM client here: squeue not found ...") if absent."""
+    path = shutil.which(name)
+    if path is None:
+        raise SlurmClientMissing(f"no SLURM client here: {name} not found (install slurm-wlm, or run this on the cluster)")
+    return path
+
+
 def _run(argv: List[str]) -> str:
-    if shutil.which(argv[0]) is None:
-        raise LaunchError(f"{argv[0]} not found: this machine has no SLURM client (install slurm-wlm, or run on the cluster)")
+    require_client(argv[0])
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
-        raise LaunchError(f"{' '.join(argv[:2])} failed: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else r.returncode}")
+        said = (r.stderr or r.stdout).strip()
+        raise LaunchError(f"{' '.join(argv[:2])} failed: {said.splitlines()[-1] if said else f'exit code {r.returncode}'}")
     return r.stdout
+
+
+def _query(argv: List[str]) -> Optional[str]:
+    """stdout of a SLURM query, or None when it fails (an unknown job, accounting switched off)."""
+    require_client(argv[0])
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    return r.stdout if r.returncode == 0 else None
 
 
 def submit(cfg: Config, config_path: str, overrides: Sequence[str] = (), launcher: Optional[str] = None) -> Dict[str, Any]:
     """Render, write and sbatch the job; returns {"job_id", "script", "run_dir"}."""
     text = render_sbatch(cfg, config_path, overrides, launcher)
     run_dir = Path(cfg.run.root) / cfg.run.name
+    recorded_jobs(run_dir)  # a corrupt jobs.json is named before anything is submitted
     d = run_dir / "slurm"
     d.mkdir(parents=True, exist_ok=True)
     script = d / f"job-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
@@ -46,67 +70,158 @@ def submit(cfg: Config, config_path: str, overrides: Sequence[str] = (), launche
     return {"job_id": job_id, "script": str(script), "run_dir": str(run_dir), "log": str(d / f"{job_id}.out")}
 
 
-def job_state(job_id: str) -> str:
-    """PENDING, RUNNING, ... from squeue; FINISHED once it has left the queue (sacct where accounting exists)."""
-    out = _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip() if _in_queue(job_id) else ""
-    if out:
-        return out.splitlines()[0]
-    if shutil.which("sacct"):
-        r = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip().splitlines()[0].split()[0]
-    return "FINISHED"
+# States in which a job still holds or waits for resources; any other is where it ended.
+ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+          "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 
 
-def _in_queue(job_id: str) -> bool:
-    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
-    return r.returncode == 0 and bool(r.stdout.strip())
+@dataclass
+class JobStatus:
+    """What SLURM knows about a job. ``state`` is SLURM's word (RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT,
+    PREEMPTED, OUT_OF_MEMORY, NODE_FAIL, ...) or UNKNOWN when no SLURM command knows the job any more."""
+    job_id: str
+    state: str
+    source: Optional[str] = None  # squeue | sacct | scontrol
+    exit_code: Optional[str] = None  # "exit:signal", as SLURM writes it
+    reason: Optional[str] = None
+    log: Optional[str] = None  # the job's output file
+    error_line: Optional[str] = None  # the line in it that says what failed
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    @property
+    def known(self) -> bool:
+        return self.source is not None
+
+    def describe(self) -> str:
+        """``job 8: FAILED (exit code 1, NonZeroExitCode): hpcfl: rank 2 ... failed: ... (log: ...)``."""
+        bits = []
+        code = exit_text(self.exit_code)
+        if code and not self.active:
+            bits.append(code)
+        if self.reason and self.reason not in ("None", "(null)"):
+            bits.append(self.reason)
+        text = f"job {self.job_id}: {self.state}" + (f" ({', '.join(bits)})" if bits else "")
+        if not self.known:
+            text = f"job {self.job_id}: no longer known to SLURM (it left the queue; no accounting records it)"
+        if self.error_line:
+            text += f": {self.error_line}"
+            if self.log:
+                text += f" (log: {self.log})"
+        return text
+
+
+def exit_text(code: Optional[str]) -> Optional[str]:
+    """SLURM's ``exit:signal`` in words: "exit code 1", "signal 9"; None for 0:0 or nothing."""
+    if not code:
+        return None
+    head, _, sig = code.partition(":")
+    if sig and sig not in ("0", ""):
+        return f"signal {sig}"
+    if head and head != "0":
+        return f"exit code {head}"
+    return None
+
+
+def _field(text: str, key: str) -> Optional[str]:
+    m = re.search(rf"(?:^|\s){re.escape(key)}=(\S*)", text)
+    return m.group(1) if m else None
+
+
+def parse_sacct(out: str, job_id: str) -> Optional[Tuple[str, str, Optional[str]]]:
+    """(state, exit code, reason) of ``job_id`` from ``sacct -n -X -P -o JobID,State,ExitCode,Reason``."""
+    found = None
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 3 and parts[0].split("_")[0].split(".")[0] == job_id and parts[1]:
+            found = (parts[1].split()[0], parts[2], parts[3] if len(parts) > 3 and parts[3] else None)
+    return found  # the last line: a requeued job's latest run
+
+
+def parse_scontrol(out: str) -> Optional[Dict[str, Optional[str]]]:
+    """JobState, ExitCode, Reason, StdOut, Comment, WorkDir from ``scontrol show job``."""
+    state = _field(out, "JobState")
+    if not state:
+        return None
+    return {k: _field(out, k) for k in ("JobState", "ExitCode", "Reason", "StdOut", "Comment", "WorkDir")}
+
+
+_FAILED = re.compile(r"^hpcfl: .*(failed|killed by signal|was killed)", re.I)
+_ERRORISH = re.compile(r"(error|exception|killed|oom|out of memory|cancelled|due to time limit)", re.I)
+
+
+def error_line(text: str, limit: int = 400) -> Optional[str]:
+    """The line of a job log that says what failed: hpcfl's ``hpcfl: ... failed: ...`` line, else the last
+    line that looks like an error (a Python exception, srun's or slurmstepd's complaint)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    pick = next((ln for ln in reversed(lines) if _FAILED.search(ln)), None)
+    if pick is None:
+        pick = next((ln for ln in reversed(lines) if _ERRORISH.search(ln)), None)
+    if pick is None:
+        return None
+    return pick if len(pick) <= limit else pick[:limit - 3] + "..."
+
+
+def job_status(job_id: str, run_dir: Optional[Path] = None) -> JobStatus:
+    """The job's state: squeue while it is queued or running; once it has left, sacct where accounting exists,
+    else ``scontrol show job`` (which remembers a finished job for MinJobAge); the error line from its log."""
+    st = JobStatus(job_id, "UNKNOWN")
+    out = _query(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
+    row = (out or "").strip().splitlines()
+    if row and row[0].split("|")[0] in ACTIVE:
+        state, _, reason = row[0].partition("|")
+        st.state, st.source, st.reason = state, "squeue", reason or None
+    else:
+        acct = _query(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,Reason"]) \
+            if shutil.which("sacct") else None
+        got = parse_sacct(acct, job_id) if acct else None
+        if got:
+            st.state, st.exit_code, st.reason = got
+            st.source = "sacct"
+    sc = _query(["scontrol", "show", "job", job_id]) if shutil.which("scontrol") else None
+    info = parse_scontrol(sc) if sc else None
+    if info:
+        if st.source is None:
+            st.state, st.exit_code, st.reason, st.source = info["JobState"] or "UNKNOWN", info["ExitCode"], \
+                info["Reason"], "scontrol"
+        st.log = info["StdOut"]
+    if st.source is None and row and row[0].split("|")[0]:  # squeue still lists it in an end state
+        state, _, reason = row[0].partition("|")
+        st.state, st.source, st.reason = state, "squeue", reason or None
+    if st.log is None and run_dir is not None:
+        st.log = str(Path(run_dir) / "slurm" / f"{job_id}.out")
+    if not st.active and st.log:
+        try:
+            st.error_line = error_line(Path(st.log).read_text(errors="replace")) if st.state != "COMPLETED" else None
+        except OSError:
+            pass
+    return st
 
 
 def run_dir_of_job(job_id: str) -> Optional[Path]:
-    r = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
-    m = re.search(r"Comment=hpcfl:(\S+)", r.stdout or "")
-    w = re.search(r"WorkDir=(\S+)", r.stdout or "")
-    if not m:
+    """The run directory a job submitted by ``hpcfl submit`` carries in its comment (None if it does not)."""
+    out = _query(["scontrol", "show", "job", job_id])
+    comment = _field(out or "", "Comment")
+    if not comment or not comment.startswith("hpcfl:"):
         return None
-    p = Path(m.group(1))
-    return p if p.is_absolute() or not w else Path(w.group(1)) / p
+    p = Path(comment[len("hpcfl:"):])
+    work = _field(out or "", "WorkDir")
+    return p if p.is_absolute() or not work else Path(work) / p
 
 
-def progress(run_dir: Path) -> Dict[str, Any]:
-    """Last complete round, per-site metrics of it, and an ETA from the rounds' mean time."""
-    import yaml
+def recorded_jobs(run_dir: Path) -> List[str]:
+    """Job ids ``hpcfl submit`` recorded in ``runs/<name>/slurm/jobs.json`` (oldest first); a corrupt file is named."""
+    from ..observe.rundata import read_json
 
-    run_dir = Path(run_dir)
-    out: Dict[str, Any] = {"run_dir": str(run_dir)}
-    cfg_path = run_dir / "config.yaml"
-    rounds = (yaml.safe_load(cfg_path.read_text()) or {}).get("fl", {}).get("rounds") if cfg_path.exists() else None
-    out["rounds"] = rounds
-    recs = []
-    mp = run_dir / "metrics.jsonl"
-    if mp.exists():
-        for line in mp.read_text().splitlines():
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    summaries = [r for r in recs if r.get("kind") == "round"]
-    if summaries:
-        last = summaries[-1]
-        out["last_round"] = last["round"]
-        out["val_accuracy"] = last.get("val_accuracy")
-        out["sites"] = {r["site"]: {"val_accuracy": r.get("accuracy"), "val_loss": r.get("loss")}
-                        for r in recs if r.get("kind") == "site" and r["round"] == last["round"] and r.get("split") == "val"
-                        and r.get("model", "global") == "global"}
-        times = [s["time"]["round_s"] for s in summaries[1:] or summaries]
-        if rounds:
-            out["eta_s"] = max(0, rounds - last["round"]) * sum(times) / len(times)
-    else:
-        out["last_round"] = 0
-    jobs = run_dir / "slurm" / "jobs.json"
-    if jobs.exists():
-        out["jobs"] = [j["job_id"] for j in json.loads(jobs.read_text())]
-    return out
+    path = Path(run_dir) / "slurm" / "jobs.json"
+    jobs = read_json(path, list)
+    if jobs is None:
+        return []
+    if not all(isinstance(j, dict) and str(j.get("job_id", "")).strip() for j in jobs):
+        raise LaunchError(f"{path}: corrupt (a list of {{\"job_id\": ...}} records expected)")
+    return [str(j["job_id"]) for j in jobs]
 
 
 def cancel(job_id: str) -> None:

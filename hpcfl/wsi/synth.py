@@ -456,12 +456,13 @@ def _write_png(path: Path, mask: np.ndarray) -> None:
 
 
 def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 0, tile: int = 256,
-                      mask_downsample: int = 8) -> List[SlideInfo]:
+                      mask_downsample: int = 8, progress: bool = True) -> List[SlideInfo]:
     """Write ``slide-000.tiff`` ... with ``slide-000.mask.png`` masks and a ``slides.json`` manifest.
 
     Masks are uint8 at 1/mask_downsample (0 = background, i + 1 = TISSUE_CLASSES[i]). A slide's image
     depends only on (seed, slide index, size), so a rerun, or a run with more slides, reproduces it
-    bit for bit. Existing files of the same names are replaced.
+    bit for bit. Existing files of the same names are replaced. ``progress``: a bar on a terminal,
+    plain lines on stderr otherwise (hpcfl.observe.console).
     """
     if n_slides < 1 or size < 4 * _GRID or mask_downsample < 1 or seed < 0:
         raise ValueError(f"need n_slides >= 1, size >= {4 * _GRID}, mask_downsample >= 1, seed >= 0 "
@@ -470,6 +471,10 @@ def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 
     out.mkdir(parents=True, exist_ok=True)
     plan = _class_plan(np.random.default_rng([seed, 1 << 30]), n_slides)
     infos: List[SlideInfo] = []
+    if progress:
+        from ..observe.console import progress_iter
+
+        plan = progress_iter(plan, "synthesizing slides", "slide")
     for i, (required, pool) in enumerate(plan):
         rgb, mask = _render(np.random.default_rng([seed, i]), size, required, pool, mask_downsample)
         slide_id = f"slide-{i:03d}"

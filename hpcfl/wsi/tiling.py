@@ -235,23 +235,94 @@ def write_feather(columns: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-_LABEL_COLOURS = {"tissue": (0, 170, 0), "partial_tissue": (240, 180, 0)}
+THUMBNAIL_MAX_SIDE = 2048  # a thumbnail is for looking at: a 2967-px detection level becomes 2048
+# Outline colours of the tile labels (white_background tiles are not drawn) and fill colours of classes:
+# a qualitative palette whose colours differ from both outlines and from each other.
+LABEL_COLOURS = {"tissue": (0, 160, 0), "partial_tissue": (255, 127, 14)}
+CLASS_COLOURS = [(31, 119, 180), (214, 39, 40), (148, 103, 189), (23, 190, 207), (140, 86, 75), (227, 119, 194),
+                 (188, 189, 34), (127, 127, 127), (0, 0, 128), (128, 0, 0)]
 
 
-def draw_thumbnail(t: TiledSlide, path: Path) -> None:
-    """The detection level with each tissue/partial tile outlined (green/amber)."""
-    from PIL import Image, ImageDraw
+def thumbnail_scale(width: int, height: int, extra_height: int = 0, max_side: int = THUMBNAIL_MAX_SIDE) -> float:
+    """Factor (<= 1) that fits the image plus a legend strip of ``extra_height`` px into ``max_side``."""
+    return min(1.0, max_side / width, (max_side - extra_height) / height)
 
-    img = Image.fromarray(t.thumbnail)
+
+def _legend_entries(t: TiledSlide) -> List[Tuple[str, Tuple[int, int, int], bool]]:
+    """(text, colour, is_outline) for the labels and the classes present, with their tile counts."""
+    labels = t.columns["tile_label"]
+    out = [(f"{lab} ({int((labels == lab).sum())})", LABEL_COLOURS[lab], True) for lab in LABELS if lab in LABEL_COLOURS]
+    out.append((f"white_background ({int((labels == 'white_background').sum())}, not drawn)", (255, 255, 255), True))
+    ids = t.columns["class_id"]
+    for k in sorted(int(c) for c in np.unique(ids) if c >= 0):
+        out.append((f"{t.classes[k]} ({int((ids == k).sum())})", CLASS_COLOURS[k % len(CLASS_COLOURS)], False))
+    return out
+
+
+def draw_thumbnail(t: TiledSlide, path: Path, max_side: int = THUMBNAIL_MAX_SIDE) -> None:
+    """The detection level (longest side at most ``max_side``) with tissue/partial tiles outlined by label,
+    tiles with a class filled (translucent) in its colour, and a legend strip below."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    entries = _legend_entries(t)
+    h0, w0 = t.thumbnail.shape[:2]
+    f = thumbnail_scale(w0, h0, 0, max_side)
+    size = max(11, min(22, int(w0 * f) // 60))  # legend text readable next to the slide, not dominating it
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    row_h, swatch = size + 6, size - 2
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [swatch + 6 + int(measure.textlength(e[0], font=font)) + 2 * size for e in entries]
+    for _ in range(2):  # the legend wraps at the final width, which leaves room for the legend
+        width = max(1, int(round(w0 * f)))
+        rows, x = 1, 4
+        for wd in widths:
+            if x + wd > width and x > 4:
+                rows, x = rows + 1, 4
+            x += wd
+        legend_h = rows * row_h + 6
+        f = thumbnail_scale(w0, h0, legend_h, max_side)
+    width, height = max(1, int(round(w0 * f))), max(1, int(round(h0 * f)))
+    img = Image.fromarray(t.thumbnail).convert("RGB")
+    if (width, height) != img.size:
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    down = t.thumbnail_down / f  # level-0 pixels per thumbnail pixel
+    s = t.side0 / down
+    fill = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    fdraw = ImageDraw.Draw(fill)
     draw = ImageDraw.Draw(img)
-    s = t.side0 / t.thumbnail_down
-    for x, y, lab in zip(t.columns["x"], t.columns["y"], t.columns["tile_label"]):
-        colour = _LABEL_COLOURS.get(lab)
-        if colour is not None:
-            x, y = x / t.thumbnail_down, y / t.thumbnail_down
-            draw.rectangle([x, y, x + s - 1, y + s - 1], outline=colour)
+    cols = t.columns
+    for x, y, lab, cid in zip(cols["x"], cols["y"], cols["tile_label"], cols["class_id"]):
+        colour = LABEL_COLOURS.get(lab)
+        if colour is None:
+            continue
+        x, y = x / down, y / down
+        box = [x, y, x + max(s, 1.0) - 1, y + max(s, 1.0) - 1]
+        if cid >= 0:
+            fdraw.rectangle(box, fill=CLASS_COLOURS[int(cid) % len(CLASS_COLOURS)] + (90,))
+        if s >= 4:
+            draw.rectangle(box, outline=colour)
+        elif cid < 0:
+            draw.rectangle(box, fill=colour)  # too small to outline
+    img = Image.alpha_composite(img.convert("RGBA"), fill).convert("RGB")
+    canvas = Image.new("RGB", (width, height + legend_h), (255, 255, 255))
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x, y = 4, height + 4
+    for (text, colour, outline), wd in zip(entries, widths):
+        if x + wd > width and x > 4:
+            x, y = 4, y + row_h
+        if outline:
+            draw.rectangle([x, y + 1, x + swatch, y + 1 + swatch], outline=colour if colour != (255, 255, 255)
+                           else (160, 160, 160), width=2)
+        else:
+            draw.rectangle([x, y + 1, x + swatch, y + 1 + swatch], fill=colour)
+        draw.text((x + swatch + 6, y), text, fill=(0, 0, 0), font=font)
+        x += wd
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    img.save(tmp)
+    canvas.save(tmp)
     os.replace(tmp, path)
 
 
@@ -293,11 +364,9 @@ def tile_directory(slides_dir: Path, out_dir: Path, params: TilingParams, classe
 
 
 def _progress(items, enabled: bool):
+    """A bar on a terminal, plain lines in a log file (hpcfl.observe.console)."""
     if not enabled:
         return items
-    try:
-        from tqdm import tqdm
+    from ..observe.console import progress_iter
 
-        return tqdm(items, desc="tiling", unit="slide", file=sys.stderr)
-    except ImportError:
-        return items
+    return progress_iter(items, "tiling", "slide", sys.stderr)
