@@ -167,10 +167,11 @@ def placement_table(run: RunData) -> str:
         cpus = (f"{aff[0]}-{aff[-1]}" if len(aff) > 1 and aff == list(range(aff[0], aff[-1] + 1))
                 else ",".join(map(str, aff))) if aff else None
         gpu = r.get("gpu")
+        sites = ", ".join(map(str, r["sites"])) if isinstance(r.get("sites"), list) and r["sites"] else r.get("site")
         rows.append("<tr>" + "".join(text_cell(x) for x in (
-            r.get("rank"), r.get("role"), r.get("site"), r.get("rank_in_site"), r.get("host"), r.get("pid"), cpus,
+            r.get("rank"), r.get("role"), sites, r.get("rank_in_site"), r.get("host"), r.get("pid"), cpus,
             r.get("torch_threads"), (gpu or {}).get("name") if isinstance(gpu, dict) else gpu)) + "</tr>")
-    return table(["rank", "role", "site", "rank in site", "host", "pid", "CPUs", "threads", "GPU"], rows, "placement",
+    return table(["rank", "role", "sites", "rank in site", "host", "pid", "CPUs", "threads", "GPU"], rows, "placement",
                  left=9)
 
 

@@ -29,8 +29,9 @@ class RankStatus:
     rank: int
     host: Optional[str] = None
     pid: Optional[int] = None
-    site: Optional[str] = None
+    site: Optional[str] = None  # the site it works for now (its heartbeat), else its only site
     role: Optional[str] = None
+    sites: List[str] = field(default_factory=list)  # every site it serves (a slot's ranks serve several in turn)
     state: str = "unknown"  # alive | stuck (process there, no heartbeat) | gone | done | unknown (another host, no beat)
     phase: Optional[str] = None
     round: Optional[int] = None
@@ -38,7 +39,8 @@ class RankStatus:
     beat_age_s: Optional[float] = None
 
     def describe(self) -> str:
-        who = f"rank {self.rank}" + (f" ({self.site})" if self.site else " (aggregator)" if self.rank == 0 else "")
+        serves = self.site or ", ".join(self.sites)
+        who = f"rank {self.rank}" + (f" ({serves})" if serves else " (aggregator)" if self.rank == 0 else "")
         where = f"pid {self.pid} on {self.host}" if self.pid else (self.host or "")
         doing = ", ".join(x for x in (f"phase {self.phase}" if self.phase else "",
                                       f"round {self.round}" if self.round else "") if x)
@@ -120,8 +122,9 @@ def rank_states(manifest: Optional[Dict[str, Any]], beats: Dict[int, Dict[str, A
     ranks: Dict[int, RankStatus] = {}
     for info in (manifest or {}).get("ranks") or []:
         if isinstance(info, dict) and isinstance(info.get("rank"), int):
+            sites = info.get("sites") if isinstance(info.get("sites"), list) else [info["site"]] if info.get("site") else []
             ranks[info["rank"]] = RankStatus(info["rank"], info.get("host"), info.get("pid"), info.get("site"),
-                                             info.get("role"))
+                                             info.get("role"), [str(x) for x in sites])
     for r, beat in beats.items():
         st = ranks.setdefault(r, RankStatus(r))
         st.host, st.pid = beat.get("host") or st.host, beat.get("pid") or st.pid
@@ -219,8 +222,8 @@ def run_status(run_dir: Path, now: Optional[float] = None, host: Optional[str] =
         st.state = "running?"
         st.note = "its ranks ran on other hosts and left no heartbeat: ask the scheduler"
     if st.state in ("running", "running?", "starting"):
-        beat0 = next((r for r in st.ranks if r.rank == 0 and r.state == "alive" and r.round), None)
-        nxt = beat0.round if beat0 is not None else st.last_round + 1
+        beat0 = next((r for r in st.ranks if r.rank == 0 and r.state == "alive" and isinstance(r.round, int)), None)
+        nxt = max(st.last_round + 1, beat0.round if beat0 is not None else 0)  # a beat is up to ~2 s old
         st.round_in_progress = min(nxt, st.rounds_total) if st.rounds_total else nxt
         if st.mean_round_s is not None and st.rounds_total:
             left = max(0, st.rounds_total - st.last_round) * st.mean_round_s
@@ -269,9 +272,9 @@ def format_status(st: RunStatus) -> List[str]:
         live = st.active and bool(st.ranks)
         lines.append(f"  {'site':<{width}}  status       val_acc  val_loss  local_acc" + ("  ranks" if live else ""))
         for site, m in st.sites.items():
-            rk = [r for r in st.ranks if r.site == site]
+            rk = [r for r in st.ranks if site in r.sites or (not r.sites and r.site == site)]
             alive = sum(r.state == "alive" for r in rk)
-            doing = next((f" ({r.phase})" for r in rk if r.state == "alive" and r.phase), "")
+            doing = next((f" ({r.phase})" for r in rk if r.state == "alive" and r.phase and r.site == site), "")
             ranks = f"  {alive}/{len(rk)} alive{doing}" if live and rk else ""
             lines.append(f"  {site:<{width}}  {str(m.get('status') or '-'):<11}  {_fmt(m.get('val_accuracy')):>7}  "
                          f"{_fmt(m.get('val_loss')):>8}  {_fmt(m.get('local_val_accuracy')):>9}{ranks}")

@@ -274,7 +274,8 @@ def test_status_of_a_running_launch_shows_the_round_in_progress_then_stop_ends_i
             time.sleep(1)
         head = seen.splitlines()[0]
         assert head.startswith(f"{run}: running, round ") and f"/{rounds} in progress, ETA" in head, seen
-        assert "ranks: 5/5 alive" in seen and "hospital-a" in seen and "hospital-b" in seen, seen
+        n = len(json.loads((run / "manifest.json").read_text())["ranks"])  # 5, or fewer when ranks serve several sites
+        assert f"ranks: {n}/{n} alive" in seen and "hospital-a" in seen and "hospital-b" in seen, seen
         done = int(head.split("round ")[1].split("/")[0]) - 1
         assert f"round {done}: val_accuracy" in seen
         r = hpcfl("stop", run, timeout=120)

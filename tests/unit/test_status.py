@@ -122,6 +122,10 @@ def test_rank_states_from_heartbeats_and_pids():
     assert st[2].site == "a" and st[2].progress == 80.0  # a beat without a site keeps the manifest's
     assert "alive, phase train, round 3, no progress for 80s" in st[2].describe()
     assert "not alive" in RankStatus(3, "me", 13, state="gone").describe()
+    # a rank that serves several sites in turn (a slot): listed under each, its phase under the one it works for
+    slot = {"ranks": [{"rank": 1, "host": "me", "pid": 11, "site": None, "sites": ["a", "b"]}]}
+    st = rank_states(slot, {1: {"time": 99.0, "phase": "train", "round": 2, "site": "b"}}, 100.0, "me")
+    assert st[0].sites == ["a", "b"] and st[0].site == "b" and st[0].describe() == "rank 1 (b): alive, phase train, round 2"
 
 
 def test_pid_alive_checks_this_process_and_a_dead_pid():
@@ -141,6 +145,7 @@ def test_running_run_shows_the_round_in_progress_eta_sites_and_ranks(tmp_path):
     assert st.mean_round_s == pytest.approx(1.0) and st.eta_s == 0.0
     st = run_status(run, now=1e9 + 2.5)
     assert st.eta_s == pytest.approx(3 * 1.0 - 0.5)
+    assert st.round_in_progress == 3
     text = "\n".join(S.format_status(st))
     assert "running, round 3/5 in progress, ETA" in text
     lines = S.format_status(run_status(run, now=now))
@@ -149,6 +154,9 @@ def test_running_run_shows_the_round_in_progress_eta_sites_and_ranks(tmp_path):
     site_a = next(line for line in lines if line.strip().startswith("hospital-a"))
     assert "0.2000" in site_a and "2/2 alive (train)" in site_a  # round 2: accuracy 0.1 * 2 + 0.01 * 0
     assert not any(c in text for c in "\r\x1b")
+    # rank 0's beat is up to 2 s old: it may still name an earlier round than the metrics show finished
+    (run / "logs" / "rank-0000.beat").write_text(json.dumps({"rank": 0, "time": now, "round": 1}))
+    assert run_status(run, now=now).round_in_progress == 3
 
 
 def test_finished_failed_and_interrupted_runs(tmp_path):
