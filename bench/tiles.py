@@ -29,13 +29,17 @@ coordinates, in one run:
   256x256 file tiles each 224 crop overlaps (raw bytes located through tifffile's
   dataoffsets/databytecounts) and assembling the crop: what any reader must at
   least do per read without a cache, and with an ideal per-tile (or whole-epoch) cache.
-* training feed: samples/s of a small CNN trained through TileDataset + torch
-  DataLoader (MONAI transforms, workers 0 and 2) vs from the same samples held
-  in memory as a tensor.
+* training feed: samples/s of a small CNN trained on the same samples (same
+  reads, same augmentation seeds) held in memory as a tensor, and fed by each
+  loader: the per-sample MONAI pipeline hpcfl had before (for comparison), and
+  TileDataset's whole-batch assembly in the training thread, in a prefetch
+  thread (TileData's default) and in DataLoader workers. Each loader-fed run
+  follows an in-memory run: the ratio of a pair is measured seconds apart.
 
     python bench/tiles.py                 # 4 slides of 4096^2, a few minutes on 2 cores
     python bench/tiles.py --quick         # 2 slides of 3072^2, 100 tiles: smoke test (< 1 minute)
     python bench/tiles.py --workdir /tmp/tiles-bench   # keep (and reuse) slides and index
+    python bench/tiles.py --train-only --train-repeats 3 --train-samples 1280   # the training feed alone
 
 Speedups are computed between configurations of the same run with the same
 reads per tile. Rates are the best of --repeats fresh processes, taken round-robin
@@ -358,16 +362,21 @@ def train_worker(spec: dict) -> dict:
         loss.backward()
         opt.step()
 
-    def timed(batches, train: bool) -> float:
-        """samples/s after the first batch (worker start-up and first reads are not the steady feed)."""
-        n, t0 = 0, None
+    cpu_us: Dict[str, List[float]] = {}
+
+    def timed(batches, train: bool, key: str = "") -> float:
+        """samples/s after the first batch (worker start-up and first reads are not the steady feed); with
+        ``key``, also this process's CPU microseconds per sample (all its threads), into cpu_us[key]."""
+        n, t0, c0 = 0, None, 0.0
         for xb, yb in batches:
             if train:
                 step(xb, yb)
             if t0 is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
             else:
                 n += len(yb)
+        if key and n:
+            cpu_us.setdefault(key, []).append((time.process_time() - c0) / n * 1e6)
         return n / (time.perf_counter() - t0) if n else float("nan")
 
     def in_thread():
@@ -388,13 +397,16 @@ def train_worker(spec: dict) -> dict:
     xs, ys = zip(*in_thread())
     X, Y = torch.cat(xs), torch.cat(ys)
     mem_batches = lambda: ((X[b:b + bs], Y[b:b + bs]) for b in range(0, len(Y), bs))
-    feeds = [("memory", mem_batches), ("per_sample", per_sample), ("batch", in_thread),
-             ("batch_thread", lambda: prefetched(in_thread(), 2)), ("batch_workers2", lambda: loader(2))]
+    feeds = [("per_sample", per_sample), ("batch", in_thread), ("batch_thread", lambda: prefetched(in_thread(), 2)),
+             ("batch_workers2", lambda: loader(2))]
     for rep in range(spec["repeats"]):
-        for key, batches in feeds:
-            if key != "memory":
-                res.setdefault(f"{key}_only", []).append(timed(batches(), False))
+        for key, batches in feeds:  # each loader-fed run right after an in-memory run: a pair
+            res.setdefault(f"{key}_only", []).append(timed(batches(), False, f"{key}_only"))
+            m = timed(mem_batches(), True, "memory_train")
+            res.setdefault("memory_train", []).append(m)
+            res.setdefault(f"memory_for_{key}", []).append(m)
             res.setdefault(f"{key}_train", []).append(timed(batches(), True))
+    res["cpu_us_per_sample"] = cpu_us
     return res
 
 
@@ -792,16 +804,32 @@ def report_train(out, trains: List[dict]) -> None:
         out(f"{train['samples']} samples per epoch (tiles cycle"
             + (", so after the first pass every read hits the warm tile cache" if cache != "nocache" else
                ", every read decodes its JPEG tiles") + f"); samples/s after the first batch, best of "
-            f"{len(train['memory_train'])} (all: see the JSON); torch threads {train['torch_threads']}, "
-            f"measured side by side in one process.\n")
-        out("| feed | samples/s, loader only | samples/s, training | training vs in-memory |")
-        out("|---|---:|---:|---:|")
-        out(f"| the same samples in memory as a tensor | — | {fmt_rate(mem)} | 1.00x |")
+            f"{len(train['batch_train'])} runs (in memory: of {len(train['memory_train'])}; all: see the JSON); "
+            f"torch threads {train['torch_threads']}, measured side by side in one process.\n")
+        out("| feed | samples/s, loader only | samples/s, training | training vs in-memory (best vs best) | "
+            "per repeat, vs the in-memory run just before it |")
+        out("|---|---:|---:|---:|---|")
+        out(f"| the same samples in memory as a tensor | — | {fmt_rate(mem)} | 1.00x | |")
         for key, label in TRAIN_FEEDS:
             if f"{key}_train" in train:
                 lo, tr = max(train[f"{key}_only"]), max(train[f"{key}_train"])
-                out(f"| {label} | {fmt_rate(lo)} | {fmt_rate(tr)} | {fmt_x(tr / mem)} |")
+                out(f"| {label} | {fmt_rate(lo)} | {fmt_rate(tr)} | {fmt_x(tr / mem)} | "
+                    f"{', '.join(fmt_x(r) for r in paired(train, key))} |")
+        cpu = train.get("cpu_us_per_sample", {})
+        if "memory_train" in cpu and "batch_only" in cpu:
+            step_us, load_us = min(cpu["memory_train"]), min(cpu["batch_only"])
+            out(f"\nCPU time per sample (this process, least of the runs): a training step {step_us:,.0f} us; "
+                f"reading + assembling it {load_us:,.0f} us ({load_us / step_us:.0%} of a step; per sample through "
+                f"MONAI: {min(cpu['per_sample_only']):,.0f} us). With a core to spare the prefetch thread hides it; "
+                f"with none (a machine whose other processes take every core) training can reach at most "
+                f"{step_us / (step_us + load_us):.2f}x.")
         out("")
+
+
+def paired(train: dict, key: str) -> List[float]:
+    """Each loader-fed run's rate over that of the in-memory run just before it (seconds apart, so a
+    slow spell of a shared machine weighs on both)."""
+    return [f / m for f, m in zip(train[f"{key}_train"], train[f"memory_for_{key}"])]
 
 
 def summarise_train(out, trains: List[dict]) -> None:
@@ -811,8 +839,11 @@ def summarise_train(out, trains: List[dict]) -> None:
         mem = max(train["memory_train"])
         new = max(max(train[f"{k}_train"]) for k, _ in TRAIN_FEEDS if k != "per_sample")
         old = max(train["per_sample_train"])
+        pairs = {k: float(np.median(paired(train, k))) for k, _ in TRAIN_FEEDS}
+        best_key = max((k for k, _ in TRAIN_FEEDS if k != "per_sample"), key=pairs.get)
         out(f"- Training feed, cuCIM cache {train['cache']}: the best loader-fed training ran at {new / mem:.2f}x "
-            f"the in-memory rate (per-sample MONAI transforms: {old / mem:.2f}x); "
+            f"the in-memory rate (per-sample MONAI transforms: {old / mem:.2f}x); median of the per-repeat ratios: "
+            f"{pairs[best_key]:.2f}x ({best_key}; per-sample {pairs['per_sample']:.2f}x); "
             f"{'the loader keeps training fed' if new / mem >= 0.8 else 'the loader does NOT keep training fed'}"
             f" on {os.cpu_count()} cores.")
 

@@ -97,7 +97,7 @@ class TileData(SiteData):
         import torch
 
         t = cfg.data.tiles
-        self.plan = feed_plan(t, cfg.data.array_backend)  # refusals first, in one line
+        self.plan = feed_plan(cfg)  # refusals first, in one line
         if t.backend == "cucim":  # before cuCIM reads its config (the first CuImage)
             configure_cache(t.cache.type, t.cache.capacity_mb, run_dir)
         self.cfg, self.role, self.topology, self.torch = cfg, role, topology, torch

@@ -51,14 +51,22 @@ def area_bounds(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray]:
     return (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
 
 
+def _first_two(xp, part, shortest: int, dtype):
+    """The accumulator of a window sum from its first part(s), widened while adding (one pass, not two);
+    returns it and the next offset to add."""
+    if shortest >= 2:
+        return xp.add(part(0), part(1), dtype=dtype), 2
+    return part(0).astype(dtype), 1
+
+
 def _window_sum(xp, x, axis: int, start: np.ndarray, end: np.ndarray, dtype):
     """Sum of x over [start[i], end[i]) along ``axis``, for every window i: one strided take per offset.
 
     Costs (longest window) takes of the output's size, not a pass over an integral image.
     """
     length = end - start
-    acc = xp.take(x, xp.asarray(start), axis=axis).astype(dtype)
-    for d in range(1, int(length.max())):
+    acc, first = _first_two(xp, lambda d: xp.take(x, xp.asarray(start + d), axis=axis), int(length.min()), dtype)
+    for d in range(first, int(length.max())):
         live = np.flatnonzero(length > d)
         if len(live) == len(start):
             acc += xp.take(x, xp.asarray(start + d), axis=axis)
@@ -68,21 +76,52 @@ def _window_sum(xp, x, axis: int, start: np.ndarray, end: np.ndarray, dtype):
     return acc
 
 
-def resize_area(xp, x, size: int, scale: float = 1.0):
-    """(N, H, W, C) uint8 -> (N, size, size, C) float32: the mean of each area window, times ``scale``.
+def _window_sum_cols(xp, x, start: np.ndarray, end: np.ndarray, dtype):
+    """Sum of (N, h, W, C) over column windows [start[j], end[j]), per channel.
 
-    Window sums are exact integers (uint16 along rows, then uint32), then one float multiply:
-    ``scale = 1/255`` gives values in [0, 1] without a separate pass.
+    Columns and channels are one contiguous axis of W * C values: a window of L columns is
+    the sum of L slices shifted by C, so the work is L contiguous adds and one gather of the
+    window starts (a gather of C-value chunks per window offset, as rows get, is several
+    times slower).
     """
+    n, h, w, c = x.shape
+    flat = x.reshape(n, h, w * c)
+    length = end - start
+    out = xp.empty((n, h, len(start), c), dtype)
+    for ln in np.unique(length).tolist():
+        sel = np.flatnonzero(length == ln)
+        span = (w - ln + 1) * c
+        acc, first = _first_two(xp, lambda d: flat[..., d * c:d * c + span], ln, dtype)
+        for d in range(first, ln):
+            acc += flat[..., d * c:d * c + span]
+        v = xp.take(acc, xp.asarray((start[sel][:, None] * c + np.arange(c)).ravel()), axis=2).reshape(n, h, len(sel), c)
+        if len(sel) == len(start):
+            out[...] = v
+        else:
+            out[:, :, xp.asarray(sel)] = v
+    return out
+
+
+def window_sums(xp, x, size: int):
+    """(N, H, W, C) uint8 -> (N, size, size, C) exact integer sums of each area window (uint16 where
+    they fit), and the (size, size) float32 weights 1 / window area that make them means."""
+    n, h, w, c = x.shape
+    sh, eh = area_bounds(h, size)
+    sw, ew = area_bounds(w, size)
+    area = int((eh - sh).max()) * int((ew - sw).max())
+    rows = _window_sum(xp, x, 1, sh, eh, xp.uint16 if int((eh - sh).max()) <= 257 else xp.uint32)
+    s = _window_sum_cols(xp, rows, sw, ew, xp.uint16 if 255 * area < 2**16 else xp.uint32)
+    return s, (1.0 / np.outer(eh - sh, ew - sw)).astype(np.float32)
+
+
+def resize_area(xp, x, size: int, scale: float = 1.0):
+    """(N, H, W, C) uint8 -> (N, size, size, C) float32: the mean of each area window, times ``scale``
+    (``scale = 1/255`` gives values in [0, 1] without a separate pass)."""
     n, h, w, c = x.shape
     if h == size and w == size:
         return x.astype(xp.float32) * xp.float32(scale)
-    sh, eh = area_bounds(h, size)
-    sw, ew = area_bounds(w, size)
-    rows = _window_sum(xp, x, 1, sh, eh, xp.uint16 if int((eh - sh).max()) <= 257 else xp.uint32)
-    s = _window_sum(xp, rows, 2, sw, ew, xp.uint32 if 255 * h * w < 2**32 else xp.uint64)
-    weight = (scale / np.outer(eh - sh, ew - sw)).astype(np.float32)
-    return s.astype(xp.float32) * xp.asarray(weight)[None, :, :, None]
+    s, weight = window_sums(xp, x, size)
+    return s.astype(xp.float32) * xp.asarray(weight * np.float32(scale))[None, :, :, None]
 
 
 def crop(xp, x, item: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int):
@@ -95,8 +134,8 @@ def crop(xp, x, item: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int)
 def to_chw(xp, x, codes: np.ndarray, scale: float = 1.0, out=None):
     """(N, h, w, C) -> (N, C, h, w) float32 times ``scale``, each image turned by its dihedral code.
 
-    One gather-and-store per code present (at most 8), the layout change included: the
-    flips are strided views, so no pass over the batch is spent on them alone.
+    The flips and the transpose are strided views: each image costs one copy, the layout
+    change and the float conversion included, and no pass is spent on them alone.
     """
     n, h, w, c = x.shape
     if out is None:
@@ -104,20 +143,15 @@ def to_chw(xp, x, codes: np.ndarray, scale: float = 1.0, out=None):
     codes = np.asarray(codes)
     if h != w and (codes & 4).any():
         raise ValueError("transposing rotations need square images")
-    present = np.unique(codes)
-    for code in present.tolist():
-        v = x if len(present) == 1 else x[xp.asarray(np.flatnonzero(codes == code))]
+    for k, code in enumerate(codes.tolist()):
+        v = x[k]
         if code & 4:
-            v = v.transpose(0, 2, 1, 3)
+            v = v.transpose(1, 0, 2)
         if code & 1:
-            v = v[:, ::-1]
+            v = v[::-1]
         if code & 2:
-            v = v[:, :, ::-1]
-        v = v.transpose(0, 3, 1, 2)
-        if len(present) == 1:
-            out[...] = v
-        else:
-            out[xp.asarray(np.flatnonzero(codes == code))] = v
+            v = v[:, ::-1]
+        out[k] = v.transpose(2, 0, 1)
     if scale != 1.0:
         out *= xp.float32(scale)
     return out
@@ -144,6 +178,8 @@ def assemble(xp, tiles, seeds: Sequence[int], spec: BatchSpec, out=None):
     ``out``: an (N * per_item, 3, size, size) float32 buffer to fill (pinned host memory, say).
     """
     n, t = tiles.shape[0], tiles.shape[1]
+    if tiles.shape[2] != t:
+        raise ValueError(f"tiles must be square, got {tiles.shape[1:3]}")
     k, size = spec.per_item, spec.size
     draws = item_draws(seeds, k)
     codes = dihedral_codes(draws) if spec.augment else np.zeros(n * k, np.int8)
@@ -154,14 +190,15 @@ def assemble(xp, tiles, seeds: Sequence[int], spec: BatchSpec, out=None):
             rows = cols = np.full(n, (t - size) // 2, np.int64)
         x = crop(xp, tiles, np.repeat(np.arange(n), k), rows, cols, size)
         return to_chw(xp, x, codes, 1.0 / 255.0, out)
-    x = resize_area(xp, tiles, size, 1.0 / 255.0)
-    return to_chw(xp, x, codes, 1.0, out)
+    if t == size:
+        return to_chw(xp, tiles, codes, 1.0 / 255.0, out)
+    s, weight = window_sums(xp, tiles, size)
+    out = to_chw(xp, s, codes, 1.0, out)  # integer sums -> float in the same copy
+    # The windows of a square tile are the same along both axes and mirror-symmetric
+    # (area_bounds), so the weights are unchanged by every flip and rotation: one multiply after.
+    out *= xp.asarray(weight * np.float32(1.0 / 255.0))
+    return out
 
 
 def batch_shape(n_items: int, spec: BatchSpec, channels: int = 3) -> Tuple[int, int, int, int]:
     return (n_items * spec.per_item, channels, spec.size, spec.size)
-
-
-def stack(xp, tiles: Sequence[Any]):
-    """A list of equal (T, T, 3) uint8 tiles as one (N, T, T, 3) array."""
-    return xp.stack([xp.asarray(a) for a in tiles])

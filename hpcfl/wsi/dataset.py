@@ -98,12 +98,11 @@ class TileDataset:
             cp = array_module("cupy")
             x = to_torch(assemble(cp, cp.asarray(raw.tiles), raw.seeds, spec))
             return x, torch.from_numpy(y).to(x.device)
-        tiles = raw.tiles if isinstance(raw.tiles, np.ndarray) else raw.tiles.get()
-        if plan.pin:
+        if plan.pin:  # (host assembly implies host decoding: hpcfl.wsi.feed.plan_feed)
             x = torch.empty(batch_shape(len(raw.seeds), spec), dtype=torch.float32, pin_memory=True)
-            assemble(np, tiles, raw.seeds, spec, out=x.numpy())
+            assemble(np, raw.tiles, raw.seeds, spec, out=x.numpy())
             return x, torch.from_numpy(y).pin_memory()
-        return to_torch(assemble(np, tiles, raw.seeds, spec)), torch.from_numpy(y)
+        return to_torch(assemble(np, raw.tiles, raw.seeds, spec)), torch.from_numpy(y)
 
     def batch(self, items: Sequence[Tuple[int, int]]):
         """Read and assemble one batch: (x, y) torch tensors."""

@@ -43,16 +43,22 @@ class FeedPlan:
 
 
 def plan_feed(decode_device: str, array_backend: str, reader_backend: str, loader_workers: int,
-              cuda_available: bool, device: int = 0, cupy_error: Optional[str] = None) -> FeedPlan:
+              cuda_available: bool, device: int = 0, cupy_error: Optional[str] = None,
+              train_device: str = "auto") -> FeedPlan:
     """Decide decode device, assembly module and pinning; refuse impossible combinations in one line.
 
-    ``cupy_error``: why CuPy is not usable here (None when it is).
+    ``cupy_error``: why CuPy is not usable here (None when it is). ``train_device``: the
+    ``train.device`` setting (``cpu`` trains on the host: batches stay there, unpinned).
     """
     if decode_device not in ("cpu", "cuda"):
         raise ConfigError(f"data.tiles.decode_device: {decode_device!r} is not one of cpu, cuda")
     if array_backend not in ("auto", "numpy", "cupy"):
         raise ConfigError(f"data.array_backend: {array_backend!r} is not one of auto, numpy, cupy")
     gpu_math = decode_device == "cuda" or array_backend == "cupy"
+    if gpu_math and train_device == "cpu":
+        key = "data.tiles.decode_device: cuda" if decode_device == "cuda" else "data.array_backend: cupy"
+        raise ConfigError(f"{key} puts batches on the GPU, but train.device: cpu trains on the host; "
+                          "use decode_device: cpu and array_backend: numpy (or auto)")
     if decode_device == "cuda":
         if not cuda_available:
             raise ConfigError("data.tiles.decode_device: cuda, but torch sees no usable CUDA device on this "
@@ -74,7 +80,8 @@ def plan_feed(decode_device: str, array_backend: str, reader_backend: str, loade
             raise ConfigError(f"{key} runs CUDA in the rank's process, and forked DataLoader workers cannot use "
                               "CUDA; set data.tiles.loader_workers: 0 (a prefetch thread keeps the GPU fed)")
         return FeedPlan(decode=decode_device, xp="cupy", pin=False, device=device)
-    return FeedPlan(decode="cpu", xp="numpy", pin=cuda_available, device=device if cuda_available else -1)
+    cuda_training = cuda_available and train_device != "cpu"
+    return FeedPlan(decode="cpu", xp="numpy", pin=cuda_training, device=device if cuda_training else -1)
 
 
 def cupy_problem() -> Optional[str]:
@@ -88,14 +95,17 @@ def cupy_problem() -> Optional[str]:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
 
 
-def feed_plan(tiles_cfg, array_backend: str) -> FeedPlan:
-    """:func:`plan_feed` for this machine and a ``data.tiles`` config (asks CUDA and CuPy only when needed)."""
+def feed_plan(cfg) -> FeedPlan:
+    """:func:`plan_feed` for this machine and a config (asks CUDA and CuPy only when needed). The GPU is
+    the rank's current CUDA device: select it (torch.cuda.set_device) before building the site's data."""
     import torch
 
+    t = cfg.data.tiles
     cuda = bool(torch.cuda.is_available())
-    wants_gpu = tiles_cfg.decode_device == "cuda" or array_backend == "cupy"
-    return plan_feed(tiles_cfg.decode_device, array_backend, tiles_cfg.backend, tiles_cfg.loader_workers, cuda,
-                     torch.cuda.current_device() if cuda else -1, cupy_problem() if wants_gpu and cuda else None)
+    wants_gpu = t.decode_device == "cuda" or cfg.data.array_backend == "cupy"
+    return plan_feed(t.decode_device, cfg.data.array_backend, t.backend, t.loader_workers, cuda,
+                     torch.cuda.current_device() if cuda else -1, cupy_problem() if wants_gpu and cuda else None,
+                     str(getattr(cfg.train, "device", "auto")))
 
 
 def check_gpu_decode(path, plan: FeedPlan) -> None:

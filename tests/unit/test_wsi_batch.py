@@ -45,11 +45,11 @@ def test_resize_area_by_hand_and_against_torch():
     got = resize_area(np, x, 2)[0, :, :, 0]  # windows [0, 2) and [1, 3) overlap in the middle
     assert np.allclose(got, [[3.0, 4.0], [6.0, 7.0]])
     rng = np.random.default_rng(0)
-    for h, out in ((224, 64), (128, 64), (50, 64), (64, 64), (96, 40)):
-        x = rng.integers(0, 256, (3, h, h, 3), dtype=np.uint8)
+    for h, out in ((224, 64), (128, 64), (50, 64), (64, 64), (96, 40), (1100, 64)):  # 1100: sums past uint16
+        x = rng.integers(0, 256, (2, h, h, 3), dtype=np.uint8)
         ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2).double(), out)
         got = resize_area(np, x, out, 1 / 255)
-        assert got.dtype == np.float32 and got.shape == (3, out, out, 3)
+        assert got.dtype == np.float32 and got.shape == (2, out, out, 3)
         assert np.abs(got.transpose(0, 3, 1, 2) - ref.numpy() / 255).max() < 1e-6, (h, out)
 
 
@@ -87,6 +87,21 @@ def test_assemble_layout_range_crops_and_independence_from_batching():
     assert assemble(np, tiles, seeds, BatchSpec(8, augment=True), out=out) is out and np.array_equal(out, x)
 
 
+@pytest.mark.parametrize("tile,size", [(224, 64), (50, 64), (96, 40)])
+def test_augmented_resize_is_the_plain_resize_turned(tile, size):
+    """The weights are applied after the turn: right only because they are turn-invariant."""
+    rng = np.random.default_rng(2)
+    tiles = rng.integers(0, 256, (8, tile, tile, 3), dtype=np.uint8)
+    seeds = np.arange(8) * 13
+    plain = assemble(np, tiles, seeds, BatchSpec(size))
+    turned = assemble(np, tiles, seeds, BatchSpec(size, augment=True))
+    codes = dihedral_codes(item_draws(seeds, 1))
+    assert len(set(codes.tolist())) > 3
+    for k, code in enumerate(codes.tolist()):
+        want = to_chw(np, plain[k].transpose(1, 2, 0)[None], [code])[0]
+        assert np.array_equal(turned[k], want), code
+
+
 def test_same_seed_same_tile_same_sample():
     tiles = np.stack([np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)] * 2)
     x = assemble(np, tiles, [7, 7], BatchSpec(8, augment=True))
@@ -103,6 +118,7 @@ def test_same_seed_same_tile_same_sample():
     (dict(decode_device="cuda", cupy_error="CUDARuntimeError: no device"), DependencyError, "CuPy, which is not usable"),
     (dict(array_backend="cupy", cuda_available=False), ConfigError, "data.array_backend: cupy: no usable CUDA"),
     (dict(decode_device="gpu"), ConfigError, "'gpu' is not one of cpu, cuda"),
+    (dict(decode_device="cuda", train_device="cpu"), ConfigError, "but train.device: cpu trains on the host"),
 ])
 def test_feed_plan_refuses_in_one_line_naming_the_key(kw, error, match):
     args = dict(decode_device="cpu", array_backend="auto", reader_backend="cucim", loader_workers=0,
@@ -123,6 +139,8 @@ def test_feed_plan_choices():
     assert plan_feed("cuda", "cupy", "cucim", 0, True, device=3).cuda_device == "cuda:3"
     mixed = plan_feed("cpu", "cupy", "openslide", 0, cuda_available=True, device=0)
     assert mixed == FeedPlan("cpu", "cupy", False, 0)  # CPU decode, GPU assembly
+    on_host = plan_feed("cpu", "auto", "cucim", 0, cuda_available=True, device=0, train_device="cpu")
+    assert on_host == FeedPlan("cpu", "numpy", False, -1)  # training on the CPU of a GPU machine: nothing pinned
 
 
 def test_to_torch_shares_memory_on_the_host_and_through_dlpack():
