@@ -13,7 +13,6 @@ install:
 
 demo: install
 	$(HPCFL) launch configs/quickstart.yaml --restart
-	$(HPCFL) report runs/quickstart
 
 test: export HPCFL_WITH_SLURM = 1
 test: install

@@ -47,12 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_run_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the mpirun command and exit")
+    p.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end (hpcfl report)")
 
     p = sub.add_parser("run", help="the per-rank program (use under mpirun/srun/horovodrun)",
                        description="Executed by every rank. Rank 0 becomes the aggregator, the others the sites "
                                    "the config declares, in order. Example: mpirun -np 5 hpcfl run cfg.yaml")
     _add_config_args(p)
     _add_run_args(p)
+    p.add_argument("--pin", choices=["none", "local", "cluster"], default=None,
+                   help="pin this rank to its place's cores (and GPU) unless the launcher did: local = this machine "
+                        "(hpcfl launch, oversubscribed), cluster = its place in the config's cluster section "
+                        "(rendered jobs)")
 
     p = sub.add_parser("validate", help="check a config file",
                        description="Load and validate a config (with overrides); print the federation it describes.")
@@ -216,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .launch import launch
 
             return launch(cfg, args.config, args.overrides, resume=args.resume, restart=args.restart,
-                          dry_run=args.dry_run)
+                          dry_run=args.dry_run, report=not args.no_report)
     except HpcflError as exc:
         print(f"hpcfl: {exc}", file=sys.stderr)
         return 2
@@ -274,7 +279,7 @@ def _resolve_target(target: str):
 def _stop(target: str, run_dir, job_id) -> int:
     """Ask a running federation to stop after the round in progress; refuse when nothing is running."""
     from .errors import LaunchError
-    from .federation import STOP_FILE
+    from .protocol.server import STOP_FILE
     from .observe.status import run_status
 
     if run_dir is None:
@@ -403,7 +408,7 @@ def _run(args) -> int:
         return 2
     from .runtime import run_rank
 
-    return run_rank(args.config, args.overrides, resume=args.resume, restart=args.restart)
+    return run_rank(args.config, args.overrides, resume=args.resume, restart=args.restart, pin=args.pin)
 
 
 def _tile(args) -> int:

@@ -321,20 +321,80 @@ class ModelConfig:
     name: str = _f("mlp", help="`mlp`, `cnn`, or `package.module:factory` (called with num_features, num_classes, **args)")
     hidden: Tuple[int, ...] = _f((64,), help="mlp: hidden layer widths")
     batchnorm: bool = _f(False, help="mlp: BatchNorm after each hidden layer")
-    conv_blocks: int = _f(3, help="cnn: strided conv + BatchNorm + ReLU blocks (16, 32, 64, ... channels)", min=1, max=8)
+    conv_blocks: int = _f(3, help="cnn: strided conv + GroupNorm + ReLU blocks (16, 32, 64, ... channels)", min=1, max=8)
     args: Dict[str, Any] = _f({}, help="extra keyword arguments for a factory model")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    backend: Literal["horovod"] = _f("horovod", help="site data-parallel backend")
-    optimizer: Literal["sgd", "adam"] = _f("sgd", help="local optimizer (state is reset every round)")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", help="where site ranks train: auto = the rank's GPU when CUDA is available, else the CPU")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", help="mixed precision of local training (autocast; fp16 with a loss scale, fresh each round); the federation always exchanges fp32 weights")
+    channels_last: bool = _f(False, help="feed image batches in channels-last memory format (faster convolutions on tensor-core GPUs)")
+    cudnn_benchmark: bool = _f(True, help="let cuDNN pick the fastest convolution algorithms (GPU only)")
+    optimizer: Literal["sgd", "adam", "adamw"] = _f("sgd", help="local optimizer (state is reset every round)")
     lr: float = _f(0.05, help="learning rate", gt=0.0)
     momentum: float = _f(0.0, help="sgd momentum", min=0.0, max=1.0)
     weight_decay: float = _f(0.0, help="weight decay", min=0.0)
     batch_size: int = _f(32, help="per-rank batch size", min=1)
     eval_batch_size: int = _f(1024, help="per-rank evaluation batch size", min=1)
     threads: int = _f(0, help="torch threads per rank; 0 = cores / ranks on this node", min=0)
+    grad_clip: float = _f(0.0, help="clip the (site-averaged) gradient to this global L2 norm before each step; 0 = off", min=0.0)
+
+
+@dataclass(frozen=True)
+class SiteBackendConfig:
+    backend: Literal["horovod", "torch"] = _f("horovod", help="data parallelism inside a site: Horovod process sets, or torch.distributed groups (NCCL on GPUs, Gloo on CPUs)")
+
+
+@dataclass(frozen=True)
+class DinoCropsConfig:
+    global_size: int = _f(48, help="side of the 2 global crops, pixels", min=8)
+    local_size: int = _f(24, help="side of the local crops, pixels", min=4)
+    local_crops: int = _f(4, help="local crops per tile (0 = global crops only)", min=0)
+    global_scale: Tuple[float, ...] = _f((0.4, 0.8), help="[min, max] area fraction of the tile a global crop covers")
+    local_scale: Tuple[float, ...] = _f((0.1, 0.2), help="[min, max] area fraction of the tile a local crop covers")
+    flip: bool = _f(True, help="random horizontal and vertical flips")
+    rotate: bool = _f(True, help="random 90-degree rotations (tissue has no orientation)")
+    jitter: float = _f(0.4, help="colour jitter strength: brightness, contrast and saturation factors in [1-j, 1+j]", min=0.0, max=1.0)
+    hue: float = _f(0.05, help="colour jitter: hue rotation of up to +-hue turns", min=0.0, max=0.5)
+    jitter_prob: float = _f(0.8, help="probability that a crop is colour-jittered", min=0.0, max=1.0)
+    grayscale_prob: float = _f(0.2, help="probability that a crop is turned grey", min=0.0, max=1.0)
+    blur_prob: Tuple[float, ...] = _f((0.5, 0.1, 0.2), help="Gaussian blur probability of [first global, second global, local] crops")
+    blur_sigma: Tuple[float, ...] = _f((0.1, 1.0), help="[min, max] Gaussian blur sigma, pixels of the crop")
+    solarize_prob: float = _f(0.2, help="probability that the second global crop is solarized", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class DinoEvalConfig:
+    size: int = _f(0, help="side tiles are resized to for the evaluation; 0 = as the data gives them (data.tiles.input_size)", min=0)
+    knn_k: int = _f(20, help="k of the k-NN classifier on frozen teacher features (cosine similarity)", min=1)
+    knn_temperature: float = _f(0.07, help="k-NN votes weighted by exp(similarity / T)", gt=0.0)
+    probe_iters: int = _f(100, help="L-BFGS iterations of the linear probe (full batch, float64 on CPU: deterministic)", min=1)
+    probe_l2: float = _f(1e-3, help="L2 penalty of the linear probe on standardized features", min=0.0)
+
+
+@dataclass(frozen=True)
+class DinoConfig:
+    backbone: Literal["cnn", "vit"] = _f("cnn", help="encoder: ResNet-style CNN (GroupNorm) or a small ViT")
+    width: int = _f(32, help="cnn: channels of the first of 3 stages (doubled per stage); vit: embedding dimension", min=4)
+    depth: int = _f(1, help="cnn: residual blocks per stage; vit: transformer blocks", min=1)
+    patch_size: int = _f(4, help="vit: patch side, pixels", min=1)
+    heads: int = _f(4, help="vit: attention heads (must divide width)", min=1)
+    out_dim: int = _f(1024, help="projection head output dimension (DINO's K prototypes)", min=2)
+    head_hidden: int = _f(256, help="projection head MLP width", min=1)
+    head_bottleneck: int = _f(64, help="projection head bottleneck before the weight-normalised last layer", min=1)
+    norm_last_layer: bool = _f(True, help="fix the last layer's weight-norm gain at 1 (more stable)")
+    head_bn: bool = _f(True, help="BatchNorm in the projection head's MLP (DINO's use_bn_in_head; per rank batch statistics)")
+    student_temp: float = _f(0.1, help="student softmax temperature", gt=0.0)
+    teacher_temp: float = _f(0.04, help="teacher softmax temperature after the warm-up", gt=0.0)
+    warmup_teacher_temp: float = _f(0.04, help="teacher temperature at epoch 0", gt=0.0)
+    warmup_teacher_temp_epochs: float = _f(0.0, help="local epochs (counted across rounds) of the linear teacher temperature warm-up", min=0.0)
+    center_momentum: float = _f(0.9, help="momentum of the centre subtracted from teacher outputs", min=0.0, max=1.0)
+    teacher_momentum: float = _f(0.99, help="EMA momentum of the teacher at step 0, raised to 1 along a cosine over all steps (DINO: 0.996 for runs of 100k+ steps)", min=0.0, max=1.0)
+    exchange: Literal["student", "student_teacher"] = _f("student_teacher", help="what travels between sites: the student only (each site keeps its teacher) or both")
+    center: Literal["averaged", "kept"] = _f("averaged", help="the centre travels and is averaged, or each site keeps its own")
+    crops: DinoCropsConfig = _f(DinoCropsConfig(), help="multi-crop augmentation")
+    eval: DinoEvalConfig = _f(DinoEvalConfig(), help="label-free pretraining evaluation: k-NN and linear probe")
 
 
 @dataclass(frozen=True)
@@ -371,7 +431,7 @@ class PrivacyConfig:
 class EvalConfig:
     locally_tuned: bool = _f(True, help="every round, each site also evaluates its locally trained model on its own validation data")
     cross_site: bool = _f(True, help="at the end, every site's final local model and the global model on every site's validation data (cross_site.json)")
-    best_metric: Literal["val_accuracy", "val_loss", "val_auc", "val_balanced_accuracy"] = _f("val_accuracy", help="the global model with the best value of this metric is kept as best.npz")
+    best_metric: str = _f("auto", help="the global model with the best value of this metric is kept as best.npz: val_<a metric of the task> (classify: val_accuracy, val_loss, val_auc, val_balanced_accuracy); auto = the task's first headline metric")
     auc_bins: int = _f(256, help="score histogram bins per class for AUC (summed over ranks and sites exactly; AUC error < 1/bins)", min=16, max=100000)
 
 
@@ -386,6 +446,7 @@ class LaunchConfig:
     mpirun: str = _f("mpirun", help="mpirun executable used by `hpcfl launch`")
     mpirun_args: Tuple[str, ...] = _f((), help="extra mpirun arguments (argv list)")
     chunk_mb: int = _f(8, help="largest MPI message in MiB: models move in chunks of this size, which bounds the reduction buffers MPI allocates at rank 0", min=1, max=1024)
+    slots: int = _f(0, help="process groups that simulate the sites (each trains its sites in turn); 0 = one per site where this machine (or cluster) has a core or GPU per rank, else as many as fit", min=0)
 
 
 @dataclass(frozen=True)
@@ -395,6 +456,7 @@ class ClusterConfig:
     cores_per_socket: Optional[int] = _f(None, help="cores per socket; left out: from SLURM as for sockets_per_node, else 16", min=1)
     gpus_per_node: Optional[int] = _f(None, help="GPUs per node (0 = CPU nodes: one rank per socket, or per cores_per_rank); left out: from SLURM as for sockets_per_node, else 0", min=0)
     cores_per_rank: int = _f(0, help="cores per site rank (0 = a socket on CPU nodes, a GPU's share on GPU nodes)", min=0)
+    ranks_per_gpu: int = _f(1, help="site ranks that share one GPU (e.g. 4 to run a 2-site x 2-rank federation on one GPU)", min=1)
     aggregator_cores: int = _f(1, help="cores reserved for rank 0 on the first node (0 = not pinned: it mostly sleeps)", min=0)
     aggregator_own_node: bool = _f(False, help="give rank 0 a node of its own (the sites start on the second)")
     oversubscribe: bool = _f(False, help="more ranks than slots: ranks share slots round-robin (#SBATCH --overcommit); for small test clusters")
@@ -418,13 +480,20 @@ class ClusterConfig:
 class FailureInjection:
     rank: int = _f(help="world rank that fails", min=0)
     round: int = _f(help="round in which it fails (at its start)", min=1)
-    mode: Literal["raise", "kill"] = _f("raise", help="raise an exception, or SIGKILL the process")
+    mode: Literal["raise", "kill", "stop"] = _f("raise", help="raise an exception, SIGKILL the process, or SIGSTOP it (a hung rank)")
 
 
 @dataclass(frozen=True)
 class DebugConfig:
     inject_failure: Optional[FailureInjection] = _f(None, help="make one rank fail on purpose (tests the job's failure handling)")
     save_local_weights: bool = _f(False, help="every site rank saves its locally trained weights each round to debug/ (for checking replicas and aggregation)")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    hang_timeout_s: Optional[float] = _f(None, help="a rank that makes no progress this long ends the job, naming it (null = five times the slowest round so far, at least hang_floor_s)", gt=0.0)
+    hang_floor_s: float = _f(300.0, help="the smallest automatic hang timeout, in seconds (covers start-up and the first round)", gt=0.0)
+    nonfinite_update: Literal["fail", "skip_site"] = _f("fail", help="a site whose update holds NaN or inf: end the job naming it, or leave it out of that round's aggregate (recorded)")
 
 
 @dataclass(frozen=True)
@@ -442,17 +511,22 @@ class ObserveConfig:
 @dataclass(frozen=True)
 class Config:
     sites: Tuple[SiteConfig, ...] = _f(help="the simulated institutions, in rank order (list, or {count, ranks})")
+    task: str = _f("classify", help="what is trained: classify (supervised), dino (self-supervised DINO pretraining), or package.module:Class (a hpcfl.tasks.Task)")
+    task_args: Dict[str, Any] = _f({}, help="keyword settings for a user task (package.module:Class), read by the task as cfg.task_args")
     run: RunConfig = _f(RunConfig(), help="run identity")
     fl: FLConfig = _f(FLConfig(), help="federation")
     data: DataConfig = _f(DataConfig(), help="data")
     model: ModelConfig = _f(ModelConfig(), help="model")
     train: TrainConfig = _f(TrainConfig(), help="local training")
+    site: SiteBackendConfig = _f(SiteBackendConfig(), help="how the ranks of a site train together")
     privacy: PrivacyConfig = _f(PrivacyConfig(), help="privacy filters around any strategy")
     eval: EvalConfig = _f(EvalConfig(), help="evaluation")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), help="checkpoints")
     launch: LaunchConfig = _f(LaunchConfig(), help="launcher")
     cluster: ClusterConfig = _f(ClusterConfig(), help="the SLURM cluster the job runs on")
+    fault: FaultConfig = _f(FaultConfig(), help="hung ranks and diverging sites")
     debug: DebugConfig = _f(DebugConfig(), help="fault injection")
+    dino: DinoConfig = _f(DinoConfig(), help="task dino: self-supervised DINO pretraining (hpcfl/tasks/dino)")
     observe: ObserveConfig = _f(ObserveConfig(), help="TensorBoard and MLflow logging of the metrics")
 
     @property
@@ -646,6 +720,16 @@ def _validate(cfg: Config, src: str) -> None:
     if cfg.run.name and not _SITE_NAME.match(cfg.run.name):
         raise ConfigError(f"{src}: run.name: {cfg.run.name!r} must be letters, digits, '-', '_' or '.'")
     _validate_fl(cfg, src)
+    from .tasks.base import BUILTIN
+
+    if cfg.task not in BUILTIN and ":" not in cfg.task:
+        raise ConfigError(f"{src}: task: {cfg.task!r} is not {', '.join(BUILTIN)} or `package.module:Class`"
+                          f"{_suggest(cfg.task, list(BUILTIN))}")
+    rank_counts = len({s.ranks for s in cfg.sites})
+    if cfg.launch.slots and not rank_counts <= cfg.launch.slots <= len(cfg.sites):
+        raise ConfigError(f"{src}: launch.slots: {cfg.launch.slots} slots cannot simulate {len(cfg.sites)} sites with "
+                          f"{rank_counts} different rank count(s); choose between {rank_counts} and {len(cfg.sites)} "
+                          "(0 = automatic)")
     inj = cfg.debug.inject_failure
     if inj is not None and inj.rank >= cfg.world_size:
         raise ConfigError(f"{src}: debug.inject_failure.rank: {inj.rank} is not a rank of this {cfg.world_size}-rank federation")
@@ -737,12 +821,28 @@ def apply_override(raw: dict, assignment: str) -> None:
             raise ConfigError(f"--set {assignment}: {where}: cannot set a key inside a scalar")
 
 
+# Keys that moved: (old path) -> (new path). Configs (and run directories' config.yaml) written
+# before the move still load, so an older run can be resumed.
+_MOVED = {("train", "backend"): ("site", "backend")}
+
+
+def _migrate(raw: dict) -> None:
+    for old, new in _MOVED.items():
+        node = raw.get(old[0])
+        if isinstance(node, dict) and old[1] in node:
+            value = node.pop(old[1])
+            target = raw.setdefault(new[0], {})
+            if isinstance(target, dict):
+                target.setdefault(new[1], value)
+
+
 def from_dict(raw: Any, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
     import copy
 
     raw = copy.deepcopy(raw) if raw is not None else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
+    _migrate(raw)
     for o in overrides:
         apply_override(raw, o)
     cfg = _build(Config, raw, "", source)
@@ -778,7 +878,7 @@ def dump_yaml(cfg: Config) -> str:
 # Keys that may change between a run and its resumption without changing what
 # the completed rounds mean: more rounds, where the run lives, how it is launched.
 _HASH_EXCLUDED = {("fl", "rounds"), ("run", "name"), ("run", "root"), ("launch",), ("debug",), ("checkpoint",), ("eval",),
-                  ("cluster",), ("observe",)}
+                  ("cluster",), ("observe",), ("fault",)}
 
 
 def trajectory_dict(cfg: Any) -> dict:

@@ -122,12 +122,6 @@ def steps_per_epoch(n_train: int, site_size: int, batch_size: int) -> int:
     return max(1, -(-(n_train // site_size) // batch_size))
 
 
-def site_split(cfg, ds: Dataset, site_index: int, n_sites: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices) of one site."""
-    parts = partition(ds.y, n_sites, cfg.data.partition, cfg.run.seed, cfg.data.dirichlet_alpha)
-    return train_val_split(parts[site_index], cfg.data.val_fraction, cfg.run.seed, site_index)
-
-
 def partition_summary(cfg, ds: Dataset, names: Sequence[str]) -> dict:
     """Per-site sample and class counts, recorded in manifest.json."""
     parts = partition(ds.y, len(names), cfg.data.partition, cfg.run.seed, cfg.data.dirichlet_alpha)

@@ -24,21 +24,50 @@ from .topology import topology_for
 
 
 def rank_argv(config_path: str, overrides: Sequence[str] = (), resume: bool = False, restart: bool = False,
-              python: Optional[str] = None) -> List[str]:
-    """What each rank runs, under any launcher."""
+              python: Optional[str] = None, pin: str = "none") -> List[str]:
+    """What each rank runs, under any launcher (the launch decisions travel as typed flags: RankLaunch)."""
+    from .runtime import RankLaunch
+
     argv = [python or sys.executable, "-m", "hpcfl", "run", str(config_path)]
     for o in overrides:
         argv += ["--set", o]
-    if resume:
-        argv.append("--resume")
-    if restart:
-        argv.append("--restart")
-    return argv
+    return argv + RankLaunch(resume=resume, restart=restart, pin=pin).argv()
 
 
-def mpirun_argv(cfg: Config, rank_cmd: Sequence[str], cores: int, as_root: bool) -> List[str]:
-    """The mpirun command for this machine: one process per rank the config needs."""
-    n = cfg.world_size
+def local_capacity(cfg: Config, cores: int) -> int:
+    """Site ranks this machine runs one to a core (or to a GPU share, where site ranks train on GPUs)."""
+    if cfg.train.device != "cpu":
+        from .cluster.nodecheck import count_gpus
+
+        gpus, _ = count_gpus()
+        if gpus:
+            return gpus * cfg.cluster.ranks_per_gpu
+    return cores
+
+
+def choose_slots(cfg: Config, capacity: int) -> int:
+    """``launch.slots``, or one slot per site where ``capacity`` holds every site rank, else as many as fit."""
+    from .topology import auto_slots
+
+    return cfg.launch.slots or auto_slots([s.ranks for s in cfg.sites], capacity)
+
+
+def describe_slots(cfg: Config, slots: int) -> str:
+    from .topology import topology_for
+
+    t = topology_for(cfg, slots=slots)
+    k = len(t.sites)
+    if slots == k:
+        return f"{t.world_size} ranks: the aggregator and {k} site(s) of their own ranks"
+    per = sorted({len(s.sites) for s in t.slots})
+    shown = f"{per[0]}" if len(per) == 1 else f"{per[0]}-{per[-1]}"
+    return (f"{t.world_size} ranks: the aggregator and {slots} slot(s) simulating {k} sites ({shown} each, in turn; "
+            "launch.slots sets it)")
+
+
+def mpirun_argv(cfg: Config, rank_cmd: Sequence[str], cores: int, as_root: bool, n: Optional[int] = None) -> List[str]:
+    """The mpirun command for this machine: one process per rank (``n``, default one slot per site)."""
+    n = cfg.world_size if n is None else n
     argv = [cfg.launch.mpirun, "-np", str(n)]
     if as_root:
         argv.append("--allow-run-as-root")
@@ -48,8 +77,6 @@ def mpirun_argv(cfg: Config, rank_cmd: Sequence[str], cores: int, as_root: bool)
         argv += ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
     threads = max(1, cores // n) if cfg.train.threads == 0 else cfg.train.threads
     argv += ["-x", f"OMP_NUM_THREADS={threads}"]
-    if n > cores:  # mpirun does not bind oversubscribed ranks: they pin themselves, site ranks spread over cores
-        argv += ["-x", "HPCFL_PIN=local"]
     argv += list(cfg.launch.mpirun_args)
     return argv + list(rank_cmd)
 
@@ -57,7 +84,8 @@ def mpirun_argv(cfg: Config, rank_cmd: Sequence[str], cores: int, as_root: bool)
 _KILLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)(?: \(([^)]*)\))?")
 
 
-def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int) -> str:
+def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int,
+                 world_size: Optional[int] = None) -> str:
     """One line naming what ended the job: the earliest rank error, else a killed rank."""
     errors = []
     for p in (Path(run_dir) / "logs").glob("rank-*.error.json"):
@@ -72,7 +100,7 @@ def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int
     if m:
         rank, sig, name = int(m.group(1)), m.group(2), m.group(3) or ""
         try:
-            who = topology_for(cfg).role(rank).describe()
+            who = topology_for(cfg, world_size).role(rank).describe()
         except Exception:  # noqa: BLE001 - a launcher message naming a rank we do not know
             who = f"rank {rank}"
         return f"hpcfl: {who} was killed by signal {sig}{f' ({name})' if name else ''}"
@@ -89,7 +117,7 @@ def _pump(src, dst, keep: List[str]) -> None:
 
 
 def launch(cfg: Config, config_path: str, overrides: Sequence[str] = (), resume: bool = False,
-           restart: bool = False, dry_run: bool = False, stdout=None) -> int:
+           restart: bool = False, dry_run: bool = False, stdout=None, report: bool = True) -> int:
     """Run the federation under mpirun on this machine; return its exit code."""
     out = stdout or sys.stdout
     if shutil.which(cfg.launch.mpirun) is None:
@@ -98,8 +126,15 @@ def launch(cfg: Config, config_path: str, overrides: Sequence[str] = (), resume:
     from .rundir import RunDir
 
     RunDir(cfg).check(resume=resume, restart=restart)  # refuse a bad resume before starting any rank
-    argv = mpirun_argv(cfg, rank_argv(config_path, overrides, resume, restart),
-                       cores=len(os.sched_getaffinity(0)), as_root=(os.geteuid() == 0))
+    from .topology import world_size_for
+
+    cores = len(os.sched_getaffinity(0))
+    slots = choose_slots(cfg, local_capacity(cfg, cores))
+    n = world_size_for([s.ranks for s in cfg.sites], slots)
+    pin = "local" if n > cores else "none"  # mpirun does not bind oversubscribed ranks: they pin themselves
+    argv = mpirun_argv(cfg, rank_argv(config_path, overrides, resume, restart, pin=pin), cores=cores,
+                       as_root=(os.geteuid() == 0), n=n)
+    out.write(f"hpcfl: {describe_slots(cfg, slots)}\n")
     out.write(f"hpcfl: {shlex.join(argv)}\n")
     out.flush()
     if dry_run:
@@ -119,8 +154,23 @@ def launch(cfg: Config, config_path: str, overrides: Sequence[str] = (), resume:
         rc = proc.wait()
     for t in pumps:
         t.join(timeout=5)
+    run_dir = Path(cfg.run.root) / cfg.run.name
     if rc != 0:
-        run_dir = Path(cfg.run.root) / cfg.run.name
-        sys.stderr.write(failure_line(cfg, run_dir, "".join(seen), rc) + "\n")
+        sys.stderr.write(failure_line(cfg, run_dir, "".join(seen), rc, n) + "\n")
         sys.stderr.flush()
+    elif report:
+        _report(run_dir, out)
     return rc
+
+
+def _report(run_dir: Path, out) -> None:
+    """The run's HTML report (hpcfl report), written at the end of a successful launch."""
+    try:
+        from .observe import write_report
+
+        path = write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run succeeded and its results are on disk: never fail it here
+        out.write(f"hpcfl: no report ({type(exc).__name__}: {exc}); the results are in {run_dir}\n")
+        return
+    out.write(f"report: {path}\n")
+    out.flush()

@@ -1,9 +1,13 @@
 """Models, and the flat buffer through which they travel.
 
 Every floating-point parameter and buffer of the model is re-pointed into ONE
-contiguous float32 tensor (:class:`FlatModel`). MPI receives the global model
-straight into the weights, Horovod broadcasts one tensor per site, and an upload
-is one buffer: no per-tensor messages, no pickling, no extra copies.
+contiguous float32 tensor (:class:`FlatModel`), on the rank's device. MPI
+receives the global model straight into the weights (on a GPU: through a pinned
+staging buffer, :mod:`hpcfl.device`), a site broadcasts one tensor, and an
+upload is one buffer: no per-tensor messages, no pickling, no extra copies.
+The trainable parameters come first and their gradients are views into one
+flat gradient tensor too, so gradient averaging is one allreduce and an
+optimizer step a few elementwise ops (:mod:`hpcfl.site.optim`).
 
 Non-float buffers (BatchNorm's ``num_batches_tracked``, any integer counter)
 are *not* exchanged: each process keeps its own. They only matter for
@@ -16,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass
-from typing import Any, List, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,31 +36,45 @@ class Entry:
 
 
 class FlatModel:
-    """A torch module whose float state lives in one contiguous float32 tensor.
+    """A torch module whose float state lives in one contiguous float32 tensor ``flat``.
 
-    ``flat`` is that tensor and ``array`` its NumPy view (CPU), which MPI can
-    send and receive in place.
+    Layout: the parameters named in ``trainable`` (all parameters with
+    ``requires_grad`` by default), in module order, then every other float entry
+    of the state dict. ``grad`` is the flat gradient of the trainable prefix
+    ``flat[:num_trainable]``. On the CPU, ``array`` is ``flat``'s NumPy view, which
+    MPI sends and receives in place; on a GPU it is None.
     """
 
-    def __init__(self, module: Any):
+    def __init__(self, module: Any, trainable: Optional[Iterable[str]] = None, device: Any = None):
         import torch
 
+        if device is not None:
+            module = module.to(device)
         self.module = module
-        entries: List[Entry] = []
-        tensors = []
-        offset = 0
-        for name, t in module.state_dict(keep_vars=True).items():
-            if not torch.is_floating_point(t):
-                continue
+        state = {n: t for n, t in module.state_dict(keep_vars=True).items() if torch.is_floating_point(t)}
+        for name, t in state.items():
             if t.dtype != torch.float32:
                 raise ConfigError(f"model: {name} is {t.dtype}; hpcfl exchanges float32 weights, convert the model with .float()")
+        params = dict(module.named_parameters())
+        names = [n for n, p in params.items() if p.requires_grad] if trainable is None else list(trainable)
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise ConfigError(f"model: trainable entries {unknown[:3]} are not parameters of the model")
+        order = names + [n for n in state if n not in set(names)]
+        entries: List[Entry] = []
+        offset = 0
+        for name in order:
+            t = state[name]
             entries.append(Entry(name, tuple(t.shape), offset, t.numel()))
-            tensors.append(t)
             offset += t.numel()
         self.entries = tuple(entries)
         self.numel = offset
-        self.array = np.zeros(offset, dtype=np.float32)
-        self.flat = torch.from_numpy(self.array)
+        self.num_trainable = sum(state[n].numel() for n in names)
+        dev = next((t.device for t in state.values()), torch.device("cpu"))
+        self.device = dev
+        self.flat = torch.zeros(offset, dtype=torch.float32, device=dev)
+        self.array = self.flat.numpy() if dev.type == "cpu" else None
+        self.grad = torch.zeros(self.num_trainable, dtype=torch.float32, device=dev)
         # Re-point every entry into the flat buffer, keeping current values.
         owners = {}
         for mod_name, mod in module.named_modules():
@@ -66,26 +84,50 @@ class FlatModel:
             for bname, b in list(mod._buffers.items()):
                 if b is not None:
                     owners[_join(mod_name, bname)] = (mod, "_buffers", bname)
+        trainable_set = set(names)
         with torch.no_grad():
-            for e, t in zip(self.entries, tensors):
+            for e in self.entries:
+                t = state[e.name]
                 view = self.flat[e.offset:e.offset + e.numel].view(e.shape)
                 view.copy_(t.detach())
                 mod, kind, key = owners[e.name]
                 if kind == "_parameters":
                     t.data = view
+                    if e.name in trainable_set:
+                        t.grad = self.grad[e.offset:e.offset + e.numel].view(e.shape)
                 else:
                     mod._buffers[key] = view
 
     @property
     def nbytes(self) -> int:
-        return self.array.nbytes
+        return self.numel * 4
 
     def signature(self) -> str:
         """Names, shapes and offsets: two processes can exchange buffers iff these match."""
         return layout_signature(self.entries)
 
+    def slices(self, names: Iterable[str]) -> List[Tuple[int, int]]:
+        """``(start, stop)`` ranges of the flat buffer holding ``names``, adjacent ranges merged."""
+        return entry_slices(self.entries, names)
+
     def state_dict(self) -> dict:
         return self.module.state_dict()
+
+
+def entry_slices(entries: Sequence[Entry], names: Iterable[str]) -> List[Tuple[int, int]]:
+    wanted = set(names)
+    out: List[Tuple[int, int]] = []
+    for e in sorted((e for e in entries if e.name in wanted), key=lambda e: e.offset):
+        if out and out[-1][1] == e.offset:
+            out[-1] = (out[-1][0], e.offset + e.numel)
+        else:
+            out.append((e.offset, e.offset + e.numel))
+    return out
+
+
+def same_state(a: Sequence[Entry], b_names_shapes: Iterable[Tuple[str, Sequence[int]]]) -> bool:
+    """Whether a layout holds the same named entries (shapes included) as another, in any order."""
+    return sorted((e.name, tuple(e.shape)) for e in a) == sorted((n, tuple(s)) for n, s in b_names_shapes)
 
 
 def layout_signature(entries) -> str:

@@ -20,8 +20,9 @@ import numpy as np
 from .errors import RankFailure
 
 # Per-site codes of a plan (float-safe small integers: they travel in a float64 control vector).
-NOT_SAMPLED, RETURNS, DROPOUT, STRAGGLER, DISCARDED = 0, 1, 2, 3, 4
-REASONS = {NOT_SAMPLED: "not_sampled", DROPOUT: "dropout", STRAGGLER: "straggler", DISCARDED: "too_few_returned"}
+NOT_SAMPLED, RETURNS, DROPOUT, STRAGGLER, DISCARDED, NONFINITE = 0, 1, 2, 3, 4, 5
+REASONS = {NOT_SAMPLED: "not_sampled", DROPOUT: "dropout", STRAGGLER: "straggler", DISCARDED: "too_few_returned",
+           NONFINITE: "nonfinite_update"}
 
 
 @dataclass

@@ -3,89 +3,25 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 # Phases of a round, in the order they happen, with the label the summary prints.
 PHASES = [
     ("send_s", "send global model (rank 0 -> leaders, MPI)"),
-    ("site_bcast_s", "in-site broadcast (Horovod)"),
-    ("train_s", "local training (slowest site)"),
+    ("site_bcast_s", "in-slot broadcast (site backend)"),
+    ("train_s", "local training (slowest slot: its sites in turn)"),
     ("data_s", "  data loading wait"),
     ("compute_s", "  forward/backward/step"),
     ("allreduce_s", "  in-site gradient allreduce"),
-    ("upload_s", "upload to rank 0 (MPI Reduce + Gather)"),
+    ("upload_s", "upload to rank 0 (MPI Reduce or Gatherv)"),
     ("aggregate_s", "aggregation"),
-    ("eval_s", "evaluation (slowest site)"),
+    ("eval_s", "evaluation (slowest slot)"),
     ("checkpoint_s", "checkpoint (overlaps next round's training)"),
     ("overhead_s", "overhead = round - training"),
     ("round_s", "round wall time"),
 ]
-
-
-def round_records(round_: int, topology, up: np.ndarray, ev: np.ndarray, up_cols: Sequence[str],
-                  time_cols: Sequence[str], server: Dict[str, float], num_classes: int, bins: int,
-                  codes: np.ndarray, names: Sequence[str]) -> List[Dict[str, Any]]:
-    """metrics.jsonl records of one round: per site, split and model, then the round summary (last).
-
-    ``ev`` rows: the timing columns, the global model's metric sums, the locally
-    tuned model's metric sums (zeros if the site did not train), then the
-    training loss sum and sample count.
-    """
-    from . import metrics as M
-    from .participation import REASONS, RETURNS
-
-    U = {c: up[:, i] for i, c in enumerate(up_cols)}
-    nt = len(time_cols)
-    T = {c: ev[:, i] for i, c in enumerate(time_cols)}
-    V = M.vector_size(num_classes, bins)
-    g_vec, l_vec, tr = ev[:, nt:nt + V], ev[:, nt + V:nt + 2 * V], ev[:, nt + 2 * V:]
-    trained = T["trained"] > 0
-    recs: List[Dict[str, Any]] = []
-    for i, site in enumerate(topology.sites):
-        status = "returned" if codes[i] == RETURNS else REASONS[int(codes[i])]
-        recs.append({"kind": "site", "round": round_, "site": site.name, "split": "val", "model": "global",
-                     "status": status, **M.summarize(g_vec[i], num_classes, bins)})
-        if trained[i]:
-            if l_vec[i, 2] > 0:  # locally tuned model on the site's own validation data
-                recs.append({"kind": "site", "round": round_, "site": site.name, "split": "val", "model": "local",
-                             "status": status, **M.summarize(l_vec[i], num_classes, bins)})
-            recs.append({"kind": "site", "round": round_, "site": site.name, "split": "train", "model": "local",
-                         "loss": float(tr[i, 0] / max(tr[i, 1], 1)), "samples": int(tr[i, 1]),
-                         "steps": int(U["steps"][i]), "train_s": float(U["train_s"][i]),
-                         "update_norm": float(U["update_norm"][i])})
-    slow = int(np.argmax(np.where(trained, U["train_s"], -1.0)))  # the slowest site that trained sets the pace
-    some = bool(trained.any())
-    time_ = {
-        "send_s": server["send_s"],
-        "site_bcast_s": float(T["site_bcast_s"].max()),
-        "train_s": float(U["train_s"][slow]) if some else 0.0,
-        "data_s": float(U["data_s"][slow]) if some else 0.0,
-        "compute_s": float(U["compute_s"][slow]) if some else 0.0,
-        "allreduce_s": float(U["allreduce_s"][slow]) if some else 0.0,
-        "upload_s": float(T["upload_s"][slow]),
-        "aggregate_s": server["aggregate_s"],
-        "eval_s": float((T["eval_s"] + T["local_eval_s"]).max()),
-        "checkpoint_s": 0.0,
-        "wait_upload_s": server["wait_upload_s"],
-        "wait_eval_s": server["wait_eval_s"],
-    }
-    fed = M.summarize(g_vec.sum(0), num_classes, bins)
-    summary = {
-        "kind": "round", "round": round_, "sites_done": int((codes == RETURNS).sum()), "sites_total": len(names),
-        "participants": [n for n, c in zip(names, codes) if c == RETURNS],
-        "dropped": {n: REASONS[int(c)] for n, c in zip(names, codes) if c != RETURNS},
-        "val_loss": fed["loss"], "val_accuracy": fed["accuracy"], "val_auc": fed["auc"],
-        "val_balanced_accuracy": fed["balanced_accuracy"],
-        "num_train": int(U["num_train"][codes == RETURNS].sum()), "timestamp": time.time(), "time": time_,
-    }
-    if (l_vec[:, 2] > 0).any():
-        loc = M.summarize(l_vec.sum(0), num_classes, bins)
-        summary["local_val_accuracy"] = loc["accuracy"]
-        summary["local_val_loss"] = loc["loss"]
-    recs.append(summary)
-    return recs
 
 
 class Progress:

@@ -80,6 +80,7 @@ def _proc_start(pid: int) -> Optional[str]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, killed and not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,7 +89,11 @@ def _pid_alive(pid: int) -> bool:
         return True  # someone else's live process
     except (OSError, OverflowError, ValueError):
         return False
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill()
+    return stat[stat.rfind(")") + 2:][:1] not in ("Z", "X")
 
 
 def my_lock_record() -> Dict[str, Any]:

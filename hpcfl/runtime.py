@@ -1,10 +1,17 @@
 """What every rank executes (``hpcfl run``), under any launcher.
 
+Start-up, in order: rank 0 reads the config (path + overrides, once), prepares
+the run directory and tells every rank the resolved config; each rank opens its
+log (so everything after can be reported), starts its heartbeat, pins itself to
+its place (checked against the node first), and only then imports torch,
+chooses its device and builds its slot's sites.
+
 Also the failure contract: an exception on any rank is logged with its
 traceback to ``logs/rank-NNNN.log``, recorded in ``logs/rank-NNNN.error.json``,
 printed as ONE line naming the rank and its site, and then the rank calls
 ``MPI_Abort`` so the whole job ends within seconds instead of the other ranks
-waiting forever in their collectives.
+waiting forever in their collectives. A rank that hangs instead is caught by
+the watchdog (:mod:`hpcfl.watchdog`).
 """
 from __future__ import annotations
 
@@ -16,13 +23,30 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
-from .config import Config, load_config
+from .config import Config
 from .errors import ConfigError, HpcflError, TopologyError
 
 log = logging.getLogger("hpcfl")
 ABORT_GRACE_S = 1.0
+PIN_MODES = ("none", "local", "cluster")
+
+
+@dataclass(frozen=True)
+class RankLaunch:
+    """What a launcher tells the ranks besides the config: typed, on the command line (never in
+    environment variables). ``pin``: local = ranks pin themselves to this machine's cores (mpirun
+    could not bind oversubscribed ranks); cluster = to their place in ``cluster:`` (a rendered job)."""
+
+    resume: bool = False
+    restart: bool = False
+    pin: str = "none"
+
+    def argv(self) -> list:
+        return ((["--resume"] if self.resume else []) + (["--restart"] if self.restart else [])
+                + (["--pin", self.pin] if self.pin != "none" else []))
 
 
 def _versions() -> Dict[str, str]:
@@ -34,41 +58,55 @@ def _versions() -> Dict[str, str]:
     try:
         from mpi4py import MPI
 
-        out["mpi"] = MPI.Get_library_version().strip().splitlines()[0]
+        out["mpi"] = MPI.Get_library_version().strip().strip("\x00").splitlines()[0].strip("\x00")
     except Exception:  # noqa: BLE001 - informational only
         pass
     return out
 
 
-def _threads_for(cfg: Config, world) -> int:
-    """torch threads: the config's, else this rank's share of the cores it may run on."""
-    if cfg.train.threads:
-        return cfg.train.threads
+def _node_share(world) -> tuple:
+    """(site ranks on this node, this rank's index among them): threads and GPUs are shared by them."""
     from mpi4py import MPI
 
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    on_node = node.Get_size()
+    flags = node.allgather(world.Get_rank() != 0)
+    mine = node.Get_rank()
     node.Free()
+    return max(1, sum(flags)), sum(flags[:mine])
+
+
+def _threads_for(cfg: Config, on_node: int) -> int:
+    """torch threads: the config's, else this rank's share of the cores it may run on."""
+    if cfg.train.threads:
+        return cfg.train.threads
     cores = len(os.sched_getaffinity(0))
-    # Ranks pinned by the launcher see only their own cores; unpinned ones share the node's.
+    # Ranks pinned by the launcher (or by themselves) see only their own cores; unpinned ones share the node's.
     return max(1, cores if cores < (os.cpu_count() or cores) else cores // on_node)
 
 
-def rank_info(role, threads: int) -> Dict[str, Any]:
-    gpu = None
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():  # pragma: no cover - no GPU in CI
-        gpu = {"index": torch.cuda.current_device(), "name": torch.cuda.get_device_name()}
-    return {
-        "rank": role.rank, "role": role.kind, "site": role.site.name if role.site else None,
-        "rank_in_site": role.rank_in_site, "site_leader": role.is_leader,
+def rank_info(role, threads: int, device=None, backend=None, cfg: Optional[Config] = None) -> Dict[str, Any]:
+    from .device import cuda_aware_mpi, device_info
+
+    info = {
+        "rank": role.rank, "role": role.kind, "site": role.names[0] if len(role.names) == 1 else None,
+        "sites": list(role.names), "slot": role.slot.index if role.slot else None,
+        "rank_in_site": role.rank_in_slot, "site_leader": role.is_leader,
         "host": socket.gethostname(), "pid": os.getpid(),
-        "cpu_affinity": sorted(os.sched_getaffinity(0)), "torch_threads": threads, "gpu": gpu,
+        "cpu_affinity": sorted(os.sched_getaffinity(0)), "torch_threads": threads,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "versions": _versions(),
     }
+    if device is not None:
+        info["device"] = device_info(device)
+        info["gpu"] = info["device"] if device.type == "cuda" else None
+        info["cuda_aware_mpi"] = cuda_aware_mpi()
+    if backend is not None:
+        info["backend"] = backend.info()
+    if cfg is not None and not role.is_aggregator:
+        info["precision"] = cfg.train.precision
+    return info
 
 
-def _setup_logging(path, rank: int, to_console: bool) -> None:
+def _setup_logging(path, rank: int, to_console: bool):
     root = logging.getLogger("hpcfl")
     root.setLevel(logging.INFO)
     root.propagate = False
@@ -79,23 +117,33 @@ def _setup_logging(path, rank: int, to_console: bool) -> None:
         ch = logging.StreamHandler(sys.stderr)
         ch.setLevel(logging.WARNING)
         ch.setFormatter(logging.Formatter("hpcfl: %(message)s"))
+        ch.addFilter(lambda record: getattr(record, "console", True))  # extra={"console": False}: the log only
         root.addHandler(ch)
+    return fh.stream
 
 
-def run_rank(config_path: str, overrides: Sequence[str] = (), resume: bool = False, restart: bool = False) -> int:
+def run_rank(config_path: str, overrides: Sequence[str] = (), resume: bool = False, restart: bool = False,
+             pin: Optional[str] = None) -> int:
     """Entry point of one rank. Returns 0, or ends the whole MPI job on failure."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    state: Dict[str, Any] = {"role": None, "rundir": None, "round": None, "started": False}
+    state: Dict[str, Any] = {"role": None, "rundir": None, "round": None, "started": False, "beat": None}
+    launch = RankLaunch(resume=resume, restart=restart, pin=pin or _legacy_pin())
     try:
-        return _run(world, config_path, overrides, resume, restart, state)
+        return _run(world, config_path, overrides, launch, state)
     except BaseException as exc:  # noqa: BLE001 - every failure must end the job, not hang it
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
         _fail(world, rank, exc, state)
         return 1  # not reached: Abort does not return
+
+
+def _legacy_pin() -> str:
+    """Scripts rendered by earlier versions set HPCFL_PIN=1 instead of passing --pin cluster."""
+    v = os.environ.get("HPCFL_PIN", "")
+    return {"1": "cluster", "cluster": "cluster", "local": "local"}.get(v, "none")
 
 
 def _fail(world, rank: int, exc: BaseException, state: Dict[str, Any]) -> None:
@@ -105,18 +153,29 @@ def _fail(world, rank: int, exc: BaseException, state: Dict[str, Any]) -> None:
     line = f"hpcfl: {who} failed: {what}"
     tb = traceback.format_exc()
     if log.handlers:
-        log.error("%s\n%s", line, tb)
+        log.error("%s\n%s", line, tb, extra={"console": False})  # the console gets the line once, below
     rundir = state["rundir"]
     if rundir is not None and rundir.logs.is_dir():
+        from .atomic import write_atomic
+
         try:
-            rundir.error_path(rank).write_text(json.dumps({
-                "rank": rank, "role": role.kind if role else None, "site": role.site.name if role and role.site else None,
+            write_atomic(rundir.error_path(rank), json.dumps({
+                "rank": rank, "role": role.kind if role else None,
+                "site": role.names[0] if role and len(role.names) == 1 else None,
                 "error": what, "type": type(exc).__name__, "line": line, "time": time.time(), "traceback": tb,
             }))
-        except OSError:  # best effort: the log and the stderr line still report the failure
+        except HpcflError:  # best effort: the log and the stderr line still report the failure
             pass
-    # Errors every rank sees identically (a bad config, a wrong rank count) are reported once, by rank 0.
-    same_everywhere = isinstance(exc, (ConfigError, TopologyError)) and not state["started"]
+    if state.get("beat") is not None:
+        state["beat"].stop("failed")
+    if rank == 0 and rundir is not None:
+        rundir.release_lock()
+    # Errors every rank sees identically (a bad config, a wrong rank count) are reported once, by rank 0;
+    # a node that cannot give a rank its place is seen by the ranks on that node only.
+    from .cluster.nodecheck import NodeMismatch
+
+    same_everywhere = (isinstance(exc, (ConfigError, TopologyError)) and not isinstance(exc, NodeMismatch)
+                       and not state["started"])
     if rank == 0 or not same_everywhere:
         sys.stderr.write(line + "\n")
         if not isinstance(exc, HpcflError):
@@ -130,17 +189,21 @@ def _fail(world, rank: int, exc: BaseException, state: Dict[str, Any]) -> None:
     sys.exit(1)
 
 
-def _pin(cfg: Config, rank: int):
-    """HPCFL_PIN=cluster|local: pin this rank to its place's cores (and GPU) unless the launcher already did.
+def _pin(cfg: Config, rank: int, mode: str, groups) -> Optional[list]:
+    """Pin this rank to its place's cores (and GPU) unless the launcher already did; the place is first
+    checked against the node (one line naming the cluster key that disagrees).
 
     Must run before torch is imported (CUDA_VISIBLE_DEVICES). Returns the CPUs pinned to, or None.
     """
-    mode = os.environ.get("HPCFL_PIN", "")
-    if mode not in ("cluster", "local", "1"):
+    if mode not in ("cluster", "local"):
         return None
     from .cluster.render import my_place
 
-    place, cpus = my_place(cfg, rank, "local" if mode == "local" else "cluster")
+    place, cpus = my_place(cfg, rank, mode, groups)
+    if mode == "cluster":
+        from .cluster.nodecheck import check_place, node_facts
+
+        check_place(cfg.cluster, place, node_facts())
     if place.gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(place.gpu)
     launcher_bound = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
@@ -157,7 +220,7 @@ def _install_stop_handler(rank: int) -> None:
     """
     import signal
 
-    from .federation import request_stop
+    from .protocol.server import request_stop
 
     if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
         return  # someone (a test harness, an embedding program) already handles it
@@ -169,119 +232,187 @@ class _Clock:
 
     def __init__(self):
         self.t = time.perf_counter()
+        self.laps: Dict[str, float] = {}
 
     def lap(self, what: str) -> None:
         now = time.perf_counter()
+        self.laps[what] = now - self.t
         log.info("start-up: %s took %.3fs", what, now - self.t)
         self.t = now
 
 
-def _run(world, config_path: str, overrides: Sequence[str], resume: bool, restart: bool,
-         state: Dict[str, Any]) -> int:
-    from .comm import quiet_barrier, split_comms
+def _prepare(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, state: Dict[str, Any]):
+    """Rank 0 resolves the config and prepares (and locks) the run directory; every rank gets
+    (config, start round, checkpoint or None, the RunDir: rank 0's is the one holding the lock)."""
+    from .config import from_dict, load_config, to_dict
     from .rundir import RunDir
-    from .topology import topology_for
 
     rank = world.Get_rank()
-    _install_stop_handler(rank)
-    cfg = load_config(config_path, overrides)
-    topology = topology_for(cfg, world.Get_size())
-    role = topology.role(rank)
-    state["role"] = role
-    pinned = _pin(cfg, rank)
-    rundir = RunDir(cfg)
-
-    # Rank 0 owns the run directory; everyone learns the outcome (and where to resume) from it.
-    ckpt = None
-    setup_error: Optional[HpcflError] = None
-    outcome: Any = None
+    ckpt, setup_error, outcome, rundir = None, None, None, None
     if rank == 0:
         try:
-            ckpt = rundir.prepare(resume=resume, restart=restart)
-            from .federation import STOP_FILE
+            cfg = load_config(config_path, overrides)
+            rundir = RunDir(cfg)
+            ckpt = rundir.prepare(resume=launch.resume, restart=launch.restart)
+            state["rundir"] = rundir  # a failure from here on releases its lock
+            from .protocol.server import STOP_FILE
 
             stale = rundir.path / STOP_FILE
             if stale.exists():  # left by a job that died before it could act on it
-                log.warning("removing a stale %s", stale)
                 stale.unlink()
             if cfg.data.name == "tiles":
                 from .wsi.prepare import prepare_tiles
 
                 prepare_tiles(cfg, progress=False)  # once, before any site rank reads the index
-            outcome = ("ok", int(ckpt["round"]) + 1 if ckpt else 1)
+            outcome = ("ok", to_dict(cfg), int(ckpt["round"]) + 1 if ckpt else 1)
         except HpcflError as exc:
             setup_error, outcome = exc, ("error", str(exc))
     outcome = world.bcast(outcome, root=0)
     if outcome[0] == "error":
         if setup_error is not None:
             raise setup_error
+        return None
+    cfg = from_dict(outcome[1], f"{config_path} (as resolved by rank 0)")
+    return cfg, outcome[2], ckpt, rundir or RunDir(cfg)
+
+
+def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, state: Dict[str, Any]) -> int:
+    from .comm import quiet_barrier, split_comms
+    from .topology import topology_for
+    from .watchdog import Heartbeat, Watchdog, end_job_on_hang
+
+    rank = world.Get_rank()
+    _install_stop_handler(rank)
+    prepared = _prepare(world, config_path, overrides, launch, state)
+    if prepared is None:
         return 1  # rank 0 reports it and ends the job
-    start_round = outcome[1]
+    cfg, start_round, ckpt, rundir = prepared
     state["rundir"] = rundir
-    _setup_logging(rundir.log_path(rank), rank, to_console=(rank == 0))
+    log_stream = _setup_logging(rundir.log_path(rank), rank, to_console=(rank == 0))
+    topology = topology_for(cfg, world.Get_size())
+    role = topology.role(rank)
+    state["role"] = role
+    beat = Heartbeat(rundir.logs, rank, role.describe(), log_file=log_stream).start()
+    state["beat"] = beat
+    groups = [(f"slot{s.index}", s.size) for s in topology.slots]
+    pinned = _pin(cfg, rank, launch.pin, groups)
     log.info("%s starting on %s (pid %d)%s", role.describe(), socket.gethostname(), os.getpid(),
              f"; pinned to CPUs {pinned}" if pinned else "")
+    if rank == 0:
+        log.info("%d sites on %d slots: %s", len(topology.sites), len(topology.slots),
+                 "; ".join(f"slot {s.index} (ranks {s.ranks[0]}-{s.ranks[-1]}): {len(s.sites)} site(s)"
+                           for s in topology.slots[:8]) + (" ..." if len(topology.slots) > 8 else ""))
 
     clock = _Clock()
     comms = split_comms(world, role)
+    on_node, local_index = _node_share(world)
     clock.lap("communicators")
-    threads = _threads_for(cfg, world)
+    threads = _threads_for(cfg, on_node)
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    if not role.is_aggregator:  # the aggregator works on plain arrays and never imports torch
-        import torch
-
-        torch.set_num_threads(threads)
-        clock.lap("import torch")
+    watchdog = None
+    if rank == 0:
+        watchdog = Watchdog(rundir.logs, range(1, world.Get_size()), cfg.fault.hang_timeout_s, cfg.fault.hang_floor_s,
+                            end_job_on_hang(rundir, world, beat), own=beat).start()
+    elif role.is_leader:
+        watchdog = Watchdog(rundir.logs, [0], cfg.fault.hang_timeout_s, cfg.fault.hang_floor_s,
+                            end_job_on_hang(rundir, world, beat), own=beat, stale_only=True).start()
 
     if start_round > cfg.fl.rounds:
         if rank == 0:
             print(f"hpcfl: {rundir.path} already completed {start_round - 1} rounds (fl.rounds = {cfg.fl.rounds}); "
                   f"nothing to do. Raise fl.rounds to continue training.")
+        beat.stop()
         return 0
 
-    trainer = None
+    worker = device = backend = None
     partition = None
-    if not role.is_aggregator:
-        from .site import make_backend
-        from .site.data import make_site_data
-        from .site.trainer import SiteTrainer
+    if not role.is_aggregator:  # the aggregator works on plain arrays and never imports torch
+        beat.phase("start-up: import torch")
+        import torch
 
-        data = make_site_data(cfg, topology, role, rundir.path)
-        clock.lap("load data")
-        backend = make_backend(cfg.train.backend, topology, role, comms.trainers)
-        clock.lap(f"start {cfg.train.backend}")
-        trainer = SiteTrainer(cfg, topology, role, backend, data)
-        clock.lap("build model and optimizer")
-        if rank == topology.sites[0].leader:
-            partition = data.partition_record([s.name for s in topology.sites])
+        torch.set_num_threads(threads)
+        clock.lap("import torch")
+        worker, device, backend, partition = _build_slot(cfg, topology, role, comms, rundir, start_round, local_index,
+                                                         beat, clock)
 
+    beat.phase("start-up barrier")
     quiet_barrier(world)  # ranks that are ready sleep while the others import and load
-    infos = world.gather((rank_info(role, threads), partition), root=0)
+    infos = world.gather((rank_info(role, threads, device, backend, cfg), partition), root=0)
     clock.lap("manifest")
     state["started"] = True
     if rank == 0:
-        from .federation import Aggregator
+        from .protocol.server import Aggregator
+        from .report import Progress
 
-        part = next(p for _, p in infos if p is not None)
+        part = next((p for _, p in infos if p is not None), None)
         rundir.write_json("manifest.json", {
             "run": cfg.run.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "resumed_from_round": start_round - 1, "world_size": topology.world_size,
+            "sites": len(topology.sites), "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name
+                                                                                     for i in s.sites]}
+                                                    for s in topology.slots],
             "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
         })
         agg = Aggregator(cfg, topology, comms, rundir, ckpt)
-        summary = agg.run()
+        progress = Progress(cfg, topology, rundir, agg.start_round)
+        summary = agg.run(progress, beat)
+        summary["startup_s"] = dict(clock.laps)
         rundir.write_json("summary.json", summary)
         rundir.close()
     else:
-        from .federation import SiteWorker
-
-        SiteWorker(cfg, topology, role, comms, trainer, start_round).run()
-    # Everyone must be done before Horovod shuts down: its shutdown is global across
-    # process sets, and would abort another site's allreduce still in flight.
+        worker.run()
+    beat.phase("done")
+    if watchdog is not None:
+        watchdog.stop()
+    # Everyone must be done before a backend shuts down: Horovod's shutdown is global across
+    # process sets, and would abort another slot's allreduce still in flight.
     quiet_barrier(world)
-    if trainer is not None:
-        trainer.data.close()
-        trainer.backend.shutdown()
+    if worker is not None:
+        for st in worker.states.values():
+            st.data.close()
+        backend.shutdown()
+    beat.stop()
     log.info("done")
     return 0
 
+
+def _build_slot(cfg, topology, role, comms, rundir, start_round, local_index, beat, clock):
+    """This rank's device, backend, data of every site its slot simulates, trainer and slot worker."""
+    from .aggregation import strategy_for
+    from .device import Stager, cuda_aware_mpi, select_device
+    from .site import make_backend
+    from .site.data import SiteRank, make_site_data
+    from .site.slot import SiteState, SlotWorker
+    from .site.trainer import SiteSettings, SiteTrainer
+    from .tasks import DataSpec, make_task
+
+    device = select_device(cfg.train.device, local_index)
+    shared: Dict[str, Any] = {}
+    states = []
+    for i in role.slot.sites:
+        site = topology.sites[i]
+        beat.phase("start-up: load data", 0, site.name)
+        who = SiteRank(site, role.rank_in_slot, site.virtual_rank(role.rank_in_slot))
+        data = make_site_data(cfg, topology, who, rundir.path, shared, device)
+        states.append(SiteState(site, who, data, SiteSettings.of(cfg, i)))
+    clock.lap(f"load data ({len(states)} site(s))")
+    beat.phase("start-up: site backend")
+    backend = make_backend(cfg.site.backend, topology, role, comms.trainers, device)
+    clock.lap(f"start {backend.name}")
+    task = make_task(cfg)
+    strategy = strategy_for(cfg.fl)
+    if cfg.privacy.dp is not None:
+        from .privacy.server import DifferentialPrivacy
+
+        strategy = DifferentialPrivacy(strategy, cfg.privacy.dp)  # sites need its upload weight only
+    first = states[0].data
+    spec = DataSpec(tuple(first.input_shape), int(first.num_classes))
+    trainer = SiteTrainer(cfg, task, spec, backend, device, strategy)
+    clock.lap("build model and optimizer")
+    stager = Stager(device, cfg.launch.chunk_mb, direct=cuda_aware_mpi() if device.type == "cuda" else False)
+    worker = SlotWorker(cfg, topology, role, comms, trainer, states, start_round, rundir.path, stager, beat)
+    trainer.on_step = beat.tick
+    partition = None
+    if role.rank == topology.slots[0].leader:
+        partition = first.partition_record(topology.names)
+    return worker, device, backend, partition

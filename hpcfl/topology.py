@@ -1,19 +1,29 @@
-"""Who does what: the pure mapping from (world size, sites) to each rank's role.
+"""Who does what: the pure mapping from (world size, sites, slots) to each rank's role.
 
-Rank 0 is the aggregator. Sites follow in config order, each a contiguous block
-of ranks whose first rank is the site leader. Nothing here touches MPI, so the
-mapping (and the communicator colours derived from it) is tested without it.
+Rank 0 is the aggregator. The K sites of the config are simulated by S *slots*:
+a slot is a contiguous block of ranks (one process set) that trains, each round,
+the sites assigned to it one after another, every one from the same global
+weights. With S = K every site has its own ranks; with S < K a 2-core machine
+simulates 128 sites. A slot only simulates sites of its own rank count.
 
-    rank:   0        1   2        3   4
-    role:   agg      a0* a1       b0* b1        (* = site leader)
-    fed:    x        x            x             rank 0 + leaders  (mpi4py)
-    site a:          x   x                      Horovod process set / site comm
-    site b:                       x   x
+    S = K:  rank   0      1   2      3   4
+            role   agg    a0* a1     b0* b1         (* = slot leader)
+    S = 1:  rank   0      1   2
+            role   agg    [a, b]0* [a, b]1          slot 0 trains a, then b
+
+    fed:   rank 0 + slot leaders (mpi4py);  slot:  a slot's ranks (Horovod process set / torch group)
+
+Nothing here touches MPI, so the mapping (and the communicator colours derived
+from it) is tested without it. Randomness that depends on a rank is seeded from
+a site's *virtual* ranks (the world ranks it would have with S = K), so a
+federation gives the same result whatever number of slots simulates it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from .errors import TopologyError
 
@@ -25,7 +35,20 @@ SITE = "site"
 class Site:
     index: int
     name: str
+    size: int  # ranks that train it together (the config's sites[i].ranks)
+    slot: int  # index of the slot that simulates it
+    first_rank: int  # its first virtual rank: the world rank it would lead with one slot per site
+
+    def virtual_rank(self, rank_in_slot: int) -> int:
+        """The world rank that would play ``rank_in_slot`` of this site with one slot per site (for seeding)."""
+        return self.first_rank + rank_in_slot
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
     ranks: Tuple[int, ...]  # world ranks, contiguous, first one leads
+    sites: Tuple[int, ...]  # indices of the sites it simulates, in order
 
     @property
     def leader(self) -> int:
@@ -40,8 +63,9 @@ class Site:
 class Role:
     rank: int
     kind: str  # AGGREGATOR or SITE
-    site: Optional[Site] = None
-    rank_in_site: Optional[int] = None
+    slot: Optional[Slot] = None
+    rank_in_slot: Optional[int] = None
+    names: Tuple[str, ...] = ()  # names of the slot's sites
 
     @property
     def is_aggregator(self) -> bool:
@@ -49,43 +73,53 @@ class Role:
 
     @property
     def is_leader(self) -> bool:
-        return self.kind == SITE and self.rank_in_site == 0
+        return self.kind == SITE and self.rank_in_slot == 0
 
     @property
     def in_federation_comm(self) -> bool:
-        """Rank 0 and the site leaders exchange models over MPI."""
+        """Rank 0 and the slot leaders exchange models over MPI."""
         return self.is_aggregator or self.is_leader
 
     def describe(self) -> str:
         if self.is_aggregator:
             return f"rank {self.rank} (aggregator)"
-        assert self.site is not None
-        return f"rank {self.rank} (site {self.site.name!r}, rank {self.rank_in_site} of {self.site.size} in site)"
+        assert self.slot is not None
+        if len(self.names) == 1:
+            return f"rank {self.rank} (site {self.names[0]!r}, rank {self.rank_in_slot} of {self.slot.size} in site)"
+        shown = ", ".join(repr(n) for n in self.names[:3]) + (f" +{len(self.names) - 3} more" if len(self.names) > 3 else "")
+        return (f"rank {self.rank} (slot {self.slot.index}: sites {shown}, "
+                f"rank {self.rank_in_slot} of {self.slot.size} in slot)")
 
 
 @dataclass(frozen=True)
 class Topology:
     world_size: int
     sites: Tuple[Site, ...]
+    slots: Tuple[Slot, ...]
 
     def role(self, rank: int) -> Role:
         if not 0 <= rank < self.world_size:
             raise TopologyError(f"rank {rank} is outside this {self.world_size}-rank federation")
         if rank == 0:
             return Role(rank=0, kind=AGGREGATOR)
-        for s in self.sites:
+        for s in self.slots:
             if s.ranks[0] <= rank <= s.ranks[-1]:
-                return Role(rank=rank, kind=SITE, site=s, rank_in_site=rank - s.ranks[0])
-        raise AssertionError("unreachable: ranks cover the world")
+                return Role(rank=rank, kind=SITE, slot=s, rank_in_slot=rank - s.ranks[0],
+                            names=tuple(self.sites[i].name for i in s.sites))
+        raise AssertionError("unreachable: slots cover the world")
 
     @property
     def leaders(self) -> Tuple[int, ...]:
-        return tuple(s.leader for s in self.sites)
+        return tuple(s.leader for s in self.slots)
 
     @property
     def site_ranks(self) -> Tuple[int, ...]:
         """World ranks that train (everyone but the aggregator)."""
-        return tuple(r for s in self.sites for r in s.ranks)
+        return tuple(r for s in self.slots for r in s.ranks)
+
+    @property
+    def names(self) -> List[str]:
+        return [s.name for s in self.sites]
 
     def site_by_name(self, name: str) -> Site:
         for s in self.sites:
@@ -93,44 +127,148 @@ class Topology:
                 return s
         raise KeyError(name)
 
-    def horovod_process_sets(self) -> Tuple[Tuple[int, ...], ...]:
-        """Each site's ranks numbered within the communicator Horovod is initialised on
-        (all site ranks, i.e. world rank - 1): the aggregator never runs Horovod."""
-        return tuple(tuple(r - 1 for r in s.ranks) for s in self.sites)
+    def slot_sites(self, slot: Slot) -> Tuple[Site, ...]:
+        return tuple(self.sites[i] for i in slot.sites)
+
+    def process_sets(self) -> Tuple[Tuple[int, ...], ...]:
+        """Each slot's ranks numbered within the communicator of all slot ranks
+        (world rank - 1): the aggregator never joins a site backend."""
+        return tuple(tuple(r - 1 for r in s.ranks) for s in self.slots)
+
+    horovod_process_sets = process_sets
 
 
-def expected_layout(sites: Sequence[Tuple[str, int]]) -> str:
+def expected_layout(sites: Sequence[Tuple[str, int]], slots: Optional[int] = None) -> str:
     parts = ", ".join(f"site {n!r} ({r})" for n, r in sites)
-    return f"{1 + sum(r for _, r in sites)} ranks = 1 aggregator + {parts}"
+    if slots is None or slots == len(sites):
+        return f"{1 + sum(r for _, r in sites)} ranks = 1 aggregator + {parts}"
+    plan = assign_slots([r for _, r in sites], slots)
+    ranks = sum(sizes_of(plan, [r for _, r in sites]))
+    return f"{1 + ranks} ranks = 1 aggregator + {slots} slots simulating {len(sites)} sites"
 
 
-def build_topology(world_size: int, sites: Sequence[Tuple[str, int]]) -> Topology:
+# -- slots -------------------------------------------------------------------------------------------
+
+def _groups(sizes: Sequence[int]) -> Dict[int, List[int]]:
+    """Site indices by rank count, in order of first appearance."""
+    out: Dict[int, List[int]] = {}
+    for i, r in enumerate(sizes):
+        out.setdefault(int(r), []).append(i)
+    return out
+
+
+def assign_slots(sizes: Sequence[int], n_slots: int) -> List[Tuple[int, ...]]:
+    """Which sites each of ``n_slots`` slots simulates, given each site's rank count.
+
+    Sites of different rank counts never share a slot. Every rank count gets at
+    least one slot; the other slots go to rank counts in proportion to their
+    number of sites (largest remainder); within a rank count, sites are cut into
+    contiguous runs of near-equal length. Slots are ordered by their first site.
+    """
+    k = len(sizes)
+    groups = _groups(sizes)
+    if not 1 <= len(groups) <= n_slots <= k:
+        raise TopologyError(f"launch.slots: {n_slots} slots cannot simulate {k} sites with "
+                            f"{len(groups)} different rank count(s); choose between {len(groups)} and {k}")
+    counts = {r: 1 for r in groups}
+    spare = n_slots - len(groups)
+    if spare:
+        share = {r: spare * len(ix) / k for r, ix in groups.items()}
+        extra = {r: min(int(share[r]), len(groups[r]) - 1) for r in groups}
+        left = spare - sum(extra.values())
+        order = sorted(groups, key=lambda r: (-(share[r] - int(share[r])), -len(groups[r])))
+        while left:
+            for r in order:
+                if left and counts[r] + extra[r] < len(groups[r]):
+                    extra[r] += 1
+                    left -= 1
+        counts = {r: 1 + extra[r] for r in groups}
+    slots: List[Tuple[int, ...]] = []
+    for r, ix in groups.items():
+        slots.extend(tuple(int(i) for i in part) for part in np.array_split(np.asarray(ix), counts[r]))
+    return sorted(slots, key=lambda s: s[0])
+
+
+def sizes_of(plan: Sequence[Tuple[int, ...]], sizes: Sequence[int]) -> List[int]:
+    return [int(sizes[s[0]]) for s in plan]
+
+
+def world_size_for(sizes: Sequence[int], n_slots: int) -> int:
+    return 1 + sum(sizes_of(assign_slots(sizes, n_slots), sizes))
+
+
+def auto_slots(sizes: Sequence[int], capacity: int) -> int:
+    """Default number of slots: one per site when ``capacity`` (cores or GPUs for site ranks) holds
+    every site's ranks, else as many as fit (at least one per rank count)."""
+    k = len(sizes)
+    lo = len(_groups(sizes))
+    if sum(sizes) <= capacity:
+        return k
+    best = lo
+    for s in range(lo, k + 1):
+        if world_size_for(sizes, s) - 1 <= capacity:
+            best = s
+        else:
+            break
+    return best
+
+
+def slots_for_world(sizes: Sequence[int], world_size: int) -> int:
+    """The number of slots a job of ``world_size`` ranks runs (world size grows strictly with slots)."""
+    lo, k = len(_groups(sizes)), len(sizes)
+    for s in range(k, lo - 1, -1):
+        if world_size_for(sizes, s) == world_size:
+            return s
+    fits = sorted({world_size_for(sizes, s) for s in range(lo, k + 1)})
+    shown = ", ".join(map(str, fits[:6])) + (f", ... {fits[-1]}" if len(fits) > 6 else "")
+    raise TopologyError(f"the job has {world_size} ranks, but the config's {k} sites run on {shown} ranks "
+                        f"(1 aggregator + 1..{k} slots); launch with one of those (or use `hpcfl launch`, "
+                        "which counts for you)")
+
+
+def build_topology(world_size: int, sites: Sequence[Tuple[str, int]], slots: Optional[int] = None) -> Topology:
     """Map a world of ``world_size`` ranks onto ``sites`` given as (name, ranks) pairs.
 
+    ``slots`` None: derived from the world size (one slot per site when it matches).
     Raises TopologyError, in one line saying what was expected, when they do not match.
     """
     if not sites:
         raise TopologyError("the config declares no sites")
-    expected = 1 + sum(r for _, r in sites)
-    if world_size != expected:
-        raise TopologyError(
-            f"the job has {world_size} ranks but the config needs {expected_layout(sites)}; "
-            f"launch with -n {expected} (or use `hpcfl launch`, which counts for you)"
-        )
-    out = []
-    nxt = 1
-    for i, (name, n) in enumerate(sites):
+    for name, n in sites:
         if n < 1:
             raise TopologyError(f"site {name!r} has {n} ranks; it needs at least 1")
-        out.append(Site(index=i, name=name, ranks=tuple(range(nxt, nxt + n))))
-        nxt += n
-    return Topology(world_size=world_size, sites=tuple(out))
+    sizes = [int(r) for _, r in sites]
+    if slots is None or slots <= 0:
+        slots = slots_for_world(sizes, world_size)
+    plan = assign_slots(sizes, slots)
+    expected = 1 + sum(sizes_of(plan, sizes))
+    if world_size != expected:
+        raise TopologyError(
+            f"the job has {world_size} ranks but the config needs {expected_layout(list(sites), slots)}; "
+            f"launch with -n {expected} (or use `hpcfl launch`, which counts for you)"
+        )
+    slot_of = {i: si for si, p in enumerate(plan) for i in p}
+    first = np.cumsum([1] + sizes[:-1])
+    out_sites = tuple(Site(index=i, name=n, size=sizes[i], slot=slot_of[i], first_rank=int(first[i]))
+                      for i, (n, _) in enumerate(sites))
+    out_slots, nxt = [], 1
+    for si, p in enumerate(plan):
+        r = sizes[p[0]]
+        out_slots.append(Slot(index=si, ranks=tuple(range(nxt, nxt + r)), sites=tuple(p)))
+        nxt += r
+    return Topology(world_size=world_size, sites=out_sites, slots=tuple(out_slots))
 
 
-def topology_for(cfg, world_size: Optional[int] = None) -> Topology:
-    """Topology of a Config (world size defaults to what the config needs)."""
+def topology_for(cfg, world_size: Optional[int] = None, slots: Optional[int] = None) -> Topology:
+    """Topology of a Config. ``slots`` defaults to ``launch.slots`` when set; the world size to what that needs
+    (one slot per site when neither is given)."""
     pairs = [(s.name, s.ranks) for s in cfg.sites]
-    return build_topology(cfg.world_size if world_size is None else world_size, pairs)
+    if slots is None:
+        configured = getattr(getattr(cfg, "launch", None), "slots", 0) or 0
+        slots = configured if configured > 0 else None
+    if world_size is None:
+        world_size = world_size_for([r for _, r in pairs], slots or len(pairs))
+    return build_topology(world_size, pairs, slots)
 
 
 UNDEFINED = -1  # stands for MPI.UNDEFINED in the pure colour functions
@@ -139,14 +277,14 @@ UNDEFINED = -1  # stands for MPI.UNDEFINED in the pure colour functions
 def comm_colors(role: Role) -> dict:
     """Colours for ``COMM_WORLD.Split``: which communicators this rank joins.
 
-    - ``federation``: rank 0 and site leaders (colour 0), others UNDEFINED;
-    - ``site``: one colour per site, the aggregator UNDEFINED;
-    - ``trainers``: every site rank (colour 0), the communicator Horovod runs on.
+    - ``federation``: rank 0 and slot leaders (colour 0), others UNDEFINED;
+    - ``site``: one colour per slot (the ranks that train together), the aggregator UNDEFINED;
+    - ``trainers``: every slot rank (colour 0), the communicator site backends start on.
     Keys are the world rank, so rank 0 stays root of the federation communicator
-    and leaders keep site rank 0.
+    and leaders keep slot rank 0.
     """
     return {
         "federation": 0 if role.in_federation_comm else UNDEFINED,
-        "site": role.site.index if role.site is not None else UNDEFINED,
+        "site": role.slot.index if role.slot is not None else UNDEFINED,
         "trainers": 0 if not role.is_aggregator else UNDEFINED,
     }

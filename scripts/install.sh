@@ -42,7 +42,7 @@ apt_install() {
 if [ "${HPCFL_SKIP_APT:-0}" != 1 ]; then
   apt_install openmpi-bin libopenmpi-dev cmake g++ make
   if [ "${HPCFL_WITH_SLURM:-0}" = 1 ]; then  # `make test`: the slurm tier runs a real local cluster
-    apt_install slurm-wlm munge chromium  # chromium: the report's browser test (tests/mpi/test_report.py)
+    apt_install slurm-wlm munge iproute2 chromium  # iproute2: the two-node tier (network namespaces); chromium: the report's browser test
   fi
 fi
 

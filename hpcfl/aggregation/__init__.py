@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .strategies import (STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Krum, Median, Strategy,
-                         TrimmedMean, make_strategy)
+from .strategies import (STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Krum, Median,
+                         Strategy, TrimmedMean, make_strategy)
 
 
 def strategy_for(fl: Any) -> Strategy:
@@ -18,11 +18,12 @@ def strategy_for(fl: Any) -> Strategy:
     s, r = fl.server, fl.robust
     lr = s.lr if s.lr is not None else (1.0 if fl.strategy == "fedavgm" else 1e-2)
     params = {"server_lr": lr, "server_momentum": s.momentum, "beta2": s.beta2, "tau": s.tau,
-              "trim_fraction": r.trim_fraction, "byzantine": r.byzantine, "krum_keep": r.krum_keep}
+              "trim_fraction": r.trim_fraction, "byzantine": r.byzantine, "krum_keep": r.krum_keep,
+              "proximal_mu": fl.proximal_mu}
     if s.beta1 is not None:
         params["beta1"] = s.beta1
     return make_strategy(fl.strategy, params)
 
 
-__all__ = ["Strategy", "FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "Median", "TrimmedMean", "Krum",
+__all__ = ["Strategy", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "Median", "TrimmedMean", "Krum",
            "STRATEGIES", "make_strategy", "strategy_for"]

@@ -72,6 +72,19 @@ class Strategy(ABC):
         """Number of model-sized buffers this strategy holds."""
         return 0
 
+    # -- site-side hooks: what a rule asks of the sites (called in site processes) -----------------------
+    def upload_weight(self, num_train: int) -> float:
+        """The weight a site's update gets in a mean: its number of training samples (FedAvg)."""
+        return float(num_train)
+
+    def has_local_penalty(self) -> bool:
+        return False
+
+    def local_penalty(self, params, anchors) -> Optional[object]:
+        """A term added to every local training loss (torch tensors: ``params`` are the trainable
+        parameters, ``anchors`` the global model's values of them), or None."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
 
@@ -83,6 +96,24 @@ class FedAvg(Strategy):
 
     def __init__(self, name: str = "fedavg") -> None:
         self.name = name
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg whose sites add mu/2 |w - w_global|^2 to their local loss,
+    which keeps local models near the global one on heterogeneous data."""
+
+    name = "fedprox"
+
+    def __init__(self, proximal_mu: float = 0.01) -> None:
+        if proximal_mu <= 0:
+            raise ValueError(f"fl.proximal_mu must be > 0, got {proximal_mu}")
+        self.mu = float(proximal_mu)
+
+    def has_local_penalty(self) -> bool:
+        return True
+
+    def local_penalty(self, params, anchors):
+        return 0.5 * self.mu * sum(((p - g) ** 2).sum() for p, g in zip(params, anchors))
 
 
 class _Stateful(Strategy):
@@ -293,15 +324,17 @@ def _int_param(params: Mapping[str, float], key: str, default: int) -> int:
 def make_strategy(name: str, params: Optional[Mapping[str, float]] = None) -> Strategy:
     """Build a strategy by name; ``params`` keys a strategy does not use are ignored.
 
-    Keys: server_lr, server_momentum, beta1, beta2, tau, trim_fraction, byzantine, krum_keep.
+    Keys: server_lr, server_momentum, beta1, beta2, tau, trim_fraction, byzantine, krum_keep, proximal_mu.
     """
     p = dict(params or {})
 
     def pick(*keys: str) -> Dict[str, float]:
         return {k: float(p[k]) for k in keys if k in p}
 
-    if name in ("fedavg", "fedprox"):
+    if name == "fedavg":
         return FedAvg(name)
+    if name == "fedprox":
+        return FedProx(**pick("proximal_mu"))
     if name == "fedavgm":
         kw = pick("server_lr")
         if "server_momentum" in p:
@@ -319,5 +352,5 @@ def make_strategy(name: str, params: Optional[Mapping[str, float]] = None) -> St
     raise ValueError(f"unknown aggregation strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
 
 
-__all__ = ["Strategy", "FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "Median", "TrimmedMean", "Krum",
+__all__ = ["Strategy", "FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "Median", "TrimmedMean", "Krum",
            "STRATEGIES", "make_strategy"]

@@ -9,7 +9,7 @@ themselves to the cores and GPU of their place when the launcher did not
 from __future__ import annotations
 
 import shlex
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..config import Config
 from ..topology import expected_layout
@@ -21,10 +21,13 @@ def cluster_shape(cfg: Config) -> Shape:
     return node_shape(cfg.cluster)
 
 
-def cluster_places(cfg: Config):
+def cluster_places(cfg: Config, groups: Optional[Sequence[Tuple[str, int]]] = None):
+    """Every rank's place; ``groups``: the (name, ranks) of the process groups to keep on one node
+    (default: the config's sites; with slots, the slots)."""
     c = cfg.cluster
-    return place(cluster_shape(cfg), [(s.name, s.ranks) for s in cfg.sites], c.aggregator_cores,
-                 c.aggregator_own_node, c.cores_per_rank, c.oversubscribe)
+    groups = [(s.name, s.ranks) for s in cfg.sites] if groups is None else list(groups)
+    return place(cluster_shape(cfg), groups, c.aggregator_cores, c.aggregator_own_node, c.cores_per_rank,
+                 c.oversubscribe)
 
 
 def _q(argv: Sequence[str]) -> str:
@@ -187,13 +190,14 @@ def local_shape():
     return Shape(1, sockets, max(1, len(cpus) // sockets), 0), cpus
 
 
-def my_place(cfg: Config, rank: int, mode: str):
-    """This rank's place: from cfg.cluster ("cluster"), or this machine, oversubscribed if need be ("local")."""
+def my_place(cfg: Config, rank: int, mode: str, groups: Optional[Sequence[Tuple[str, int]]] = None):
+    """This rank's place: from cfg.cluster ("cluster"), or this machine, oversubscribed if need be ("local").
+    ``groups``: as for :func:`cluster_places`."""
     if mode == "local":
         shape, cpus = local_shape()
-        places = place(shape, [(s.name, s.ranks) for s in cfg.sites], aggregator_cores=0, oversubscribe=True,
-                       cores_per_rank=1)
+        groups = [(s.name, s.ranks) for s in cfg.sites] if groups is None else list(groups)
+        places = place(shape, groups, aggregator_cores=0, oversubscribe=True, cores_per_rank=1)
         p = places[rank]
         return p, [cpus[k] for k in p.cores]
-    p = cluster_places(cfg)[rank]
+    p = cluster_places(cfg, groups)[rank]
     return p, list(p.cores)

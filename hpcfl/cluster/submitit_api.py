@@ -39,7 +39,7 @@ class FederationTask(_checkpointable()):
 
         import submitit
 
-        from ..federation import STOP_FILE, request_stop
+        from ..protocol.server import STOP_FILE, request_stop
 
         cfg = load_config(self.config_path, self.overrides)
         run_dir = Path(cfg.run.root) / cfg.run.name

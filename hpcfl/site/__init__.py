@@ -1,47 +1,75 @@
-"""Site training: a data-parallel backend behind a small interface.
+"""Site training: a data-parallel backend behind a small interface, and the slot that simulates sites.
 
-The round logic (:mod:`hpcfl.federation`) only calls :class:`SiteTrainer`, which
-only calls a :class:`SiteBackend`. Horovod is the backend today; a
-``torch.distributed`` one implements the same five methods.
+The round protocol (:mod:`hpcfl.protocol`) drives a :class:`hpcfl.site.slot.SlotWorker`,
+which trains its sites one after another with one :class:`hpcfl.site.trainer.SiteTrainer`,
+which talks to the other ranks of its slot only through a :class:`SiteBackend`:
+Horovod process sets (``site.backend: horovod``) or torch.distributed groups
+(``site.backend: torch``, NCCL on GPUs, Gloo on CPUs).
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Any
 
+from ..tasks.base import SiteGroup
 
-class SiteBackend(ABC):
-    """Collective operations inside one site (its ranks, and nobody else)."""
+BACKENDS = ("horovod", "torch")
+
+
+class SiteBackend(SiteGroup):
+    """Collective operations among the ranks of one slot (and nobody else).
+
+    A slot of one rank needs no collective at all: backends skip them, and no
+    backend library is even started when every slot has one rank.
+    """
 
     name = "base"
 
-    @abstractmethod
-    def broadcast_(self, tensor: Any) -> None:
-        """Overwrite ``tensor`` on every rank of the site with the site leader's."""
+    def average_gradients_(self, grad: Any) -> None:
+        """Average the flat gradient over the slot's ranks, in place (one allreduce, not one per tensor)."""
+        if self.size > 1:
+            self.allreduce_sum_(grad)
+            grad.div_(self.size)
 
     @abstractmethod
-    def allreduce_sum_(self, tensor: Any) -> None:
-        """Sum ``tensor`` over the site's ranks, in place."""
-
-    @abstractmethod
-    def distributed_optimizer(self, optimizer: Any, module: Any) -> Any:
-        """Wrap ``optimizer`` so gradients are averaged over the site. Called once per process."""
-
-    @abstractmethod
-    def synchronize(self, optimizer: Any) -> None:
-        """Wait until this step's gradient averaging has finished (timed as allreduce)."""
-
-    @abstractmethod
-    def step(self, optimizer: Any) -> None:
-        """Apply the (already synchronised) gradients."""
+    def info(self) -> dict:
+        """What the manifest records: library, version, transport (e.g. NCCL or Gloo)."""
 
     def shutdown(self) -> None:
         """Release the backend's resources at the end of the run (most hold none)."""
 
 
-def make_backend(name: str, topology, role, trainers_comm) -> SiteBackend:
+class SoloBackend(SiteBackend):
+    """A slot of one rank: every collective is the identity."""
+
+    name = "solo"
+
+    def __init__(self):
+        self.size, self.rank = 1, 0
+
+    def allreduce_sum_(self, tensor: Any) -> None:
+        pass
+
+    def allgather(self, tensor: Any) -> Any:
+        return tensor
+
+    def broadcast_(self, tensor: Any, root: int = 0) -> None:
+        pass
+
+    def info(self) -> dict:
+        return {"backend": "none (1-rank slots)"}
+
+
+def make_backend(name: str, topology, role, trainers_comm, device: Any = None) -> SiteBackend:
+    """The backend of ``site.backend`` for this rank's slot. When every slot has one rank, none is started."""
+    if all(s.size == 1 for s in topology.slots):
+        return SoloBackend()
     if name == "horovod":
         from .horovod import HorovodBackend
 
-        return HorovodBackend(topology, role, trainers_comm)
+        return HorovodBackend(topology, role, trainers_comm, device)
+    if name == "torch":
+        from .torch_dist import TorchBackend
+
+        return TorchBackend(topology, role, trainers_comm, device)
     raise ValueError(f"unknown site backend {name!r}")

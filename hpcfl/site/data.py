@@ -7,11 +7,25 @@ seeded by (run seed, round, epoch, site): reproducible, and exact on resume.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Iterator, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from ..data import epoch_shard, load_dataset, partition_summary, site_split, steps_per_epoch
+from ..data import epoch_shard, load_dataset, partition, partition_summary, steps_per_epoch, train_val_split
+
+
+@dataclass(frozen=True)
+class SiteRank:
+    """One rank's view of one site it simulates: what the data layer needs.
+
+    ``rank`` is the rank's *virtual* world rank (the one it would have with one slot
+    per site), so seeds, and with them results, do not depend on how many slots
+    simulate the federation."""
+
+    site: Any  # hpcfl.topology.Site: index, name, size
+    rank_in_site: int
+    rank: int
 
 
 class SiteData(ABC):
@@ -31,6 +45,11 @@ class SiteData(ABC):
     def val_batches(self, batch_size: int) -> Iterator[Tuple[Any, Any]]:
         """(x, y) torch batches of this rank's part of the site's validation data."""
 
+    def train_eval_batches(self, batch_size: int) -> Iterator[Tuple[Any, Any]]:
+        """(x, y) batches of this rank's part of the site's TRAINING data, un-augmented, in a fixed
+        order (a k-NN bank or a linear probe's training set for self-supervised tasks)."""
+        raise NotImplementedError(f"{type(self).__name__} does not offer training data for evaluation")
+
     @abstractmethod
     def partition_record(self, site_names) -> Dict[str, Any]:
         """How the data was split over all sites (written to manifest.json)."""
@@ -39,19 +58,39 @@ class SiteData(ABC):
         """Release readers and loader workers."""
 
 
-class ArrayData(SiteData):
-    """Datasets that fit in memory (digits, synthetic): batches are tensor slices."""
+class SharedArrays:
+    """One process's copy of an in-memory dataset and its split over sites, shared by every site it simulates
+    (128 sites in one process load the data once, and hold it once, on the device)."""
 
-    def __init__(self, cfg, topology, role):
+    def __init__(self, cfg, n_sites: int, device: Any = None):
+        import torch
+
+        self.ds = load_dataset(cfg)
+        self.parts = partition(self.ds.y, n_sites, cfg.data.partition, cfg.run.seed, cfg.data.dirichlet_alpha)
+        self.x = torch.from_numpy(self.ds.x)
+        self.y = torch.from_numpy(self.ds.y)
+        if device is not None and torch.device(device).type != "cpu":
+            self.x, self.y = self.x.to(device), self.y.to(device)
+
+
+class ArrayData(SiteData):
+    """Datasets that fit in memory (digits, synthetic): batches are tensor slices, on the device."""
+
+    def __init__(self, cfg, topology, role, shared: Optional[SharedArrays] = None):
         import torch
 
         self.cfg, self.role, self.torch = cfg, role, torch
-        self.ds = load_dataset(cfg)
+        self.shared = shared or SharedArrays(cfg, len(topology.sites))
+        self.ds = self.shared.ds
         self.num_classes, self.input_shape = self.ds.num_classes, self.ds.input_shape
-        self.train_idx, val_idx = site_split(cfg, self.ds, role.site.index, len(topology.sites))
+        self.train_idx, val_idx = train_val_split(self.shared.parts[role.site.index], cfg.data.val_fraction,
+                                                  cfg.run.seed, role.site.index)
         self.num_train = int(len(self.train_idx))
         self.val_idx = val_idx[role.rank_in_site::role.site.size]
-        self.x, self.y = torch.from_numpy(self.ds.x), torch.from_numpy(self.ds.y)
+        self.x, self.y = self.shared.x, self.shared.y
+        dev = self.x.device
+        self._val = torch.from_numpy(self.val_idx).to(dev)
+        self._train_eval = torch.from_numpy(self.train_idx[role.rank_in_site::role.site.size]).to(dev)
 
     def steps_per_epoch(self, batch_size):
         return steps_per_epoch(self.num_train, self.role.site.size, batch_size)
@@ -59,15 +98,20 @@ class ArrayData(SiteData):
     def epoch_batches(self, round_, epoch, batch_size):
         r = self.role
         shard = self.torch.from_numpy(epoch_shard(self.train_idx, r.rank_in_site, r.site.size, self.cfg.run.seed,
-                                                  round_, epoch, r.site.index))
+                                                  round_, epoch, r.site.index)).to(self.x.device)
         for b in range(0, len(shard), batch_size):
             idx = shard[b:b + batch_size]
             yield self.x[idx], self.y[idx]
 
+    def _slices(self, idx, batch_size):
+        for b in range(0, len(idx), batch_size):
+            yield self.x[idx[b:b + batch_size]], self.y[idx[b:b + batch_size]]
+
     def val_batches(self, batch_size):
-        for b in range(0, len(self.val_idx), batch_size):
-            idx = self.torch.from_numpy(self.val_idx[b:b + batch_size])
-            yield self.x[idx], self.y[idx]
+        return self._slices(self._val, batch_size)
+
+    def train_eval_batches(self, batch_size):
+        return self._slices(self._train_eval, batch_size)
 
     def partition_record(self, site_names):
         return partition_summary(self.cfg, self.ds, site_names)
@@ -226,7 +270,13 @@ class TileData(SiteData):
         self._loaders.clear()  # persistent loader workers end with their DataLoader
 
 
-def make_site_data(cfg, topology, role, run_dir) -> SiteData:
+def make_site_data(cfg, topology, role, run_dir, shared: Optional[Dict[str, Any]] = None,
+                   device: Any = None) -> SiteData:
+    """The data of one site as one rank sees it. ``shared`` (a dict kept by the caller) lets the
+    sites a process simulates share one copy of the dataset."""
     if cfg.data.name == "tiles":
         return TileData(cfg, topology, role, run_dir)
-    return ArrayData(cfg, topology, role)
+    shared = {} if shared is None else shared
+    if "arrays" not in shared:
+        shared["arrays"] = SharedArrays(cfg, len(topology.sites), device)
+    return ArrayData(cfg, topology, role, shared["arrays"])

@@ -1,9 +1,10 @@
-"""Horovod backend: one process set per site, initialised on the trainers' communicator.
+"""Horovod backend: one process set per slot, initialised on the communicator of all slot ranks.
 
-Horovod runs on every site rank and never on the aggregator (which has nothing
-to train), so ``hvd.init(comm=<all site ranks>, process_sets=[one per site])``
-and Horovod rank = world rank - 1. Sites of one rank skip Horovod's collectives
-(there is nothing to average), which saves its per-step negotiation latency.
+Horovod runs on every slot rank and never on the aggregator (which has nothing
+to train), so ``hvd.init(comm=<all slot ranks>, process_sets=[one per slot])``
+and Horovod rank = world rank - 1. Gradients are averaged as one flat tensor
+(``hvd.allreduce_`` with ``op=Average``, what DistributedOptimizer does per tensor).
+On GPUs, Horovod must be built with NCCL (``HOROVOD_GPU_OPERATIONS=NCCL``).
 """
 from __future__ import annotations
 
@@ -16,42 +17,46 @@ from . import SiteBackend
 class HorovodBackend(SiteBackend):
     name = "horovod"
 
-    def __init__(self, topology, role, trainers_comm):
-        self.hvd = require("horovod.torch", "bash scripts/install.sh (builds Horovod with PyTorch, MPI and Gloo)")
+    def __init__(self, topology, role, trainers_comm, device: Any = None):
+        self.hvd = require("horovod.torch", "bash scripts/install.sh (builds Horovod with PyTorch, MPI and Gloo), "
+                                            "or set site.backend: torch")
         hvd = self.hvd
-        sets = [hvd.ProcessSet(list(r)) for r in topology.horovod_process_sets()]
-        hvd.init(comm=trainers_comm, process_sets=sets)
-        self.process_set = sets[role.site.index]
-        self.size = role.site.size
-        self.root = role.site.leader - 1  # Horovod rank of the leader
-        self._bcast_name = f"hpcfl.bcast.{role.site.name}"
-        self._ar_name = f"hpcfl.allreduce.{role.site.name}"
-
-    def broadcast_(self, tensor: Any) -> None:
-        if self.size > 1:
-            self.hvd.broadcast_(tensor, root_rank=self.root, process_set=self.process_set, name=self._bcast_name)
+        groups = topology.process_sets()
+        if len(groups) == 1:  # one slot holds every trainer: it is Horovod's global set (registering it twice fails)
+            hvd.init(comm=trainers_comm)
+            self.process_set = hvd.global_process_set
+        else:
+            sets = [hvd.ProcessSet(list(r)) for r in groups]
+            hvd.init(comm=trainers_comm, process_sets=sets)
+            self.process_set = sets[role.slot.index]
+        self.size = role.slot.size
+        self.rank = role.rank_in_slot
+        self.base = role.slot.leader - 1  # Horovod rank of the slot leader
+        tag = f"slot{role.slot.index}"
+        self._names = {k: f"hpcfl.{k}.{tag}" for k in ("bcast", "allreduce", "grad", "gather")}
 
     def allreduce_sum_(self, tensor: Any) -> None:
         if self.size > 1:
-            self.hvd.allreduce_(tensor, op=self.hvd.Sum, process_set=self.process_set, name=self._ar_name)
+            self.hvd.allreduce_(tensor, op=self.hvd.Sum, process_set=self.process_set, name=self._names["allreduce"])
 
-    def distributed_optimizer(self, optimizer: Any, module: Any) -> Any:
+    def average_gradients_(self, grad: Any) -> None:
+        if self.size > 1:
+            self.hvd.allreduce_(grad, op=self.hvd.Average, process_set=self.process_set, name=self._names["grad"])
+
+    def allgather(self, tensor: Any) -> Any:
         if self.size == 1:
-            return optimizer
-        return self.hvd.DistributedOptimizer(
-            optimizer, named_parameters=module.named_parameters(), process_set=self.process_set
-        )
+            return tensor
+        return self.hvd.allgather(tensor, process_set=self.process_set, name=self._names["gather"])
 
-    def synchronize(self, optimizer: Any) -> None:
+    def broadcast_(self, tensor: Any, root: int = 0) -> None:
         if self.size > 1:
-            optimizer.synchronize()
+            self.hvd.broadcast_(tensor, root_rank=self.base + root, process_set=self.process_set,
+                                name=self._names["bcast"])
 
-    def step(self, optimizer: Any) -> None:
-        if self.size > 1:
-            with optimizer.skip_synchronize():
-                optimizer.step()
-        else:
-            optimizer.step()
+    def info(self) -> dict:
+        h = self.hvd
+        return {"backend": "horovod", "version": getattr(__import__("horovod"), "__version__", "?"),
+                "nccl_built": bool(h.nccl_built()), "mpi_built": bool(h.mpi_built()), "gloo_built": bool(h.gloo_built())}
 
     def shutdown(self) -> None:
         self.hvd.shutdown()

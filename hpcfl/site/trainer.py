@@ -1,20 +1,29 @@
-"""Local training and evaluation of one site rank, backend-agnostic.
+"""Local training and evaluation, for any task, backend and device.
 
-Sites are stateless between rounds, as in FedAvg: each round starts from the
-global model with a fresh optimizer state, and all randomness (shuffling,
-dropout) is seeded from (run seed, round, rank). So a round is a pure function
-of the global weights, and resuming needs nothing from the sites.
+One :class:`SiteTrainer` per process holds ONE model and ONE optimizer and
+trains, in turn, every site its slot simulates. Sites are stateless between
+rounds except for what their task keeps in the model's local entries (handled
+by the slot), as in FedAvg: each round starts from the global model with a
+fresh optimizer state, and all randomness (shuffling, dropout, augmentation)
+is seeded from (run seed, round, the rank's virtual world rank). So a site's
+round is a pure function of the global weights, whatever else the process
+simulated before it, and resuming needs nothing from the sites.
+
+On a GPU, the model, the optimizer state, batches, the loss and the metric
+sums stay on the device; the host sees a round's statistics once at its end.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ..model import FlatModel, build_model
+from ..model import FlatModel
+from ..tasks.base import DataSpec, StepContext, Task
 from . import SiteBackend
-from .data import SiteData
+from .optim import FlatOptimizer, clip_grad_norm_
 
 
 @dataclass
@@ -23,9 +32,27 @@ class TrainStats:
     samples: int = 0  # samples this rank trained on
     loss_sum: float = 0.0
     data_s: float = 0.0  # waiting for the next batch
-    compute_s: float = 0.0  # forward, backward, optimizer step
-    allreduce_s: float = 0.0  # waiting for the site's gradient averaging
+    compute_s: float = 0.0  # forward, backward, optimizer step (on a GPU: launching them)
+    allreduce_s: float = 0.0  # averaging gradients over the slot's ranks
     train_s: float = 0.0
+    task: Dict[str, float] = field(default_factory=dict)  # the task's stats, summed over samples (e.g. DINO's entropy)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """How one site trains: the config's training section with the site's overrides applied."""
+
+    lr: float
+    batch_size: int
+    epochs: Optional[int]
+    steps: Optional[int]
+
+    @classmethod
+    def of(cls, cfg, index: int) -> "SiteSettings":
+        site = cfg.sites[index]
+        epochs, steps = cfg.site_local(site)
+        return cls(lr=site.overrides.lr or cfg.train.lr, batch_size=site.overrides.batch_size or cfg.train.batch_size,
+                   epochs=epochs, steps=steps)
 
 
 def round_seed(seed: int, round_: int, rank: int) -> int:
@@ -33,114 +60,130 @@ def round_seed(seed: int, round_: int, rank: int) -> int:
 
 
 class SiteTrainer:
-    def __init__(self, cfg, topology, role, backend: SiteBackend, data: SiteData):
+    def __init__(self, cfg, task: Task, spec: DataSpec, backend: SiteBackend, device: Any, strategy=None):
         import torch
 
-        self.torch = torch
-        self.cfg = cfg
-        self.role = role
-        self.backend = backend
-        site = cfg.sites[role.site.index]
-        ov = site.overrides
-        self.epochs, self.steps = cfg.site_local(site)
-        self.batch_size = ov.batch_size or cfg.train.batch_size
-        self.lr = ov.lr or cfg.train.lr
+        from ..device import Precision
 
+        self.torch, self.cfg, self.task, self.spec = torch, cfg, task, spec
+        self.backend, self.device = backend, device
+        self.strategy = strategy
         torch.manual_seed(cfg.run.seed)  # every site builds the same initial weights
-        num_features = int(np.prod(data.input_shape))
-        module = build_model(cfg, num_features, data.num_classes, data.input_shape)
-        self.model = FlatModel(module)
-        self.data = data
-        self.num_train = data.num_train  # FedAvg weight of this site
+        module = task.build_model(spec)
+        trainable = [n for n, _ in task.trainable(module)]
+        self.model = FlatModel(module, trainable, device)
+        self.trainable = [p for n, p in self.model.module.named_parameters() if n in set(trainable)]
+        t = cfg.train
+        self.optimizer = FlatOptimizer(self.model.flat[:self.model.num_trainable], self.model.grad, t.optimizer,
+                                       lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.precision = Precision(t.precision, device)
+        self.channels_last = t.channels_last and len(spec.input_shape) == 3
+        if device.type == "cuda":  # pragma: no cover - needs a GPU
+            torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
+        self.eval_size = task.eval_size(spec)
+        # A strategy's local penalty (FedProx) needs the global values of the trainable parameters.
+        self.uses_penalty = strategy is not None and strategy.has_local_penalty()
+        self._anchors = [p.detach().clone() for p in self.trainable] if self.uses_penalty else None
+        self.on_step = None  # called after every step (the heartbeat: a hung rank is one whose steps stop)
 
-        params = module.parameters()
-        if cfg.train.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=self.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
-        else:
-            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=cfg.train.weight_decay)
-        self.optimizer = backend.distributed_optimizer(opt, module)  # once per process: it hooks the grads
-        self.num_classes = data.num_classes
-        # FedProx: the global model each round starts from, as views per parameter (for the proximal term).
-        self.mu = cfg.fl.proximal_mu if cfg.fl.strategy == "fedprox" else 0.0
-        self._prox = None
-        if self.mu:
-            self.global_flat = torch.zeros_like(self.model.flat)
-            offsets = {e.name: e for e in self.model.entries}
-            self._prox = [(p, self.global_flat[offsets[n].offset:offsets[n].offset + offsets[n].numel].view(p.shape))
-                          for n, p in module.named_parameters() if n in offsets]
-
-    def planned_steps(self) -> int:
+    def planned_steps(self, settings: SiteSettings, data) -> int:
         """Local steps per round (what simulated time and the straggler deadline are computed from)."""
-        return self.steps if self.steps is not None else self.epochs * self.data.steps_per_epoch(self.batch_size)
+        if settings.steps is not None:
+            return settings.steps
+        return settings.epochs * data.steps_per_epoch(settings.batch_size)
 
-    def receive_from_leader(self) -> float:
-        """Copy the leader's weights (just received from rank 0) to every rank of the site."""
-        t = time.perf_counter()
-        self.backend.broadcast_(self.model.flat)
-        return time.perf_counter() - t
+    def context(self, site, round_: int, settings: SiteSettings, data, step: int = 0) -> StepContext:
+        return StepContext(round=round_, rounds=self.cfg.fl.rounds, step=step,
+                           steps_per_round=self.planned_steps(settings, data),
+                           steps_per_epoch=data.steps_per_epoch(settings.batch_size), site=site.name,
+                           site_index=site.index, device=self.device, group=self.backend)
 
-    def train_round(self, round_: int) -> TrainStats:
-        torch, F = self.torch, self.torch.nn.functional
-        cfg, role = self.cfg, self.role
+    def _to_device(self, batch):
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=self.torch.channels_last)
+        return x, (y.to(self.device, non_blocking=True) if y is not None else None)
+
+    def train_round(self, site, rank_seed: int, round_: int, settings: SiteSettings, data) -> TrainStats:
+        torch, task = self.torch, self.task
         st = TrainStats()
         t0 = time.perf_counter()
-        torch.manual_seed(round_seed(cfg.run.seed, round_, role.rank))
-        self.optimizer.state.clear()  # stateless sites: fresh optimizer state every round
+        torch.manual_seed(round_seed(self.cfg.run.seed, round_, rank_seed))
+        self.optimizer.reset()  # stateless sites: fresh optimizer state every round
+        self.optimizer.lr = settings.lr
+        self.precision.reset()
+        uses_penalty = self.uses_penalty
+        if uses_penalty:
+            for a, p in zip(self._anchors, self.trainable):
+                a.copy_(p.detach())
         module = self.model.module
-        if self._prox is not None:
-            self.global_flat.copy_(self.model.flat)
         module.train()
-        total = self.planned_steps()
+        total = self.planned_steps(settings, data)
+        ctx = self.context(site, round_, settings, data)
+        task.begin_round(module, ctx)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        stat_acc: Dict[str, Any] = {}
+        clip = self.cfg.train.grad_clip
         epoch = 0
         while st.steps < total:
-            batches = self.data.epoch_batches(round_, epoch, self.batch_size)
+            batches = data.epoch_batches(round_, epoch, settings.batch_size)
             while st.steps < total:
                 t = time.perf_counter()
                 batch = next(batches, None)
                 if batch is None:
                     break
-                xb, yb = batch
+                xb, yb = self._to_device(batch)
                 t1 = time.perf_counter()
+                ctx.step = st.steps
                 self.optimizer.zero_grad()
-                loss = F.cross_entropy(module(xb), yb)
-                if self._prox is not None:  # FedProx: mu/2 |w - w_global|^2 keeps local models near the global one
-                    loss_total = loss + 0.5 * self.mu * sum(((p - g) ** 2).sum() for p, g in self._prox)
-                    loss_total.backward()
-                else:
-                    loss.backward()
+                with self.precision.autocast():
+                    loss, stats = task.loss(module, (xb, yb), ctx)
+                total_loss = loss
+                if uses_penalty:
+                    total_loss = loss + self.strategy.local_penalty(self.trainable, self._anchors)
+                self.precision.scale_loss(total_loss).backward()
                 t2 = time.perf_counter()
-                self.backend.synchronize(self.optimizer)
+                self.backend.average_gradients_(self.model.grad)
                 t3 = time.perf_counter()
-                self.backend.step(self.optimizer)
+                if self.precision.unscale_(self.model.grad):
+                    if clip:
+                        clip_grad_norm_(self.model.grad, clip)
+                    self.optimizer.step()
+                task.after_step(module, ctx)
                 t4 = time.perf_counter()
+                n = int(xb.shape[0])
                 st.data_s += t1 - t
                 st.compute_s += (t2 - t1) + (t4 - t3)
                 st.allreduce_s += t3 - t2
-                st.loss_sum += float(loss.detach()) * len(yb)
-                st.samples += len(yb)
+                loss_acc += loss.detach().double() * n
+                for k, v in stats.items():
+                    acc = stat_acc.get(k)
+                    val = v.detach().double() * n
+                    stat_acc[k] = val if acc is None else acc + val
+                st.samples += n
                 st.steps += 1
-            batches.close()
+                if self.on_step is not None:
+                    self.on_step()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
             epoch += 1
+        st.loss_sum = float(loss_acc)  # the round's one host sync
+        st.task = {k: float(v) for k, v in stat_acc.items()}
         st.train_s = time.perf_counter() - t0
         return st
 
-    def evaluate(self, extra=()) -> np.ndarray:
-        """The metric sums (hpcfl.metrics) of the current model on the site's validation data, then
-        ``extra``, summed over the site's ranks in one collective."""
-        from .. import metrics
-
-        torch, F = self.torch, self.torch.nn.functional
+    def evaluate(self, site, round_: int, settings: SiteSettings, data, extra=()) -> np.ndarray:
+        """The task's metric sums of the current model on the site's data, then ``extra``, summed over
+        the slot's ranks in one collective."""
+        torch = self.torch
         module = self.model.module
         module.eval()
-        bins = self.cfg.eval.auc_bins
-        vec = np.zeros(metrics.vector_size(self.num_classes, bins) + len(extra))
-        vec[len(vec) - len(extra):] = extra
-        body = vec[:len(vec) - len(extra)]
-        with torch.no_grad():
-            for x, y in self.data.val_batches(self.cfg.train.eval_batch_size):
-                out = module(x)
-                loss = float(F.cross_entropy(out, y, reduction="sum"))
-                metrics.accumulate(body, torch.softmax(out, 1).numpy(), y.numpy(), loss, bins)
-        totals = torch.from_numpy(vec)
+        ctx = self.context(site, round_, settings, data)
+        with self.precision.autocast():
+            body = self.task.evaluate(module, data, ctx)
+        vec = np.concatenate([np.asarray(body, np.float64), np.asarray(extra, np.float64)])
+        totals = torch.from_numpy(vec).to(self.device)
         self.backend.allreduce_sum_(totals)
-        return totals.numpy()
+        return totals.cpu().numpy()

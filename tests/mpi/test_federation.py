@@ -1,4 +1,6 @@
-"""The federation under a real mpirun: 5 ranks = aggregator + 2 sites of 2 ranks."""
+"""The federation under a real mpirun: 5 ranks = aggregator + 2 sites of 2 ranks (one slot per site,
+``launch.slots=2``: on this 2-core machine the automatic choice would be one slot of 2 ranks), for both
+site backends (Horovod process sets and torch.distributed groups)."""
 import json
 import subprocess
 import sys
@@ -11,7 +13,8 @@ from hpcfl.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("need_mpirun")
 
-FAST = ["fl.local_steps=6", "train.batch_size=16"]
+FAST = ["fl.local_steps=6", "train.batch_size=16", "launch.slots=2"]
+BACKENDS = ["horovod", "torch"]
 
 
 def launch(tmp_path, name, *sets, rounds=3, timeout=240):
@@ -30,9 +33,11 @@ def flat(state):
     return np.concatenate([v.ravel() for v in state.values()])  # entries are stored in flat-buffer order
 
 
-def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path, backend):
     # site b trains fewer steps (a per-site override), so the sites also finish at different times
-    r = launch(tmp_path, "agg", "debug.save_local_weights=true", "sites.1.overrides.local_steps=2", rounds=2)
+    r = launch(tmp_path, "agg", "debug.save_local_weights=true", "sites.1.overrides.local_steps=2",
+               f"site.backend={backend}", rounds=2)
     assert r.returncode == 0, r.stdout + r.stderr
     run = tmp_path / "agg"
     manifest = json.loads((run / "manifest.json").read_text())
@@ -56,7 +61,12 @@ def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path):
     assert all(x["cpu_affinity"] and x["pid"] for x in ranks)
     assert "torch" not in ranks[0]["versions"]  # the aggregator works on arrays: no torch start-up cost
     assert all(x["versions"]["torch"] for x in ranks[1:])
-    assert ranks[1]["versions"]["horovod"] == "0.28.1"
+    if backend == "horovod":
+        assert ranks[1]["versions"]["horovod"] == "0.28.1" and ranks[1]["backend"]["backend"] == "horovod"
+    else:
+        assert ranks[1]["backend"] == {"backend": "torch.distributed", "transport": "gloo",
+                                       "torch": ranks[1]["versions"]["torch"]}
+    assert ranks[1]["device"]["type"] == "cpu" and ranks[1]["precision"] == "fp32"
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 * (2 * 3 + 1)  # per site: global on val, local on val (locally tuned), train; + round
     steps = {(x["site"], x["round"]): x["steps"] for x in recs if x.get("split") == "train"}
@@ -70,6 +80,15 @@ def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path):
     assert (run / "config.yaml").exists() and (run / "summary.json").exists()
     assert all((run / "logs" / f"rank-{k:04d}.log").exists() for k in range(5))
     assert "where the time goes" in r.stdout and f"run directory: {run}" in r.stdout
+
+
+def test_both_backends_give_the_same_weights(tmp_path):
+    runs = {b: launch(tmp_path, b, f"site.backend={b}", rounds=2) for b in BACKENDS}
+    for b, r in runs.items():
+        assert r.returncode == 0, r.stdout + r.stderr
+    wh, wt = ckpt(tmp_path / "horovod", 2)["model"], ckpt(tmp_path / "torch", 2)["model"]
+    for k in wh:
+        np.testing.assert_allclose(wh[k], wt[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 def test_an_exception_on_one_site_rank_ends_the_job_quickly(tmp_path):
@@ -120,8 +139,8 @@ def test_wrong_rank_count_under_plain_mpirun_is_one_clear_line(tmp_path):
                         "run", "configs/digits-2x2.yaml", "--set", f"run.root={tmp_path}"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0
-    expected = ("hpcfl: rank 0 failed: the job has 4 ranks but the config needs 5 ranks = 1 aggregator + "
-                "site 'hospital-a' (2), site 'hospital-b' (2)")
+    expected = ("hpcfl: rank 0 failed: the job has 4 ranks, but the config's 2 sites run on 3, 5 ranks "
+                "(1 aggregator + 1..2 slots)")
     assert r.stderr.count(expected) == 1, r.stderr
 
 

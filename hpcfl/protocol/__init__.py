@@ -1,0 +1,27 @@
+"""The round protocol, in one place: every exchange between rank 0 and the slots is a class
+holding rank 0's half (``server``) next to the slots' half (``slot``).
+
+Per round r (slots already hold the global model w[r-1] and the round's plan)::
+
+  rank 0   PlanExchange: who is sampled, drops out or misses the deadline       -> every slot rank
+  slots    each slot trains its returning sites in turn from w[r-1]; per site: locally tuned
+           evaluation, update d_s = w_s - w[r-1] through the privacy filters, added to the transport
+  leaders  RowsExchange: one TrainRow per site                                    -> rank 0
+  rank 0   ParticipationExchange: the sites whose updates count (finite ones)     -> leaders
+  leaders  the transport's upload: mean rules one Reduce per slot (mean.py),
+           coordinate-wise and selection rules a chunked Gatherv (gathered.py)    -> rank 0
+  rank 0   w[r] = strategy(aggregate) (+ DP noise: privacy/server.py)
+           ModelExchange                                                          -> leaders -> slot ranks
+  slots    evaluate w[r] on each site's validation data
+  leaders  RowsExchange: SlotTimes and one EvalRow per site                       -> rank 0
+  rank 0   PlanExchange of round r+1 (or "stop"), then logs and checkpoints round r
+           while the slots already train round r+1
+
+Rank 0's loop is :meth:`hpcfl.protocol.server.Aggregator.run`, the slots' is
+:meth:`hpcfl.site.slot.SlotWorker.run`; both call the exchanges in the order above.
+"""
+from __future__ import annotations
+
+from .control import Control, ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
+
+__all__ = ["Control", "ModelExchange", "ParticipationExchange", "PlanExchange", "RowsExchange"]

@@ -1,0 +1,146 @@
+"""Mean-based rules (FedAvg/FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad): a Reduce of weighted updates.
+
+Each slot leader adds its sites' weighted updates ``w_s * d_s`` into one
+accumulator (:func:`hpcfl.aggregation.fedavg.contribution`) and sends ONE Reduce
+per round, whatever the number of sites it simulates; rank 0 reduces into its
+one accumulator and divides by the total weight (:func:`fedavg.finalize`). No
+per-site data ever reaches rank 0 and its memory is flat in the number of sites.
+
+With secure aggregation the same sum travels as masked fixed-point integers
+(mod 2^64): each site masks its own encoding with the pairwise masks it shares
+with every other sampled site, the slot adds its sites' masked integers, and
+rank 0 learns only the sum; survivors reveal the seeds they share with sites
+that did not return, so rank 0 can remove masks that did not cancel.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..aggregation import fedavg
+from ..comm import reduce_sum_array
+from ..device import chunks
+
+
+class MeanTransport:
+    kind = "mean"
+
+    def __init__(self, size: int, chunk_mb: int):
+        self.size, self.chunk_mb = size, chunk_mb
+        self.acc: Optional[np.ndarray] = None  # slot leader: the sum of its sites' weighted updates
+        self._tmp: Optional[np.ndarray] = None
+        self._empty = True
+
+    # -- slot half ------------------------------------------------------------------------------------
+    def begin_round(self, ctl: Any, r: int) -> None:
+        if self.acc is None:
+            self.acc = np.zeros(self.size, np.float32)
+        self._empty = True
+
+    def add_site(self, site: int, update: np.ndarray, weight: float) -> None:
+        if self._empty:  # the first site: its contribution IS the sum (no rounding from adding to zeros)
+            fedavg.contribution(update, weight, out=self.acc)
+            self._empty = False
+            return
+        if self._tmp is None:
+            self._tmp = np.empty_like(self.acc)
+        self.acc += fedavg.contribution(update, weight, out=self._tmp)
+
+    def upload(self, fed: Any, back: np.ndarray) -> None:
+        if self._empty:
+            self.acc.fill(0.0)
+        reduce_sum_array(fed, self.acc, None, chunk_mb=self.chunk_mb)
+
+    # -- rank 0 half ----------------------------------------------------------------------------------
+    def receive_sum(self, fed: Any, acc: np.ndarray) -> None:
+        """The sum of every slot's accumulator, into ``acc`` (rank 0's one model-sized buffer)."""
+        acc.fill(0.0)
+        reduce_sum_array(fed, None, acc, chunk_mb=self.chunk_mb)
+
+    @staticmethod
+    def mean(acc: np.ndarray, total_weight: float) -> np.ndarray:
+        return fedavg.finalize(acc, total_weight, out=acc)
+
+
+class SecureMeanTransport(MeanTransport):
+    """The same sum as masked fixed-point integers (``privacy.secure_aggregation``)."""
+
+    kind = "mean"
+
+    def __init__(self, size: int, chunk_mb: int, frac_bits: int):
+        super().__init__(size, chunk_mb)
+        self.bits = frac_bits
+        self.keys: Dict[int, Any] = {}  # site -> Keypair (its secret never leaves this process)
+        self.public: List[bytes] = []
+        self.enc: Optional[np.ndarray] = None
+        self.pairs: Dict[int, Dict[int, bytes]] = {}
+
+    def _steps(self) -> List[Tuple[int, int]]:
+        return list(chunks(self.size, 8, self.chunk_mb))
+
+    # -- key set-up (once per launch): each site's public key, relayed by rank 0 ---------------------------
+    def slot_keys(self, fed: Any, sites: List[int]) -> None:
+        from ..privacy.secagg import Keypair
+
+        self.keys = {s: Keypair.generate() for s in sites}
+        fed.gather({s: k.public_bytes() for s, k in self.keys.items()}, root=0)
+        self.public = fed.bcast(None, root=0)
+
+    @staticmethod
+    def server_keys(fed: Any, k: int) -> None:
+        got = fed.gather(None, root=0)[1:]
+        public: List[Optional[bytes]] = [None] * k
+        for d in got:
+            for s, key in d.items():
+                public[s] = key
+        fed.bcast(public, root=0)
+
+    # -- slot half ------------------------------------------------------------------------------------
+    def begin_round(self, ctl: Any, r: int) -> None:
+        if self.enc is None:
+            self.enc = np.zeros(self.size, np.uint64)
+        self.enc.fill(0)
+        self.ctl, self.round = ctl, r
+        self.pairs = {}
+
+    def add_site(self, site: int, update: np.ndarray, weight: float) -> None:
+        from ..privacy import secagg
+
+        masked, back = self.ctl.masked(), self.ctl.returns()
+        peers = {j: secagg.pair_seed(self.keys[site].private_key, self.public[j], self.round, site, j)
+                 for j in np.flatnonzero(masked) if j != site}
+        self.pairs[site] = peers
+        n_sites = max(1, int(back.sum()))
+        for ci, (s, e) in enumerate(self._steps()):
+            x = update[s:e] * np.float32(weight) if weight != 1.0 else update[s:e]
+            enc = secagg.encode(x, self.bits, num_sites=n_sites)
+            secagg.mask_(enc, ci, site, peers)
+            np.add(self.enc[s:e], enc, out=self.enc[s:e])
+
+    def upload(self, fed: Any, back: np.ndarray) -> None:
+        from mpi4py import MPI
+
+        # A survivor reveals the seeds it shares with sites that did not return (SecAgg's recovery step).
+        fed.gather([(i, j, seed) for i, peers in self.pairs.items() if back[i]
+                    for j, seed in peers.items() if not back[j]], root=0)
+        for s, e in self._steps():
+            fed.Reduce(self.enc[s:e], None, op=MPI.SUM, root=0)
+
+    def masked_upload(self) -> np.ndarray:
+        """What rank 0 receives from this slot (for the test that uploads look random)."""
+        return self.enc
+
+    # -- rank 0 half ----------------------------------------------------------------------------------
+    def receive_sum(self, fed: Any, acc: np.ndarray) -> None:
+        from mpi4py import MPI
+
+        from ..privacy import secagg
+
+        pairs = [p for got in fed.gather(None, root=0)[1:] for p in (got or [])]
+        for ci, (s, e) in enumerate(self._steps()):
+            buf = np.zeros(e - s, np.uint64)
+            fed.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)
+            if pairs:
+                secagg.unmask_dropped_(buf, ci, pairs)
+            secagg.decode(buf, self.bits, out=acc[s:e])

@@ -1,0 +1,341 @@
+"""Rank 0: the aggregator's side of the round protocol. It holds the global model as a flat
+NumPy array, aggregates, logs and checkpoints; it never imports torch.
+
+The slots' side is :class:`hpcfl.site.slot.SlotWorker`. Every exchange between the two
+is a class in :mod:`hpcfl.protocol` with both halves side by side; the order in which
+both sides call them is :data:`hpcfl.protocol.ROUND`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import astuple
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from ..aggregation import strategy_for
+from ..checkpoint import save_checkpoint, write_npz_atomic
+from ..comm import recv_array
+from ..config import Config, config_hash
+from ..errors import CheckpointError, RankFailure, TopologyError
+from ..model import Entry, layout_signature, same_state, state_views
+from ..participation import NONFINITE, RETURNS, plan_round, sample_size
+from ..tasks import task_class
+from .control import Control, ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
+from .records import by_site, round_records, strict
+from .transports import make_transport
+
+log = logging.getLogger("hpcfl")
+STOP_FILE = "stop-requested"
+
+# Set by the SIGUSR1 handler of rank 0 (runtime.py) or by a stop file: finish the round, checkpoint, exit.
+_stop_signal: Dict[str, Any] = {"signum": None}
+
+
+def request_stop(signum: Optional[int] = None, frame: Any = None) -> None:
+    _stop_signal["signum"] = signum or -1
+
+
+def current_rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class LayoutExchange:
+    """Leaders tell rank 0 how the model is flattened (all must agree); rank 0 never builds the model."""
+
+    @staticmethod
+    def server(fed: Any, topology) -> List[Entry]:
+        got = fed.gather(None, root=0)
+        sig0, entries = got[1]
+        bad = [i - 1 for i in range(2, len(got)) if got[i][0] != sig0]
+        verdict = (not bad, f"slot(s) {', '.join(map(str, bad))} built a different model than slot 0 "
+                            "(parameter names or shapes differ)")
+        fed.bcast(verdict, root=0)
+        if bad:
+            raise TopologyError(verdict[1])
+        return [Entry(n, tuple(sh), o, k) for n, sh, o, k in entries]
+
+    @staticmethod
+    def slot(fed: Any, flat_model) -> None:
+        fed.gather((flat_model.signature(), [tuple(astuple(e)) for e in flat_model.entries]), root=0)
+        ok, msg = fed.bcast(None, root=0)
+        if not ok:
+            raise TopologyError(msg)
+
+
+class Aggregator:
+    """Rank 0: holds the global model, runs the strategy, logs and checkpoints."""
+
+    def __init__(self, cfg: Config, topology, comms, rundir, ckpt: Optional[Dict[str, Any]]):
+        from ..privacy.server import DifferentialPrivacy
+
+        self.cfg, self.topology, self.comms, self.rundir = cfg, topology, comms, rundir
+        self.k = len(topology.sites)
+        self.names = topology.names
+        self.rss_before_model = current_rss()
+        self.ckpt = ckpt
+        self.rng = np.random.default_rng([cfg.run.seed, 29])  # server-side randomness (plans, DP noise)
+        self.strategy = strategy_for(cfg.fl)
+        self.dp: Optional[DifferentialPrivacy] = None
+        if cfg.privacy.dp is not None:
+            q = sample_size(cfg.fl.sampling.fraction, cfg.fl.sampling.min_sites, self.k) / self.k
+            self.dp = self.strategy = DifferentialPrivacy(self.strategy, cfg.privacy.dp, self.rng, q)
+        self.task = task_class(cfg.task)(cfg)
+        self.best_metric = best_metric(cfg, self.task)
+        self.start_round = 1 if ckpt is None else int(ckpt["round"]) + 1
+        meta = (ckpt or {}).get("state", {})
+        self.best = meta.get("best")  # {"metric", "value", "round"}
+        if self.dp is not None:
+            self.dp.load_dp_state(meta)
+        self.last_records: List[Dict[str, Any]] = []
+        self.checkpointed_round = self.start_round - 1
+        self.rng_state = self.rng.bit_generator.state
+
+    @property
+    def clip(self) -> float:
+        return self.dp.clip if self.dp is not None else 0.0
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _initial_model(self) -> None:
+        """The layout from the leaders; weights from the checkpoint, or slot 0's seeded init."""
+        fed = self.comms.federation
+        self.entries = LayoutExchange.server(fed, self.topology)
+        self.signature = layout_signature(self.entries)
+        n = sum(e.numel for e in self.entries)
+        self.weights = np.empty(n, np.float32)
+        ckpt = self.ckpt
+        if ckpt is not None:
+            if not same_state(self.entries, ((k, v.shape) for k, v in ckpt["model"].items())):
+                raise CheckpointError(f"{self.rundir.path}: its checkpoint holds a different model than the sites build")
+            for name, view in state_views(self.weights, self.entries).items():
+                view[...] = ckpt["model"][name]
+            try:
+                self.strategy.load_state_dict(ckpt.get("strategy", {}))
+            except ValueError as exc:
+                raise CheckpointError(f"{self.rundir.path}: the checkpoint's {self.cfg.fl.strategy} state: {exc}") from None
+            self.rng.bit_generator.state = ckpt["rng"]
+            self.rng_state = ckpt["rng"]
+        fed.Bcast(np.array([ckpt is None], np.int8), root=0)
+        if ckpt is None:
+            recv_array(fed, self.weights, 1, self.cfg.launch.chunk_mb)  # slot 0 leader's seeded init
+        self.acc = np.zeros_like(self.weights)  # the one extra model-sized buffer rank 0 needs
+        info = by_site(fed.gather(None, root=0)[1:], self.k)
+        self.num_train = np.array([i.num_train for i in info], np.float64)
+        self.steps = np.array([i.steps for i in info], np.int64)
+        self.eval_size = int(info[0].eval_size)
+        self.transport = make_transport(self.cfg, self.strategy, n, self.topology)
+        if self.cfg.privacy.secure_aggregation is not None:  # relay public keys; rank 0 never sees a secret
+            self.transport.server_keys(fed, self.k)
+
+    # -- the per-round plan ---------------------------------------------------------------------------
+    def stop_requested(self) -> bool:
+        path = self.rundir.path / STOP_FILE
+        if _stop_signal["signum"] is not None or path.exists():
+            why = "a stop file" if path.exists() else f"signal {_stop_signal['signum']}"
+            log.warning("stop requested (%s): finishing with a checkpoint after the last complete round", why)
+            return True
+        return False
+
+    def send_plan(self, round_: int) -> Control:
+        if self.stop_requested():
+            self.plan = None
+            ctl = Control.make(None, self.k, self.clip, stop=True)
+        else:
+            self.plan = plan_round(self.rng, self.cfg.fl, self.cfg.sites, self.steps, round_)
+            ctl = Control.make(self.plan, self.k, self.clip, stop=False)
+        return PlanExchange.server(self.comms.federation, ctl)
+
+    # -- aggregation ----------------------------------------------------------------------------------
+    def _aggregate(self, r: int, back: np.ndarray, train) -> Dict[str, Any]:
+        """Update self.weights from the uploads; returns what the round record says about it."""
+        fed, t, kind = self.comms.federation, self.transport, self.strategy.kind
+        info: Dict[str, Any] = {}
+        if kind == "coordinate":
+            t.receive(fed, self.strategy, back, self.num_train, self.acc)
+        else:
+            keep = back
+            if kind == "select":
+                keep = t.select(fed, self.strategy, back, self.num_train)
+                info["krum_kept"] = [self.names[i] for i in np.flatnonzero(keep)]
+            t.receive_sum(fed, self.acc)
+            if self.dp is not None:
+                unclipped = sum(1 for i in np.flatnonzero(back) if train[i].unclipped)
+                info.update(self.dp.noise_sum_(self.acc, int(back.sum()), unclipped))
+            weights = [self.strategy.upload_weight(n) for n in self.num_train]
+            total = float(sum(w for w, kept in zip(weights, keep) if kept))
+            t.mean(self.acc, total)
+        self.strategy.finalize(self.acc, self.weights, r)
+        return info
+
+    def final_participation(self, r: int, ctl: Control, train) -> np.ndarray:
+        """Which sites' updates the aggregate takes: those that returned, minus non-finite ones."""
+        back = ctl.returns().copy()
+        bad = [i for i in np.flatnonzero(back) if not train[i].finite]
+        if bad:
+            names = ", ".join(repr(self.names[i]) for i in bad)
+            if self.cfg.fault.nonfinite_update == "fail":
+                raise RankFailure(f"round {r}: site(s) {names} uploaded an update with NaN or inf (their local "
+                                  "training diverged); lower train.lr, or set fault.nonfinite_update: skip_site "
+                                  "to leave such sites out of a round")
+            log.warning("round %d: leaving out site(s) %s: their update holds NaN or inf", r, names)
+            back[bad] = False
+        return back
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self, progress, heartbeat=None) -> Dict[str, Any]:
+        cfg, fed = self.cfg, self.comms.federation
+        chunk = cfg.launch.chunk_mb
+        self._initial_model()
+        t_prev = time.perf_counter()
+        ModelExchange.server(fed, self.weights, chunk)  # initial (or resumed) global model
+        last: Dict[str, Any] = {}
+        ctl = self.send_plan(self.start_round)
+        stopped_after = None
+        for r in range(self.start_round, cfg.fl.rounds + 1):
+            if ctl.stop:
+                stopped_after = r - 1
+                break
+            plan = self.plan
+            maybe_fail(cfg, 0, r)
+            if heartbeat is not None:
+                heartbeat.phase("wait for uploads", r)
+            t0 = time.perf_counter()
+            train = by_site(RowsExchange.server(fed), self.k)
+            back = ParticipationExchange.server(fed, self.final_participation(r, ctl, train))
+            t1 = time.perf_counter()
+            if heartbeat is not None:
+                heartbeat.phase("aggregate", r)
+            agg_info = self._aggregate(r, back, train) if ctl.aggregate and back.any() else {"skipped": True}
+            t2 = time.perf_counter()
+            ModelExchange.server(fed, self.weights, chunk)
+            t3 = time.perf_counter()
+            if heartbeat is not None:
+                heartbeat.phase("wait for evaluations", r)
+            gathered = RowsExchange.server(fed)
+            evals = by_site([g[1] for g in gathered], self.k)
+            slots = [g[0] for g in gathered]
+            t4 = time.perf_counter()
+            self.rng_state = self.rng.bit_generator.state  # what round r+1 resumes from: before its plan is drawn
+            ctl = self.send_plan(r + 1) if r < cfg.fl.rounds else Control(self.k)  # slots start round r+1 now
+            server = {"wait_upload_s": t1 - t0, "aggregate_s": t2 - t1, "send_s": t3 - t2, "wait_eval_s": t4 - t3}
+            codes = plan.codes.copy()
+            codes[(codes == RETURNS) & ~back & np.array([not t.finite for t in train])] = NONFINITE
+            records = round_records(r, self.names, train, evals, slots, server, codes, self.task.summarize,
+                                    self.task.metrics)
+            summary = records[-1]
+            summary.update(retries=plan.retries, sim_time_s=plan.sim_time_s, **agg_info)
+            t5 = time.perf_counter()
+            self._track_best(r, summary)  # best.npz: counted with the checkpoint
+            if r % cfg.checkpoint.every == 0 or r == cfg.fl.rounds or ctl.stop:
+                self.checkpoint(r, records)
+            summary["time"]["checkpoint_s"] = time.perf_counter() - t5
+            now = time.perf_counter()
+            summary["time"]["round_s"] = now - t_prev
+            summary["time"]["overhead_s"] = max(0.0, summary["time"]["round_s"] - summary["time"]["train_s"])
+            t_prev = now
+            self.rundir.append_metrics(strict(records))
+            progress.round_done(summary, records)
+            if heartbeat is not None:
+                heartbeat.round_done(r, summary["time"]["round_s"])
+            last = summary
+        else:
+            if cfg.eval.cross_site:
+                if heartbeat is not None:
+                    heartbeat.phase("cross-site evaluation", cfg.fl.rounds)
+                self._cross_site()
+        if stopped_after is not None and self.checkpointed_round < stopped_after:
+            self.checkpoint(stopped_after, self.last_records)
+        out = progress.finish(last)
+        if stopped_after is not None:
+            out["stopped_after_round"] = stopped_after
+            (self.rundir.path / STOP_FILE).unlink(missing_ok=True)
+            progress._print(f"stopped after round {stopped_after} on request; the checkpoint is written: run the same "
+                            f"command (or requeue the job) to resume")
+        if self.best:
+            out["best"] = self.best
+        out["memory"] = self.memory()
+        return out
+
+    def _track_best(self, r: int, summary: Dict[str, Any]) -> None:
+        key = self.best_metric
+        value = summary.get(key)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return
+        smaller = key.removeprefix("val_") in self.task.minimize
+        better = self.best is None or (value < self.best["value"] if smaller else value > self.best["value"])
+        if better:
+            self.best = {"metric": key, "value": float(value), "round": r}
+            write_npz_atomic(self.rundir.path / "best.npz", {f"model/{k}": v for k, v in
+                                                             state_views(self.weights, self.entries).items()},
+                             {"round": r, "metric": key, "value": float(value), "signature": self.signature})
+        summary["best"] = dict(self.best)
+
+    def _cross_site(self) -> None:
+        from .crosssite import CrossSite
+
+        CrossSite.server(self)
+
+    def memory(self) -> Dict[str, float]:
+        """Rank 0's memory: FedAvg by Reduce must keep it at a constant number of model copies."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        model = self.weights.nbytes
+        return {"model_mb": model / 2**20, "rss_before_model_mb": self.rss_before_model / 2**20,
+                "peak_rss_mb": peak / 2**20, "model_copies_above_baseline": (peak - self.rss_before_model) / model,
+                "strategy_model_copies": self.strategy.memory_copies()}
+
+    def checkpoint(self, round_: int, records: List[Dict[str, Any]]) -> None:
+        state: Dict[str, Any] = {"best": self.best}
+        if self.dp is not None:
+            state.update(self.dp.dp_state())
+        save_checkpoint(self.rundir.checkpoints, round_, state_views(self.weights, self.entries), {
+            "config_hash": config_hash(self.cfg),
+            "signature": self.signature,
+            "rng": self.rng_state,
+            "records": records,
+            "state": state,
+        }, strategy=self.strategy.state_dict(), keep=self.cfg.checkpoint.keep)
+        self.checkpointed_round = round_
+        self.last_records = records
+
+
+def best_metric(cfg: Config, task) -> str:
+    """``eval.best_metric`` as a summary key: ``val_<metric of the task>``; ``auto`` = the first headline metric."""
+    from ..config import _suggest
+    from ..errors import ConfigError
+
+    want = cfg.eval.best_metric
+    names = [f"val_{m}" for m in task.metrics]
+    if want == "auto":
+        return f"val_{(task.headline or task.metrics)[0]}"
+    if want not in names:
+        raise ConfigError(f"eval.best_metric: {want!r} is not a metric of task {cfg.task!r} ({', '.join(names)})"
+                          f"{_suggest(want, names)}")
+    return want
+
+
+def maybe_fail(cfg: Config, rank: int, round_: int) -> None:
+    """debug.inject_failure: make this rank fail at the start of a round, on purpose."""
+    import os
+    import signal
+
+    inj = cfg.debug.inject_failure
+    if inj is None or inj.rank != rank or inj.round != round_:
+        return
+    log.warning("injecting failure (%s) at round %d", inj.mode, round_)
+    if inj.mode == "kill":
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if inj.mode == "stop":
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    raise RankFailure(f"injected failure at round {round_} (debug.inject_failure)")
+
+
+__all__ = ["Aggregator", "LayoutExchange", "request_stop", "STOP_FILE", "maybe_fail"]

@@ -1,0 +1,13 @@
+"""Tasks: what a federation trains (``task:`` in the config). See :mod:`hpcfl.tasks.base`.
+
+* ``classify`` (default): supervised classification, cross-entropy, accuracy/AUC;
+* ``dino``: DINO self-supervised pretraining (Caron et al. 2021) with k-NN and linear-probe evaluation;
+* ``package.module:Class``: a user's own :class:`Task` subclass.
+
+Importing this package never imports torch (rank 0 summarizes metrics without it).
+"""
+from __future__ import annotations
+
+from .base import BUILTIN, DataSpec, SiteGroup, StepContext, Task, make_task, matching, task_class
+
+__all__ = ["BUILTIN", "DataSpec", "SiteGroup", "StepContext", "Task", "make_task", "matching", "task_class"]

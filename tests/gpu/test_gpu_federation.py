@@ -1,0 +1,65 @@
+"""The federation on a GPU: the MPI tier's checks with the model, batches and optimizer on the device.
+
+Runs where CUDA is available (bench/gpu_check.sh runs this tier on a lent GPU
+node, with MPI and mpi4py from PyPI wheels and ``site.backend: torch``, NCCL).
+Every site rank shares the one GPU (``cluster.ranks_per_gpu``).
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import hpcfl
+from hpcfl.checkpoint import load_checkpoint
+
+BACKEND = os.environ.get("HPCFL_GPU_BACKEND", "torch")  # Horovod needs a NCCL build; torch.distributed does not
+BASE = ["train.device=cuda", f"site.backend={BACKEND}", "cluster.ranks_per_gpu=8", "launch.slots=2",
+        "observe.tensorboard=false"]
+
+
+@pytest.fixture(autouse=True)
+def _need_mpirun():
+    if shutil.which("mpirun") is None:
+        pytest.fail("mpirun not found: bench/gpu_check.sh installs Open MPI from its PyPI wheel and puts it on PATH")
+
+
+def launch(tmp_path, name, config, *sets, timeout=600):
+    args = ["launch", config, "--no-report", "--set", f"run.root={tmp_path}", "--set", f"run.name={name}"]
+    for s in (*BASE, *sets):
+        args += ["--set", s]
+    return hpcfl(*args, timeout=timeout)
+
+
+def test_site_replicas_agree_and_rank0_holds_the_weighted_mean_on_the_gpu(tmp_path):
+    r = launch(tmp_path, "agg", "configs/digits-2x2.yaml", "fl.rounds=2", "fl.local_steps=6", "train.batch_size=16",
+               "debug.save_local_weights=true", "sites.1.overrides.local_steps=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = tmp_path / "agg"
+    manifest = json.loads((run / "manifest.json").read_text())
+    for rank in manifest["ranks"][1:]:
+        assert rank["device"]["type"] == "cuda", rank
+        assert rank["backend"]["transport"] == ("nccl" if BACKEND == "torch" else rank["backend"].get("transport"))
+    n = {s: v["train"] for s, v in manifest["partition"]["sites"].items()}
+    for rnd in (1, 2):
+        w = {k: np.load(run / "debug" / f"round-{rnd:06d}-rank-{k:04d}.npy") for k in (1, 2, 3, 4)}
+        np.testing.assert_array_equal(w[1], w[2])  # a site's ranks hold identical weights (NCCL allreduce)
+        np.testing.assert_array_equal(w[3], w[4])
+        na, nb = n["hospital-a"], n["hospital-b"]
+        expected = (na * w[1].astype(np.float64) + nb * w[3].astype(np.float64)) / (na + nb)
+        got = load_checkpoint(run / "checkpoints" / f"round-{rnd:06d}.npz")["model"]
+        np.testing.assert_allclose(np.concatenate([v.ravel() for v in got.values()]), expected, rtol=1e-5, atol=1e-6)
+
+
+def _final_accuracy(run) -> float:
+    return json.loads((run / "summary.json").read_text())["final"]["val_accuracy"]
+
+
+def test_bf16_quickstart_ends_within_one_point_of_fp32(tmp_path):
+    sets = ["fl.rounds=4"]
+    a = launch(tmp_path, "fp32", "configs/quickstart.yaml", *sets, "train.precision=fp32")
+    b = launch(tmp_path, "bf16", "configs/quickstart.yaml", *sets, "train.precision=bf16")
+    assert a.returncode == 0, a.stdout + a.stderr
+    assert b.returncode == 0, b.stdout + b.stderr
+    fa, fb = _final_accuracy(tmp_path / "fp32"), _final_accuracy(tmp_path / "bf16")
+    assert abs(fa - fb) <= 0.01, (fa, fb)
