@@ -11,8 +11,9 @@ Layout: tiles arrive as decoded, (N, H, W, 3) uint8; a batch leaves as
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -51,29 +52,35 @@ def area_bounds(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray]:
     return (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
 
 
-def _first_two(xp, part, shortest: int, dtype):
+def _first_two(xp, part, shortest: int, dtype, out=None):
     """The accumulator of a window sum from its first part(s), widened while adding (one pass, not two);
     returns it and the next offset to add."""
     if shortest >= 2:
-        return xp.add(part(0), part(1), dtype=dtype), 2
-    return part(0).astype(dtype), 1
+        return xp.add(part(0), part(1), out=out, dtype=dtype), 2
+    if out is None:
+        return part(0).astype(dtype), 1
+    out[...] = part(0)
+    return out, 1
 
 
-def _window_sum(xp, x, axis: int, start: np.ndarray, end: np.ndarray, dtype):
-    """Sum of x over [start[i], end[i]) along ``axis``, for every window i: one strided take per offset.
+def _window_sum_rows(xp, x, size: int, dtype):
+    """(N, H, W, C) -> (N, size, W, C): sums over the row windows of an area resize to ``size``.
 
-    Costs (longest window) takes of the output's size, not a pass over an integral image.
+    The windows repeat every p = H / gcd(H, size) rows (q = size / gcd outputs per period): a
+    reshape to (N, gcd, p, W * C) makes every row a window needs a strided view, so the sums are
+    contiguous adds of whole rows, with no gathered copies.
     """
-    length = end - start
-    acc, first = _first_two(xp, lambda d: xp.take(x, xp.asarray(start + d), axis=axis), int(length.min()), dtype)
-    for d in range(first, int(length.max())):
-        live = np.flatnonzero(length > d)
-        if len(live) == len(start):
-            acc += xp.take(x, xp.asarray(start + d), axis=axis)
-        else:  # windows of unequal length (non-integer factors): only the longer ones grow
-            sel = (slice(None),) * axis + (xp.asarray(live),)
-            acc[sel] += xp.take(x, xp.asarray(start[live] + d), axis=axis)
-    return acc
+    n, h, w, c = x.shape
+    g = math.gcd(h, size)
+    p, q = h // g, size // g
+    start, end = area_bounds(p, q)
+    v = x.reshape(n, g, p, w * c)
+    out = xp.empty((n, g, q, w * c), dtype)
+    for r in range(q):
+        acc, first = _first_two(xp, lambda d: v[:, :, start[r] + d], int(end[r] - start[r]), dtype, out[:, :, r])
+        for d in range(first, int(end[r] - start[r])):
+            acc += v[:, :, start[r] + d]
+    return out.reshape(n, size, w, c)
 
 
 def _window_sum_cols(xp, x, start: np.ndarray, end: np.ndarray, dtype):
@@ -109,7 +116,7 @@ def window_sums(xp, x, size: int):
     sh, eh = area_bounds(h, size)
     sw, ew = area_bounds(w, size)
     area = int((eh - sh).max()) * int((ew - sw).max())
-    rows = _window_sum(xp, x, 1, sh, eh, xp.uint16 if int((eh - sh).max()) <= 257 else xp.uint32)
+    rows = _window_sum_rows(xp, x, size, xp.uint16 if int((eh - sh).max()) <= 257 else xp.uint32)
     s = _window_sum_cols(xp, rows, sw, ew, xp.uint16 if 255 * area < 2**16 else xp.uint32)
     return s, (1.0 / np.outer(eh - sh, ew - sw)).astype(np.float32)
 

@@ -21,9 +21,12 @@ def slide(tmp_path_factory):
     return write_jpeg_tiff(tmp_path_factory.mktemp("slide") / "s.tiff", texture(1024, seed=5))
 
 
-def grid_index(path, tile=TILE, stride=200, n=16) -> TileIndex:
-    """Tiles on an unaligned grid (each 224 crop spans several 256 file tiles), labels 0/1 alternating."""
-    xy = [(x, y) for y in range(0, 1024 - tile, stride) for x in range(0, 1024 - tile, stride)][:n]
+def grid_index(path, tile=TILE, n=16) -> TileIndex:
+    """n tiles on an unaligned grid (each 224 crop spans several 256 file tiles), labels 0/1 alternating."""
+    side = int(np.ceil(np.sqrt(n)))
+    stride = (1024 - tile) // side
+    xy = [(x, y) for y in range(0, side * stride, stride) for x in range(0, side * stride, stride)][:n]
+    assert len(xy) == n
     k = len(xy)
     return TileIndex(classes=["a", "b"], slide_ids=["s"], slide_paths=[str(path)], slide=np.zeros(k, np.int32),
                      x=np.array([p[0] for p in xy], np.int64), y=np.array([p[1] for p in xy], np.int64),
