@@ -200,6 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .cluster.render import render_sbatch
 
             text = render_sbatch(cfg, args.config, overrides, args.launcher)
+            _say_slots(cfg)
             if args.output:
                 from .atomic import write_atomic
 
@@ -297,6 +298,15 @@ def _stop(target: str, run_dir, job_id) -> int:
     return 0
 
 
+def _say_slots(cfg) -> None:
+    """One line on stderr: how many slots the cluster section gives the sites (what render chose)."""
+    from .cluster.render import cluster_slots
+
+    k, s = len(cfg.sites), cluster_slots(cfg)
+    how = "one per site" if s == k else f"each trains {k // s}-{-(-k // s)} sites in turn; launch.slots sets it"
+    print(f"hpcfl: {k} site(s) on {s} slot(s) ({how})", file=sys.stderr)
+
+
 def _placement(cfg, args) -> int:
     import subprocess
 
@@ -304,6 +314,7 @@ def _placement(cfg, args) -> int:
     from .errors import LaunchError
 
     if args.format == "table":
+        _say_slots(cfg)
         print("rank  node  socket  cores           gpu")
         for p in cluster_places(cfg):
             cores = f"{p.cores[0]}-{p.cores[-1]}" if p.cores else "-"

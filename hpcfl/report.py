@@ -27,16 +27,21 @@ PHASES = [
 class Progress:
     """Rank 0's console output: one line per round, a summary at the end."""
 
-    def __init__(self, cfg, topology, rundir, start_round: int, stream=None):
+    def __init__(self, cfg, topology, rundir, start_round: int, stream=None, headline=("accuracy", "loss")):
         self.cfg, self.topology, self.rundir = cfg, topology, rundir
         self.start_round = start_round
         self.out = stream or sys.stdout
+        self.headline = tuple(headline)  # the task's metrics on the round line (val_<name> in the records)
         self.times: List[Dict[str, float]] = []
         self.t0 = time.perf_counter()
-        sites = ", ".join(f"{s.name} x{s.size}" for s in topology.sites)
+        shown = topology.sites[:8]
+        sites = ", ".join(f"{s.name} x{s.size}" for s in shown) + (
+            f", ... {len(topology.sites) - len(shown)} more" if len(topology.sites) > len(shown) else "")
+        slots = len(getattr(topology, "slots", ())) or len(topology.sites)
+        on = f" on {slots} slots" if slots != len(topology.sites) else ""
         resumed = f", resuming after round {start_round - 1}" if start_round > 1 else ""
         self._print(f"hpcfl: {cfg.run.name}: {topology.world_size} ranks = aggregator + {len(topology.sites)} sites "
-                    f"({sites}), {cfg.fl.rounds} rounds{resumed}")
+                    f"({sites}){on}, {cfg.fl.rounds} rounds{resumed}")
         from .observe import observers_for
 
         # TensorBoard / MLflow (cfg.observe); they see every record rank 0 appends to metrics.jsonl.
@@ -80,12 +85,20 @@ class Progress:
         self.times.append(t)
         w = len(str(self.cfg.fl.rounds))
         self._print(f"round {s['round']:>{w}}/{self.cfg.fl.rounds}  sites {s['sites_done']}/{s['sites_total']}  "
-                    f"val_acc {s['val_accuracy']:.4f}  val_loss {s['val_loss']:.4f}  "
+                    + self._metrics(s) + "  "
                     + (f"eps {s['dp_epsilon']:.3g}  " if "dp_epsilon" in s else "")
                     + (f"best {s['best']['value']:.4f}@{s['best']['round']}  " if s.get("best") else "")
                     + f"{t['round_s']:.3f}s (train {t['train_s']:.3f}s, overhead {t['overhead_s'] * 1e3:.1f}ms)"
                     + (f"  dropped: {', '.join(f'{k} ({v})' for k, v in s['dropped'].items())}" if s.get("dropped") else "")
                     + ("  (too few returned: global model unchanged)" if s.get("skipped") else ""))
+
+    def _metrics(self, s: Dict[str, Any], short: bool = True) -> str:
+        abbrev = {"accuracy": "acc"} if short else {}
+        cells = []
+        for m in self.headline:
+            v = s.get(f"val_{m}")
+            cells.append(f"val_{abbrev.get(m, m)} " + (f"{v:.4f}" if isinstance(v, (int, float)) else "-"))
+        return "  ".join(cells)
 
     def breakdown(self) -> Dict[str, Dict[str, float]]:
         """Mean seconds per round for each phase, over the rounds after the first of this launch
@@ -110,8 +123,7 @@ class Progress:
             for k, label in PHASES:
                 self._print(f"  {label:<46} {m[k]:>9.4f} | {f[k]:.4f}")
         if last:
-            self._print(f"\nfinal (round {last['round']}): val_accuracy {last['val_accuracy']:.4f}  "
-                        f"val_loss {last['val_loss']:.4f}")
+            self._print(f"\nfinal (round {last['round']}): " + self._metrics(last, short=False))
         self._print(f"run directory: {summary['run_dir']}  (metrics.jsonl, checkpoints/, logs/, manifest.json)")
         if self.observers:
             self.observers.finish(self.rundir.path)

@@ -53,8 +53,8 @@ def _versions() -> Dict[str, str]:
     out = {"python": platform.python_version()}
     for mod in ("hpcfl", "numpy", "torch", "mpi4py", "horovod"):
         m = sys.modules.get(mod)
-        if m is not None:
-            out[mod] = getattr(m, "__version__", "?")
+        if m is not None:  # str(): torch's version is a TorchVersion, and unpickling it would import torch on rank 0
+            out[mod] = str(getattr(m, "__version__", "?"))
     try:
         from mpi4py import MPI
 
@@ -337,7 +337,10 @@ def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, 
 
     beat.phase("start-up barrier")
     quiet_barrier(world)  # ranks that are ready sleep while the others import and load
-    infos = world.gather((rank_info(role, threads, device, backend, cfg), partition), root=0)
+    clock.lap("wait for the other ranks")
+    info = rank_info(role, threads, device, backend, cfg)
+    info["startup_s"] = dict(clock.laps)
+    infos = world.gather((info, partition), root=0)
     clock.lap("manifest")
     state["started"] = True
     if rank == 0:
@@ -354,9 +357,10 @@ def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, 
             "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
         })
         agg = Aggregator(cfg, topology, comms, rundir, ckpt)
-        progress = Progress(cfg, topology, rundir, agg.start_round)
+        progress = Progress(cfg, topology, rundir, agg.start_round, headline=agg.task.headline or agg.task.metrics[:2])
         summary = agg.run(progress, beat)
         summary["startup_s"] = dict(clock.laps)
+        summary["aggregator_imported_torch"] = "torch" in sys.modules  # it must not: start-up time and memory
         rundir.write_json("summary.json", summary)
         rundir.close()
     else:

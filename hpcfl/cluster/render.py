@@ -4,7 +4,9 @@ The script asks SLURM for whole nodes, writes the placement of every rank at
 job start (``hpcfl placement``: a hostfile for srun's arbitrary distribution, a
 rankfile for mpirun), and starts ``hpcfl run`` on every rank. Ranks pin
 themselves to the cores and GPU of their place when the launcher did not
-(``HPCFL_PIN=1``), and record what they got in manifest.json.
+(``hpcfl run --pin cluster``), and record what they got in manifest.json. When the cluster
+section has fewer places than the sites have ranks, slots simulate several sites each
+(:func:`cluster_slots`; ``launch.slots`` chooses).
 """
 from __future__ import annotations
 
@@ -21,12 +23,49 @@ def cluster_shape(cfg: Config) -> Shape:
     return node_shape(cfg.cluster)
 
 
+def slot_groups(cfg: Config, slots: int) -> List[Tuple[str, int]]:
+    """(name, ranks) of the process groups of ``slots`` slots: what placement keeps on one node."""
+    from ..topology import assign_slots
+
+    sizes = [s.ranks for s in cfg.sites]
+    if slots == len(sizes):
+        return [(s.name, s.ranks) for s in cfg.sites]
+    return [(f"slot{i}", sizes[p[0]]) for i, p in enumerate(assign_slots(sizes, slots))]
+
+
+def cluster_slots(cfg: Config) -> int:
+    """``launch.slots``, or one slot per site where the cluster section has a place (a core share or a GPU)
+    for every site rank, else the most slots that fit (placement is monotonic in the number of ranks)."""
+    from ..errors import ConfigError
+    from ..topology import _groups
+
+    k = len(cfg.sites)
+    if cfg.launch.slots:
+        return cfg.launch.slots
+
+    def fits(s: int) -> bool:
+        try:
+            cluster_places(cfg, slot_groups(cfg, s))
+            return True
+        except ConfigError:
+            return False
+
+    lo, hi = len(_groups([s.ranks for s in cfg.sites])), k
+    if fits(hi) or not fits(lo):
+        return hi if fits(hi) else lo  # the smallest layout's error is the one worth showing
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def cluster_places(cfg: Config, groups: Optional[Sequence[Tuple[str, int]]] = None):
     """Every rank's place; ``groups``: the (name, ranks) of the process groups to keep on one node
-    (default: the config's sites; with slots, the slots)."""
+    (default: the slots :func:`cluster_slots` chooses; one per site when they fit)."""
     c = cfg.cluster
-    groups = [(s.name, s.ranks) for s in cfg.sites] if groups is None else list(groups)
-    return place(cluster_shape(cfg), groups, c.aggregator_cores, c.aggregator_own_node, c.cores_per_rank,
+    if groups is None:
+        groups = slot_groups(cfg, cluster_slots(cfg))
+    return place(cluster_shape(cfg), list(groups), c.aggregator_cores, c.aggregator_own_node, c.cores_per_rank,
                  c.oversubscribe)
 
 
@@ -47,7 +86,9 @@ def hpcfl_command(cfg: Config, args: Sequence[str], gpu: bool = False) -> str:
 
 
 def rank_command(cfg: Config, config_path: str, overrides: Sequence[str]) -> str:
-    args = ["run", config_path, *[a for o in overrides for a in ("--set", o)]]
+    """What every rank runs: ``--pin cluster`` (each rank pins itself to its place's cores and GPU if the
+    launcher did not, after checking the place against its node)."""
+    args = ["run", config_path, *[a for o in overrides for a in ("--set", o)], "--pin", "cluster"]
     return hpcfl_command(cfg, args, gpu=bool(cluster_shape(cfg).gpus_per_node))
 
 
@@ -57,13 +98,14 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
     c = cfg.cluster
     shape = cluster_shape(cfg)
     launcher = launcher or c.launcher
-    places = cluster_places(cfg)
+    slots = cluster_slots(cfg)
+    places = cluster_places(cfg, slot_groups(cfg, slots))
     per_node = ranks_per_node(places, c.nodes)
-    n = cfg.world_size
+    n = len(places)
     name = cfg.run.name
     lines = [
         "#!/bin/bash",
-        f"# hpcfl federation {name!r}: {expected_layout([(s.name, s.ranks) for s in cfg.sites])},",
+        f"# hpcfl federation {name!r}: {expected_layout([(s.name, s.ranks) for s in cfg.sites], slots)},",
         f"# on {c.nodes} node(s) of {shape.sockets_per_node}x{shape.cores_per_socket} cores"
         + (f" and {shape.gpus_per_node} GPUs" if shape.gpus_per_node else "") + f"; ranks per node: {per_node}.",
         f"# Rendered by: hpcfl render {_q([config_path, *[a for o in overrides for a in ('--set', o)]])} --launcher {launcher}",
@@ -94,7 +136,6 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
     lines += list(c.setup)
     cfg_args = [config_path, *[a for o in overrides for a in ("--set", o)]]
     lines += [
-        "export HPCFL_PIN=1  # each rank pins itself to its place's cores and GPU if the launcher did not",
         "export OMP_NUM_THREADS=1  # ranks set their torch threads to their cores",
         'nodes="$(mktemp)"; placement="$(mktemp)"; trap \'rm -f "$nodes" "$placement"\' EXIT',
         'scontrol show hostnames "$SLURM_JOB_NODELIST" > "$nodes"',
@@ -113,7 +154,7 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
         lines += [
             where("rankfile"),
             _q(["mpirun", "-np", str(n), "--report-bindings", *(["--oversubscribe"] if c.oversubscribe else []),
-                "-x", "HPCFL_PIN", "-x", "OMP_NUM_THREADS"])
+                "-x", "OMP_NUM_THREADS"])
             + ' --rankfile "$placement" \\\n    ' + run,
         ]
     else:  # horovodrun: hosts and slot counts from the placement; ranks pin themselves

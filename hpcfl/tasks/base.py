@@ -173,6 +173,11 @@ class Task(ABC):
         samples, e.g. a k-NN bank or a linear probe's training set), each yielding
         ``(x, y)`` on the device, and ``group`` in ``ctx`` for collectives."""
 
+    def evaluate_many(self, module: Any, datas: Sequence[Any], ctx: StepContext) -> List[np.ndarray]:
+        """:meth:`evaluate` of ONE model on the data of several sites (a slot's, when their models are
+        the same): one vector per site. Override to batch across sites (classify does)."""
+        return [self.evaluate(module, d, ctx) for d in datas]
+
     @abstractmethod
     def summarize(self, vec: np.ndarray) -> Dict[str, Any]:
         """Metrics from a sums vector (of one site, or summed over sites). Pure NumPy: runs on rank 0."""

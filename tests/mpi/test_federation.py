@@ -60,6 +60,7 @@ def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path, backend
         (3, "site", "hospital-b", 0), (4, "site", "hospital-b", 1)]
     assert all(x["cpu_affinity"] and x["pid"] for x in ranks)
     assert "torch" not in ranks[0]["versions"]  # the aggregator works on arrays: no torch start-up cost
+    assert json.loads((run / "summary.json").read_text())["aggregator_imported_torch"] is False
     assert all(x["versions"]["torch"] for x in ranks[1:])
     if backend == "horovod":
         assert ranks[1]["versions"]["horovod"] == "0.28.1" and ranks[1]["backend"]["backend"] == "horovod"

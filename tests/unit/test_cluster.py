@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT, hpcfl
 from hpcfl.cluster.placement import Shape, place, ranks_per_node
-from hpcfl.cluster.render import placement_text, render_sbatch
+from hpcfl.cluster.render import cluster_slots, placement_text, render_sbatch
 from hpcfl.config import from_dict, load_config
 from hpcfl.errors import ConfigError
 
@@ -86,11 +86,23 @@ def test_rendered_script_essentials():
 
 
 def test_a_request_that_cannot_fit_fails_in_one_line():
-    cfg = from_dict({"sites": {"count": 5, "ranks": 2}, "cluster": {"nodes": 1, "gpus_per_node": 8}}, "c.yaml")
+    raw = {"sites": {"count": 5, "ranks": 2}, "cluster": {"nodes": 1, "gpus_per_node": 8}}
+    cfg = from_dict({**raw, "launch": {"slots": 5}}, "c.yaml")  # one slot per site, asked for explicitly
     with pytest.raises(ConfigError, match=r"^cluster: the sites need 10 ranks but 1 node\(s\) give 8 \(one rank per GPU\)"):
         render_sbatch(cfg, "c.yaml")
-    r = hpcfl("render", "configs/cluster-gpu.yaml", "--set", "cluster.nodes=1", "--set", "sites.count=5")
+    r = hpcfl("render", "configs/cluster-gpu.yaml", "--set", "cluster.nodes=1", "--set", "sites.count=5",
+              "--set", "launch.slots=5")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "need 10 ranks" in r.stderr
+    # left to itself, render gives the 5 sites the 4 slots of 2 GPU ranks that the node has
+    auto = from_dict(raw, "c.yaml")
+    assert cluster_slots(auto) == 4
+    assert "#SBATCH --ntasks=9" in render_sbatch(auto, "c.yaml")
+    r = hpcfl("render", "configs/cluster-gpu.yaml", "--set", "cluster.nodes=1", "--set", "sites.count=5")
+    assert r.returncode == 0 and "hpcfl: 5 site(s) on 4 slot(s) (each trains 1-2 sites in turn" in r.stderr
+    # a site bigger than a node never fits, whatever the slots
+    with pytest.raises(ConfigError):
+        render_sbatch(from_dict({"sites": {"count": 2, "ranks": 9}, "cluster": {"nodes": 1, "gpus_per_node": 8}},
+                                "c.yaml"), "c.yaml")
 
 
 def test_placement_files():
@@ -261,14 +273,15 @@ def test_render_cli_says_what_it_read_and_the_ranks_get_it(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ("hpcfl: cluster: node shape from SLURM (scontrol show node, 1 node(s) of all partitions): "
                         "1 socket x 2 cores, no GPU; the script sets cluster.sockets_per_node=1 "
-                        "cluster.cores_per_socket=2 cluster.gpus_per_node=0\n")
+                        "cluster.cores_per_socket=2 cluster.gpus_per_node=0\n"
+                        "hpcfl: 1 site(s) on 1 slot(s) (one per site)\n")
     assert "# on 1 node(s) of 1x2 cores; ranks per node: [2]." in r.stdout
     assert r.stdout.count("--set cluster.sockets_per_node=1 --set cluster.cores_per_socket=2 "
                           "--set cluster.gpus_per_node=0") == 3  # the header, the placement and every rank
     broken = {"PATH": fake_slurm(tmp_path, "scontrol: error: Could not establish a configuration source", rc=1)
               + os.pathsep + os.environ["PATH"]}
     r = hpcfl("render", cfg, env=broken)
-    assert r.returncode == 0 and r.stderr.count("\n") == 1
+    assert r.returncode == 0 and r.stderr.count("\n") == 2
     assert "SLURM could not tell it (scontrol show node: scontrol: error: Could not establish" in r.stderr
     assert "using sockets_per_node=2, cores_per_socket=16, gpus_per_node=0" in r.stderr
     assert "# on 1 node(s) of 2x16 cores" in r.stdout
