@@ -300,7 +300,7 @@ class TilesConfig:
     batched_reads: bool = _f(False, help="read a batch's tiles per slide with cuCIM's multi-location read_region")
     smart_cache: Optional[SmartCacheConfig] = _f(None, help="train from a MONAI SmartCacheDataset (note: resume is not bit-identical with it)")
     decode_device: Literal["cpu", "cuda"] = _f("cpu", help="where cuCIM decodes tiles: cpu, or cuda (nvJPEG; batches assembled on the GPU with CuPy and handed to torch by DLPack)")
-    prefetch: int = _f(2, help="batches read and assembled ahead of training in a background thread (0 = in the training thread; loader_workers > 0 prefetch instead)", min=0)
+    prefetch: Optional[int] = _f(None, help="batches read and assembled ahead in a background thread; unset: 2 when the rank trains on a GPU, 0 (in the training thread) on the CPU, where a thread helps only with a core to spare (bench/tiles.py); loader_workers > 0 prefetch instead", min=0)
 
 
 @dataclass(frozen=True)

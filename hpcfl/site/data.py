@@ -120,7 +120,8 @@ class ArrayData(SiteData):
 class TileData(SiteData):
     """Tiles of the slides this site owns: read through cuCIM/OpenSlide, assembled a whole batch at a time.
 
-    Batches come from a background thread (``data.tiles.prefetch`` ahead) or from
+    Batches are assembled in the training thread, in a background thread
+    (``data.tiles.prefetch`` ahead; the default when training on a GPU) or in
     DataLoader workers (``loader_workers``); ``data.tiles.decode_device`` and
     ``data.array_backend`` put decoding and assembly on the GPU (hpcfl.wsi.feed).
     Batches are (x, y) torch tensors: on the GPU already when assembled there, else
@@ -168,7 +169,9 @@ class TileData(SiteData):
                                     t.backend, t.batched_reads, self.plan)
         self.eval_ds = TileDataset(self.index, BatchSpec(t.input_size, False, t.crops_per_read, False),
                                    t.backend, t.batched_reads, self.plan)
-        self.prefetch = t.prefetch
+        # A thread helps where the CPU would otherwise wait (on the GPU); a CPU rank has no core to spare
+        # for it as a rule, and handing the GIL back and forth then costs more than it hides.
+        self.prefetch = t.prefetch if t.prefetch is not None else (2 if self.plan.device >= 0 else 0)
         self.sampler = OrderSampler()
         self._loader_args = dict(num_workers=t.loader_workers, collate_fn=as_is,
                                  persistent_workers=t.loader_workers > 0, pin_memory=self.plan.pin)

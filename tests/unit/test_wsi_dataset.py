@@ -76,10 +76,11 @@ def test_loader_workers_give_the_same_batches(synth_index):
 
 def test_site_epochs_are_reproducible_whatever_the_feed(synth_index, tmp_path):
     runs = {}
-    for name, opts in (("thread", {}), ("inline", {"prefetch": 0}), ("workers", {"loader_workers": 2})):
+    for name, opts in (("thread", {"prefetch": 2}), ("inline", {}), ("workers", {"loader_workers": 2})):
         td = tile_data(synth_index, tmp_path, **opts)
         try:
             assert td.plan.decode == "cpu" and not td.plan.on_gpu and td.plan.pin == torch.cuda.is_available()
+            assert td.prefetch == {"thread": 2, "inline": 0 if not torch.cuda.is_available() else 2}.get(name, td.prefetch)
             e0 = list(td.epoch_batches(1, 0, 16))
             e1 = list(td.epoch_batches(1, 1, 16))
             assert len(e0) == td.steps_per_epoch(16)
@@ -96,7 +97,7 @@ def test_site_epochs_are_reproducible_whatever_the_feed(synth_index, tmp_path):
 def test_stopping_mid_epoch_stops_the_prefetch_thread(synth_index, tmp_path):
     import threading
 
-    td = tile_data(synth_index, tmp_path)
+    td = tile_data(synth_index, tmp_path, prefetch=2)
     before = threading.active_count()
     g = td.epoch_batches(1, 0, 8)
     next(g)
