@@ -148,86 +148,106 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    plain = {"run": _run, "synth-slides": _synth, "tile": _tile, "status": _status_or_cancel,
+             "cancel": _status_or_cancel, "stop": _status_or_cancel, "report": _report}
+    with_config = {"validate": _validate, "render": _render, "placement": _placement, "submit": _submit,
+                   "launch": _launch}
     try:
-        if args.command == "run":
-            return _run(args)
-
-        if args.command == "synth-slides":
-            from .config import check_arg
-            from .wsi.synth import synthesize_slides
-
-            check_arg("synth-slides --slides", args.slides, "data.tiles.synthesize.slides")
-            check_arg("synth-slides --size", args.size, "data.tiles.synthesize.size")
-            check_arg("synth-slides --seed", args.seed, "data.tiles.synthesize.seed")
-            _check_out_dir("synth-slides", args.out_dir)
-            infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed)
-            print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json)")
-            return 0
-        if args.command == "tile":
-            return _tile(args)
-        if args.command in ("status", "cancel", "stop"):
-            return _status_or_cancel(args)
-        if args.command == "report":
-            from .observe import write_report
-
-            print(f"report: {write_report(*args.run_dirs, output=args.output)}")
-            return 0
-
-        from .config import dump_yaml, load_config
-        from .topology import expected_layout
-
-        if args.command == "render" and args.output:
-            _check_out_file("render -o", args.output)
-        if args.command == "placement" and args.nodes_file:
-            _check_in_file("placement --nodes-file", args.nodes_file)
-        if args.command == "submit":
-            _need_slurm("sbatch")
-        cfg = load_config(args.config, args.overrides)
-        overrides = list(args.overrides)
-        if args.command in ("render", "submit"):
-            from .cluster.nodecheck import fill_node_shape
-
-            cfg, overrides, line = fill_node_shape(cfg, overrides)
-            if line:
-                print(f"hpcfl: {line}", file=sys.stderr)
-        if args.command == "validate":
-            print(f"ok: {args.config}: {expected_layout([(s.name, s.ranks) for s in cfg.sites])}; "
-                  f"{cfg.fl.rounds} rounds; run directory {cfg.run.root}/{cfg.run.name}")
-            if args.show:
-                print(dump_yaml(cfg), end="")
-            return 0
-        if args.command == "render":
-            from .cluster.render import render_sbatch
-
-            text = render_sbatch(cfg, args.config, overrides, args.launcher)
-            _say_slots(cfg)
-            if args.output:
-                from .atomic import write_atomic
-
-                write_atomic(args.output, text)
-                print(f"wrote {args.output}; submit it with: sbatch {args.output}")
-            else:
-                print(text, end="")
-            return 0
-        if args.command == "placement":
-            return _placement(cfg, args)
-        if args.command == "submit":
-            from .cluster.slurm import submit
-
-            job = submit(cfg, args.config, overrides, args.launcher)
-            print(f"submitted job {job['job_id']}; results in {job['run_dir']} (job log {job['log']}); "
-                  f"follow it with: hpcfl status {job['run_dir']}")
-            return 0
-        if args.command == "launch":
-            from .launch import launch
-
-            return launch(cfg, args.config, args.overrides, resume=args.resume, restart=args.restart,
-                          dry_run=args.dry_run, report=not args.no_report)
+        if args.command in plain:
+            return plain[args.command](args)
+        if args.command in with_config:
+            cfg, overrides = _config_for(args)
+            return with_config[args.command](cfg, overrides, args)
     except HpcflError as exc:
         print(f"hpcfl: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _synth(args) -> int:
+    from .config import check_arg
+    from .wsi.synth import synthesize_slides
+
+    check_arg("synth-slides --slides", args.slides, "data.tiles.synthesize.slides")
+    check_arg("synth-slides --size", args.size, "data.tiles.synthesize.size")
+    check_arg("synth-slides --seed", args.seed, "data.tiles.synthesize.seed")
+    _check_out_dir("synth-slides", args.out_dir)
+    infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed)
+    print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json)")
+    return 0
+
+
+def _report(args) -> int:
+    from .observe import write_report
+
+    print(f"report: {write_report(*args.run_dirs, output=args.output)}")
+    return 0
+
+
+def _config_for(args):
+    """The config of a command that takes one (file arguments checked first), and the overrides it passes on:
+    render and submit add the node shape they read from SLURM when the config leaves it out."""
+    from .config import load_config
+
+    if args.command == "render" and args.output:
+        _check_out_file("render -o", args.output)
+    if args.command == "placement" and args.nodes_file:
+        _check_in_file("placement --nodes-file", args.nodes_file)
+    if args.command == "submit":
+        _need_slurm("sbatch")
+    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.command in ("render", "submit"):
+        from .cluster.nodecheck import fill_node_shape
+
+        cfg, overrides, line = fill_node_shape(cfg, overrides)
+        if line:
+            print(f"hpcfl: {line}", file=sys.stderr)
+    return cfg, overrides
+
+
+def _validate(cfg, overrides, args) -> int:
+    from .config import dump_yaml
+    from .topology import expected_layout
+
+    print(f"ok: {args.config}: {expected_layout([(s.name, s.ranks) for s in cfg.sites])}; "
+          f"{cfg.fl.rounds} rounds; run directory {cfg.run.root}/{cfg.run.name}")
+    if args.show:
+        print(dump_yaml(cfg), end="")
+    return 0
+
+
+def _render(cfg, overrides, args) -> int:
+    from .cluster.render import render_sbatch
+
+    text = render_sbatch(cfg, args.config, overrides, args.launcher)
+    _say_slots(cfg)
+    if args.output:
+        from .atomic import write_atomic
+
+        write_atomic(args.output, text)
+        print(f"wrote {args.output}; submit it with: sbatch {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _submit(cfg, overrides, args) -> int:
+    from .cluster.slurm import submit
+
+    _say_slots(cfg)
+    job = submit(cfg, args.config, overrides, args.launcher)
+    print(f"submitted job {job['job_id']}; results in {job['run_dir']} (job log {job['log']}); "
+          f"follow it with: hpcfl status {job['run_dir']}")
+    return 0
+
+
+def _launch(cfg, overrides, args) -> int:
+    from .launch import launch
+
+    return launch(cfg, args.config, args.overrides, resume=args.resume, restart=args.restart,
+                  dry_run=args.dry_run, report=not args.no_report)
 
 
 def _status_or_cancel(args) -> int:
@@ -280,20 +300,21 @@ def _resolve_target(target: str):
 def _stop(target: str, run_dir, job_id) -> int:
     """Ask a running federation to stop after the round in progress; refuse when nothing is running."""
     from .errors import LaunchError
-    from .protocol.server import STOP_FILE
     from .observe.status import run_status
+    from .rundir import RunPaths
 
     if run_dir is None:
         raise LaunchError(f"job {job_id}: its run directory is unknown (not submitted by hpcfl submit, "
                           "or SLURM no longer knows the job)")
-    if not (Path(run_dir) / "manifest.json").exists() and not (Path(run_dir) / "config.yaml").exists():
+    paths = RunPaths(run_dir)
+    if not paths.manifest.exists() and not paths.config.exists():
         raise LaunchError(f"{target}: not the run directory of a started federation (no manifest.json)")
     st = run_status(Path(run_dir))
     if st.state in ("finished", "stopped"):
         raise LaunchError(f"{run_dir}: the run has already {st.state} (round {st.last_round}); nothing to stop")
     if not st.active:
         raise LaunchError(f"{run_dir}: not running ({st.state} after round {st.last_round}); nothing to stop")
-    (Path(run_dir) / STOP_FILE).touch()
+    paths.stop_file.touch()
     print(f"asked {run_dir} to stop: rank 0 checkpoints after the round in progress, then every rank exits")
     return 0
 
@@ -307,7 +328,7 @@ def _say_slots(cfg) -> None:
     print(f"hpcfl: {k} site(s) on {s} slot(s) ({how})", file=sys.stderr)
 
 
-def _placement(cfg, args) -> int:
+def _placement(cfg, overrides, args) -> int:
     import subprocess
 
     from .cluster.render import cluster_places, placement_text

@@ -87,15 +87,17 @@ _KILLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on sig
 def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int,
                  world_size: Optional[int] = None) -> str:
     """One line naming what ended the job: the earliest rank error, else a killed rank."""
+    from .rundir import RunPaths
+
     errors = []
-    for p in (Path(run_dir) / "logs").glob("rank-*.error.json"):
+    for p in RunPaths(run_dir).logs.glob("rank-*.error.json"):
         try:
             errors.append(json.loads(p.read_text()))
         except (OSError, json.JSONDecodeError):
             continue
     if errors:
         first = min(errors, key=lambda e: e.get("time", 0))
-        return f"{first['line']} (log: {Path(run_dir) / 'logs' / ('rank-%04d.log' % first['rank'])})"
+        return f"{first['line']} (log: {RunPaths(run_dir).log_path(first['rank'])})"
     m = _KILLED.search(mpirun_output)
     if m:
         rank, sig, name = int(m.group(1)), m.group(2), m.group(3) or ""
@@ -104,7 +106,7 @@ def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int
         except Exception:  # noqa: BLE001 - a launcher message naming a rank we do not know
             who = f"rank {rank}"
         return f"hpcfl: {who} was killed by signal {sig}{f' ({name})' if name else ''}"
-    return f"hpcfl: the job failed (mpirun exit code {returncode}); see {Path(run_dir) / 'logs'}"
+    return f"hpcfl: the job failed (mpirun exit code {returncode}); see {RunPaths(run_dir).logs}"
 
 
 def _pump(src, dst, keep: List[str]) -> None:
@@ -154,7 +156,9 @@ def launch(cfg: Config, config_path: str, overrides: Sequence[str] = (), resume:
         rc = proc.wait()
     for t in pumps:
         t.join(timeout=5)
-    run_dir = Path(cfg.run.root) / cfg.run.name
+    from .rundir import RunPaths
+
+    run_dir = RunPaths.of(cfg).path
     if rc != 0:
         sys.stderr.write(failure_line(cfg, run_dir, "".join(seen), rc, n) + "\n")
         sys.stderr.flush()

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
@@ -133,23 +133,55 @@ def lock_verdict(lock: Dict[str, Any], age_s: float, me: Dict[str, Any],
     return "live", ""
 
 
-class RunDir:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.path = Path(cfg.run.root) / cfg.run.name
+class RunPaths:
+    """Where everything of a run directory lives: the one place that names its files (no I/O here)."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.manifest = self.path / "manifest.json"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.summary = self.path / "summary.json"
+        self.cross_site = self.path / "cross_site.json"
+        self.best = self.path / "best.npz"
+        self.report = self.path / "report.html"
+        self.stop_file = self.path / "stop-requested"
+        self.lock_path = self.path / LOCK_NAME
         self.checkpoints = self.path / "checkpoints"
         self.logs = self.path / "logs"
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.lock_path = self.path / LOCK_NAME
-        self._metrics_file = None
-        self._heartbeat: Optional[threading.Event] = None
-        self.corrupt: List[Tuple[Path, str]] = []  # checkpoints passed over by the last check()
+        self.debug = self.path / "debug"
+        self.slurm = self.path / "slurm"
+        self.tb = self.path / "tb"
+
+    @classmethod
+    def of(cls, cfg: Config) -> "RunPaths":
+        return cls(Path(cfg.run.root) / cfg.run.name)
 
     def log_path(self, rank: int) -> Path:
         return self.logs / f"rank-{rank:04d}.log"
 
     def error_path(self, rank: int) -> Path:
         return self.logs / f"rank-{rank:04d}.error.json"
+
+    def beat_path(self, rank: int) -> Path:
+        return self.logs / f"rank-{rank:04d}.beat"
+
+    def site_private(self, site: str, round_: int) -> Path:
+        """A site's private entries (exclude_vars, state its task keeps) after ``round_``: resumed per site."""
+        return self.checkpoints / f"site-{site}-private-round-{round_:06d}.npy"
+
+    def local_weights(self, round_: int, rank: int) -> Path:
+        """debug.save_local_weights: a rank's locally trained weights (``rank``: its virtual rank)."""
+        return self.debug / f"round-{round_:06d}-rank-{rank:04d}.npy"
+
+
+class RunDir(RunPaths):
+    def __init__(self, cfg: Config):
+        super().__init__(Path(cfg.run.root) / cfg.run.name)
+        self.cfg = cfg
+        self._metrics_file = None
+        self._heartbeat: Optional[threading.Event] = None
+        self.corrupt: List[Tuple[Path, str]] = []  # checkpoints passed over by the last check()
 
     # -- the lock ----------------------------------------------------------------
     def _read_lock(self) -> Optional[Tuple[Dict[str, Any], float]]:

@@ -255,9 +255,7 @@ def _prepare(world, config_path: str, overrides: Sequence[str], launch: RankLaun
             rundir = RunDir(cfg)
             ckpt = rundir.prepare(resume=launch.resume, restart=launch.restart)
             state["rundir"] = rundir  # a failure from here on releases its lock
-            from .protocol.server import STOP_FILE
-
-            stale = rundir.path / STOP_FILE
+            stale = rundir.stop_file
             if stale.exists():  # left by a job that died before it could act on it
                 stale.unlink()
             if cfg.data.name == "tiles":
@@ -277,9 +275,7 @@ def _prepare(world, config_path: str, overrides: Sequence[str], launch: RankLaun
 
 
 def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, state: Dict[str, Any]) -> int:
-    from .comm import quiet_barrier, split_comms
-    from .topology import topology_for
-    from .watchdog import Heartbeat, Watchdog, end_job_on_hang
+    from .comm import quiet_barrier
 
     rank = world.Get_rank()
     _install_stop_handler(rank)
@@ -287,87 +283,37 @@ def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, 
     if prepared is None:
         return 1  # rank 0 reports it and ends the job
     cfg, start_round, ckpt, rundir = prepared
-    state["rundir"] = rundir
-    log_stream = _setup_logging(rundir.log_path(rank), rank, to_console=(rank == 0))
-    topology = topology_for(cfg, world.Get_size())
-    role = topology.role(rank)
-    state["role"] = role
-    beat = Heartbeat(rundir.logs, rank, role.describe(), log_file=log_stream).start()
-    state["beat"] = beat
-    groups = [(f"slot{s.index}", s.size) for s in topology.slots]
-    pinned = _pin(cfg, rank, launch.pin, groups)
-    log.info("%s starting on %s (pid %d)%s", role.describe(), socket.gethostname(), os.getpid(),
-             f"; pinned to CPUs {pinned}" if pinned else "")
-    if rank == 0:
-        log.info("%d sites on %d slots: %s", len(topology.sites), len(topology.slots),
-                 "; ".join(f"slot {s.index} (ranks {s.ranks[0]}-{s.ranks[-1]}): {len(s.sites)} site(s)"
-                           for s in topology.slots[:8]) + (" ..." if len(topology.slots) > 8 else ""))
-
-    clock = _Clock()
-    comms = split_comms(world, role)
-    on_node, local_index = _node_share(world)
-    clock.lap("communicators")
-    threads = _threads_for(cfg, on_node)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    watchdog = None
-    if rank == 0:
-        watchdog = Watchdog(rundir.logs, range(1, world.Get_size()), cfg.fault.hang_timeout_s, cfg.fault.hang_floor_s,
-                            end_job_on_hang(rundir, world, beat), own=beat).start()
-    elif role.is_leader:
-        watchdog = Watchdog(rundir.logs, [0], cfg.fault.hang_timeout_s, cfg.fault.hang_floor_s,
-                            end_job_on_hang(rundir, world, beat), own=beat, stale_only=True).start()
-
+    r = _start_rank(world, cfg, rundir, launch, state)
     if start_round > cfg.fl.rounds:
         if rank == 0:
             print(f"hpcfl: {rundir.path} already completed {start_round - 1} rounds (fl.rounds = {cfg.fl.rounds}); "
                   f"nothing to do. Raise fl.rounds to continue training.")
-        beat.stop()
+        r.beat.stop()
         return 0
-
-    worker = device = backend = None
-    partition = None
-    if not role.is_aggregator:  # the aggregator works on plain arrays and never imports torch
-        beat.phase("start-up: import torch")
+    worker = device = backend = partition = None
+    if not r.role.is_aggregator:  # the aggregator works on plain arrays and never imports torch
+        r.beat.phase("start-up: import torch")
         import torch
 
-        torch.set_num_threads(threads)
-        clock.lap("import torch")
-        worker, device, backend, partition = _build_slot(cfg, topology, role, comms, rundir, start_round, local_index,
-                                                         beat, clock)
-
-    beat.phase("start-up barrier")
+        torch.set_num_threads(r.threads)
+        r.clock.lap("import torch")
+        worker, device, backend, partition = _build_slot(cfg, r.topology, r.role, r.comms, rundir, start_round,
+                                                         r.local_index, r.beat, r.clock)
+    r.beat.phase("start-up barrier")
     quiet_barrier(world)  # ranks that are ready sleep while the others import and load
-    clock.lap("wait for the other ranks")
-    info = rank_info(role, threads, device, backend, cfg)
-    info["startup_s"] = dict(clock.laps)
+    r.clock.lap("wait for the other ranks")
+    info = rank_info(r.role, r.threads, device, backend, cfg)
+    info["startup_s"] = dict(r.clock.laps)
     infos = world.gather((info, partition), root=0)
-    clock.lap("manifest")
+    r.clock.lap("manifest")
     state["started"] = True
     if rank == 0:
-        from .protocol.server import Aggregator
-        from .report import Progress
-
-        part = next((p for _, p in infos if p is not None), None)
-        rundir.write_json("manifest.json", {
-            "run": cfg.run.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "resumed_from_round": start_round - 1, "world_size": topology.world_size,
-            "sites": len(topology.sites), "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name
-                                                                                     for i in s.sites]}
-                                                    for s in topology.slots],
-            "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
-        })
-        agg = Aggregator(cfg, topology, comms, rundir, ckpt)
-        progress = Progress(cfg, topology, rundir, agg.start_round, headline=agg.task.headline or agg.task.metrics[:2])
-        summary = agg.run(progress, beat)
-        summary["startup_s"] = dict(clock.laps)
-        summary["aggregator_imported_torch"] = "torch" in sys.modules  # it must not: start-up time and memory
-        rundir.write_json("summary.json", summary)
-        rundir.close()
+        _aggregate(cfg, r, rundir, ckpt, start_round, infos)
     else:
         worker.run()
-    beat.phase("done")
-    if watchdog is not None:
-        watchdog.stop()
+    r.beat.phase("done")
+    if r.watchdog is not None:
+        r.watchdog.stop()
     # Everyone must be done before a backend shuts down: Horovod's shutdown is global across
     # process sets, and would abort another slot's allreduce still in flight.
     quiet_barrier(world)
@@ -375,9 +321,85 @@ def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, 
         for st in worker.states.values():
             st.data.close()
         backend.shutdown()
-    beat.stop()
+    r.beat.stop()
     log.info("done")
     return 0
+
+
+@dataclass
+class _Rank:
+    """What a started rank holds, whatever its role."""
+
+    topology: Any
+    role: Any
+    beat: Any
+    clock: "_Clock"
+    comms: Any
+    threads: int
+    local_index: int
+    watchdog: Any
+
+
+def _start_rank(world, cfg: Config, rundir, launch: RankLaunch, state: Dict[str, Any]) -> _Rank:
+    """Log, heartbeat, pinning (checked against the node), communicators, threads, watchdog: in this order,
+    so that everything after the log exists can be reported."""
+    from .comm import split_comms
+    from .topology import topology_for
+    from .watchdog import Heartbeat, Watchdog, end_job_on_hang
+
+    rank = world.Get_rank()
+    state["rundir"] = rundir
+    log_stream = _setup_logging(rundir.log_path(rank), rank, to_console=(rank == 0))
+    topology = topology_for(cfg, world.Get_size())
+    role = topology.role(rank)
+    state["role"] = role
+    beat = Heartbeat(rundir.logs, rank, role.describe(), log_file=log_stream).start()
+    state["beat"] = beat
+    pinned = _pin(cfg, rank, launch.pin, [(f"slot{s.index}", s.size) for s in topology.slots])
+    log.info("%s starting on %s (pid %d)%s", role.describe(), socket.gethostname(), os.getpid(),
+             f"; pinned to CPUs {pinned}" if pinned else "")
+    if rank == 0:
+        log.info("%d sites on %d slots: %s", len(topology.sites), len(topology.slots),
+                 "; ".join(f"slot {s.index} (ranks {s.ranks[0]}-{s.ranks[-1]}): {len(s.sites)} site(s)"
+                           for s in topology.slots[:8]) + (" ..." if len(topology.slots) > 8 else ""))
+    clock = _Clock()
+    comms = split_comms(world, role)
+    on_node, local_index = _node_share(world)
+    clock.lap("communicators")
+    threads = _threads_for(cfg, on_node)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    watchdog = None
+    f = cfg.fault
+    if rank == 0:  # rank 0 watches every rank; slot leaders watch rank 0
+        watchdog = Watchdog(rundir.logs, range(1, world.Get_size()), f.hang_timeout_s, f.hang_floor_s,
+                            end_job_on_hang(rundir, world, beat), own=beat).start()
+    elif role.is_leader:
+        watchdog = Watchdog(rundir.logs, [0], f.hang_timeout_s, f.hang_floor_s,
+                            end_job_on_hang(rundir, world, beat), own=beat, stale_only=True).start()
+    return _Rank(topology, role, beat, clock, comms, threads, local_index, watchdog)
+
+
+def _aggregate(cfg: Config, r: _Rank, rundir, ckpt, start_round: int, infos) -> None:
+    """Rank 0: the manifest, then the federation's rounds, then the summary."""
+    from .protocol.server import Aggregator
+    from .report import Progress
+
+    topology = r.topology
+    part = next((p for _, p in infos if p is not None), None)
+    rundir.write_json("manifest.json", {
+        "run": cfg.run.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from_round": start_round - 1, "world_size": topology.world_size, "sites": len(topology.sites),
+        "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name for i in s.sites]}
+                  for s in topology.slots],
+        "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
+    })
+    agg = Aggregator(cfg, topology, r.comms, rundir, ckpt)
+    progress = Progress(cfg, topology, rundir, agg.start_round, headline=agg.task.headline or agg.task.metrics[:2])
+    summary = agg.run(progress, r.beat)
+    summary["startup_s"] = dict(r.clock.laps)
+    summary["aggregator_imported_torch"] = "torch" in sys.modules  # it must not: start-up time and memory
+    rundir.write_json("summary.json", summary)
+    rundir.close()
 
 
 def _build_slot(cfg, topology, role, comms, rundir, start_round, local_index, beat, clock):

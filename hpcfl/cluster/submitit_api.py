@@ -39,10 +39,11 @@ class FederationTask(_checkpointable()):
 
         import submitit
 
-        from ..protocol.server import STOP_FILE, request_stop
+        from ..protocol.server import request_stop
+        from ..rundir import RunPaths
 
         cfg = load_config(self.config_path, self.overrides)
-        run_dir = Path(cfg.run.root) / cfg.run.name
+        paths = RunPaths.of(cfg)
         try:
             env = submitit.JobEnvironment()
             sig, first = env._usr_sig(), env.global_rank == 0
@@ -55,7 +56,7 @@ class FederationTask(_checkpointable()):
             got["signum"] = signum
             if first:
                 request_stop(signum)  # rank 0 in this process ("rank" mode) ...
-                (run_dir / STOP_FILE).touch()  # ... or in mpirun's children ("launch" mode)
+                paths.stop_file.touch()  # ... or in mpirun's children ("launch" mode)
 
         if callable(submitit_handler):
             signal.signal(sig, on_signal)
@@ -68,8 +69,8 @@ class FederationTask(_checkpointable()):
 
             rc = launch(cfg, self.config_path, self.overrides)
             if rc != 0:
-                raise LaunchError(f"the federation failed (exit code {rc}); see {run_dir}/logs")
-        summary_path = run_dir / "summary.json"
+                raise LaunchError(f"the federation failed (exit code {rc}); see {paths.logs}")
+        summary_path = paths.summary
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
         if got and first and callable(submitit_handler) and summary and "stopped_after_round" in summary:
             submitit_handler(got["signum"], None)  # submitit: checkpoint(), requeue, exit

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..rundir import RunPaths
 from .rundata import RunData, load_run
 
 STALE_S = 10.0  # a heartbeat older than this: the rank is dead or stuck
@@ -188,7 +189,8 @@ def run_status(run_dir: Path, now: Optional[float] = None, host: Optional[str] =
     data = load_run(run_dir)
     now = time.time() if now is None else now
     host = host or socket.gethostname()
-    logs = run_dir / "logs"
+    paths = RunPaths(run_dir)
+    logs = paths.logs
     rounds = data.rounds()
     st = RunStatus(str(run_dir), data.name, "interrupted", data.rounds_total)
     if rounds:
@@ -202,11 +204,11 @@ def run_status(run_dir: Path, now: Optional[float] = None, host: Optional[str] =
     else:
         st.sites = {s: {} for s in data.sites()}
     st.ranks = rank_states(data.manifest, read_beats(logs), now, host, stale_s)
-    st.stop_requested = (run_dir / "stop-requested").exists()
+    st.stop_requested = paths.stop_file.exists()
     st.error = _error_line(logs)
-    this_launch = max(_mtime(run_dir / "config.yaml"), _mtime(run_dir / "manifest.json"))
+    this_launch = max(_mtime(paths.config), _mtime(paths.manifest))
     live = [r for r in st.ranks if r.state in ("alive", "stuck")]
-    if data.summary is not None and _mtime(run_dir / "summary.json") >= this_launch:
+    if data.summary is not None and _mtime(paths.summary) >= this_launch:
         stopped = data.summary.get("stopped_after_round")
         st.state = "stopped" if stopped is not None else "finished"
     elif live:

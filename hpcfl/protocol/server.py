@@ -27,7 +27,7 @@ from .records import by_site, round_records, strict
 from .transports import make_transport
 
 log = logging.getLogger("hpcfl")
-STOP_FILE = "stop-requested"
+STOP_FILE = "stop-requested"  # RunPaths.stop_file
 
 # Set by the SIGUSR1 handler of rank 0 (runtime.py) or by a stop file: finish the round, checkpoint, exit.
 _stop_signal: Dict[str, Any] = {"signum": None}
@@ -91,7 +91,9 @@ class Aggregator:
         self.best = meta.get("best")  # {"metric", "value", "round"}
         if self.dp is not None:
             self.dp.load_dp_state(meta)
-        self.last_records: List[Dict[str, Any]] = []
+        self.last_records: List[Dict[str, Any]] = []  # of the last checkpointed round
+        self.last_round_records: List[Dict[str, Any]] = []
+        self.heartbeat = None
         self.checkpointed_round = self.start_round - 1
         self.rng_state = self.rng.bit_generator.state
 
@@ -133,7 +135,7 @@ class Aggregator:
 
     # -- the per-round plan ---------------------------------------------------------------------------
     def stop_requested(self) -> bool:
-        path = self.rundir.path / STOP_FILE
+        path = self.rundir.stop_file
         if _stop_signal["signum"] is not None or path.exists():
             why = "a stop file" if path.exists() else f"signal {_stop_signal['signum']}"
             log.warning("stop requested (%s): finishing with a checkpoint after the last complete round", why)
@@ -186,12 +188,16 @@ class Aggregator:
         return back
 
     # -- the loop -------------------------------------------------------------------------------------
+    def _phase(self, what: str, r: int) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.phase(what, r)
+
     def run(self, progress, heartbeat=None) -> Dict[str, Any]:
         cfg, fed = self.cfg, self.comms.federation
-        chunk = cfg.launch.chunk_mb
+        self.heartbeat = heartbeat
         self._initial_model()
-        t_prev = time.perf_counter()
-        ModelExchange.server(fed, self.weights, chunk)  # initial (or resumed) global model
+        self.t_prev = time.perf_counter()
+        ModelExchange.server(fed, self.weights, cfg.launch.chunk_mb)  # initial (or resumed) global model
         last: Dict[str, Any] = {}
         ctl = self.send_plan(self.start_round)
         stopped_after = None
@@ -199,66 +205,66 @@ class Aggregator:
             if ctl.stop:
                 stopped_after = r - 1
                 break
-            plan = self.plan
             maybe_fail(cfg, 0, r)
+            ctl, last = self._round(r, ctl)
+            progress.round_done(last, self.last_round_records)
             if heartbeat is not None:
-                heartbeat.phase("wait for uploads", r)
-            t0 = time.perf_counter()
-            train = by_site(RowsExchange.server(fed), self.k)
-            back = ParticipationExchange.server(fed, self.final_participation(r, ctl, train))
-            t1 = time.perf_counter()
-            if heartbeat is not None:
-                heartbeat.phase("aggregate", r)
-            agg_info = self._aggregate(r, back, train) if ctl.aggregate and back.any() else {"skipped": True}
-            t2 = time.perf_counter()
-            ModelExchange.server(fed, self.weights, chunk)
-            t3 = time.perf_counter()
-            if heartbeat is not None:
-                heartbeat.phase("wait for evaluations", r)
-            gathered = RowsExchange.server(fed)
-            evals = by_site([g[1] for g in gathered], self.k)
-            slots = [g[0] for g in gathered]
-            t4 = time.perf_counter()
-            self.rng_state = self.rng.bit_generator.state  # what round r+1 resumes from: before its plan is drawn
-            ctl = self.send_plan(r + 1) if r < cfg.fl.rounds else Control(self.k)  # slots start round r+1 now
-            server = {"wait_upload_s": t1 - t0, "aggregate_s": t2 - t1, "send_s": t3 - t2, "wait_eval_s": t4 - t3}
-            codes = plan.codes.copy()
-            codes[(codes == RETURNS) & ~back & np.array([not t.finite for t in train])] = NONFINITE
-            records = round_records(r, self.names, train, evals, slots, server, codes, self.task.summarize,
-                                    self.task.metrics)
-            summary = records[-1]
-            summary.update(retries=plan.retries, sim_time_s=plan.sim_time_s, **agg_info)
-            t5 = time.perf_counter()
-            self._track_best(r, summary)  # best.npz: counted with the checkpoint
-            if r % cfg.checkpoint.every == 0 or r == cfg.fl.rounds or ctl.stop:
-                self.checkpoint(r, records)
-            summary["time"]["checkpoint_s"] = time.perf_counter() - t5
-            now = time.perf_counter()
-            summary["time"]["round_s"] = now - t_prev
-            summary["time"]["overhead_s"] = max(0.0, summary["time"]["round_s"] - summary["time"]["train_s"])
-            t_prev = now
-            self.rundir.append_metrics(strict(records))
-            progress.round_done(summary, records)
-            if heartbeat is not None:
-                heartbeat.round_done(r, summary["time"]["round_s"])
-            last = summary
+                heartbeat.round_done(r, last["time"]["round_s"])
         else:
             if cfg.eval.cross_site:
-                if heartbeat is not None:
-                    heartbeat.phase("cross-site evaluation", cfg.fl.rounds)
+                self._phase("cross-site evaluation", cfg.fl.rounds)
                 self._cross_site()
         if stopped_after is not None and self.checkpointed_round < stopped_after:
             self.checkpoint(stopped_after, self.last_records)
         out = progress.finish(last)
         if stopped_after is not None:
             out["stopped_after_round"] = stopped_after
-            (self.rundir.path / STOP_FILE).unlink(missing_ok=True)
+            self.rundir.stop_file.unlink(missing_ok=True)
             progress._print(f"stopped after round {stopped_after} on request; the checkpoint is written: run the same "
                             f"command (or requeue the job) to resume")
         if self.best:
             out["best"] = self.best
         out["memory"] = self.memory()
         return out
+
+    def _round(self, r: int, ctl: Control):
+        """Rank 0's half of round ``r`` (the order of :mod:`hpcfl.protocol`); returns (next plan, summary)."""
+        cfg, fed, plan = self.cfg, self.comms.federation, self.plan
+        self._phase("wait for uploads", r)
+        t0 = time.perf_counter()
+        train = by_site(RowsExchange.server(fed), self.k)
+        back = ParticipationExchange.server(fed, self.final_participation(r, ctl, train))
+        t1 = time.perf_counter()
+        self._phase("aggregate", r)
+        agg_info = self._aggregate(r, back, train) if ctl.aggregate and back.any() else {"skipped": True}
+        t2 = time.perf_counter()
+        ModelExchange.server(fed, self.weights, cfg.launch.chunk_mb)
+        t3 = time.perf_counter()
+        self._phase("wait for evaluations", r)
+        gathered = RowsExchange.server(fed)
+        evals, slots = by_site([g[1] for g in gathered], self.k), [g[0] for g in gathered]
+        t4 = time.perf_counter()
+        self.rng_state = self.rng.bit_generator.state  # what round r+1 resumes from: before its plan is drawn
+        nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control(self.k)  # slots start round r+1 now
+        server = {"wait_upload_s": t1 - t0, "aggregate_s": t2 - t1, "send_s": t3 - t2, "wait_eval_s": t4 - t3}
+        codes = plan.codes.copy()
+        codes[(codes == RETURNS) & ~back & np.array([not t.finite for t in train])] = NONFINITE
+        records = round_records(r, self.names, train, evals, slots, server, codes, self.task.summarize,
+                                self.task.metrics)
+        summary = records[-1]
+        summary.update(retries=plan.retries, sim_time_s=plan.sim_time_s, **agg_info)
+        t5 = time.perf_counter()
+        self._track_best(r, summary)  # best.npz: counted with the checkpoint
+        if r % cfg.checkpoint.every == 0 or r == cfg.fl.rounds or nxt.stop:
+            self.checkpoint(r, records)
+        now = time.perf_counter()
+        summary["time"]["checkpoint_s"] = now - t5
+        summary["time"]["round_s"] = now - self.t_prev
+        summary["time"]["overhead_s"] = max(0.0, summary["time"]["round_s"] - summary["time"]["train_s"])
+        self.t_prev = now
+        self.rundir.append_metrics(strict(records))
+        self.last_round_records = records
+        return nxt, summary
 
     def _track_best(self, r: int, summary: Dict[str, Any]) -> None:
         key = self.best_metric
@@ -269,7 +275,7 @@ class Aggregator:
         better = self.best is None or (value < self.best["value"] if smaller else value > self.best["value"])
         if better:
             self.best = {"metric": key, "value": float(value), "round": r}
-            write_npz_atomic(self.rundir.path / "best.npz", {f"model/{k}": v for k, v in
+            write_npz_atomic(self.rundir.best, {f"model/{k}": v for k, v in
                                                              state_views(self.weights, self.entries).items()},
                              {"round": r, "metric": key, "value": float(value), "signature": self.signature})
         summary["best"] = dict(self.best)

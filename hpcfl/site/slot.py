@@ -27,6 +27,7 @@ from ..protocol.control import ModelExchange, ParticipationExchange, PlanExchang
 from ..protocol.records import EvalRow, Packed, SiteInfo, SlotTimes, TrainRow
 from ..protocol.server import LayoutExchange, maybe_fail
 from ..protocol.transports import make_transport
+from ..rundir import RunPaths
 from .data import SiteRank
 from .trainer import SiteSettings
 
@@ -60,7 +61,8 @@ class SlotWorker:
     def __init__(self, cfg, topology, role, comms, trainer, states: List[SiteState], start_round: int, run_dir: Path,
                  stager, heartbeat=None):
         self.cfg, self.topology, self.role, self.comms = cfg, topology, role, comms
-        self.trainer, self.start_round, self.run_dir = trainer, start_round, Path(run_dir)
+        self.trainer, self.start_round = trainer, start_round
+        self.paths = RunPaths(run_dir)
         self.stager, self.beat = stager, heartbeat
         self.sites = [s.site for s in states]
         self.states: Dict[int, SiteState] = {s.site.index: s for s in states}
@@ -104,7 +106,7 @@ class SlotWorker:
             o += e - s
 
     def _private_path(self, name: str, round_: int) -> Path:
-        return self.run_dir / "checkpoints" / f"site-{name}-private-round-{round_:06d}.npy"
+        return self.paths.site_private(name, round_)
 
     def save_private(self, i: int, round_: int) -> None:
         st = self.states[i]
@@ -218,15 +220,12 @@ class SlotWorker:
         x = self.scratch[:n] * np.float32(w) if w != 1.0 else self.scratch[:n]
         enc = secagg.encode(x, t.bits, num_sites=max(1, int(t.ctl.returns().sum())))
         secagg.mask_(enc, 0, site.index, peers)
-        d = self.run_dir / "debug"
-        d.mkdir(exist_ok=True)
-        np.save(d / f"upload-round-{t.round:06d}-site-{site.index}.npy", enc)
+        self.paths.debug.mkdir(exist_ok=True)
+        np.save(self.paths.debug / f"upload-round-{t.round:06d}-site-{site.index}.npy", enc)
 
     def _save_local_weights(self, r: int, st: SiteState) -> None:
-        d = self.run_dir / "debug"
-        d.mkdir(exist_ok=True)
-        np.save(d / f"round-{r:06d}-rank-{st.rank.rank:04d}.npy",
-                self.host_model(np.empty(self.trainer.model.numel, np.float32)))
+        self.paths.debug.mkdir(exist_ok=True)
+        np.save(self.paths.local_weights(r, st.rank.rank), self.host_model(np.empty(self.trainer.model.numel, np.float32)))
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self) -> None:

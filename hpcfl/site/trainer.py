@@ -114,15 +114,15 @@ class SiteTrainer:
         return x, (y.to(self.device, non_blocking=True) if y is not None else None)
 
     def train_round(self, site, rank_seed: int, round_: int, settings: SiteSettings, data) -> TrainStats:
-        torch, task = self.torch, self.task
+        """One site's local training of a round, from the weights the model holds now."""
+        torch = self.torch
         st = TrainStats()
         t0 = time.perf_counter()
         self._seed(round_seed(self.cfg.run.seed, round_, rank_seed))
         self.optimizer.reset()  # stateless sites: fresh optimizer state every round
         self.optimizer.lr = settings.lr
         self.precision.reset()
-        uses_penalty = self.uses_penalty
-        if uses_penalty:
+        if self.uses_penalty:
             for a, p in zip(self._anchors, self.trainable):
                 a.copy_(p.detach())
         module = self.model.module
@@ -130,10 +130,8 @@ class SiteTrainer:
             module.train()
         total = self.planned_steps(settings, data)
         ctx = self.context(site, round_, settings, data)
-        task.begin_round(module, ctx)
-        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
-        stat_acc: Dict[str, Any] = {}
-        clip = self.cfg.train.grad_clip
+        self.task.begin_round(module, ctx)
+        sums: Dict[str, Any] = {" loss": torch.zeros((), dtype=torch.float64, device=self.device)}  # + task stats
         epoch = 0
         while st.steps < total:
             batches = data.epoch_batches(round_, epoch, settings.batch_size)
@@ -142,46 +140,50 @@ class SiteTrainer:
                 batch = next(batches, None)
                 if batch is None:
                     break
-                xb, yb = self._to_device(batch)
-                t1 = time.perf_counter()
+                st.data_s += time.perf_counter() - t
                 ctx.step = st.steps
-                self.optimizer.zero_grad()
-                with self.precision.autocast():
-                    loss, stats = task.loss(module, (xb, yb), ctx)
-                total_loss = loss
-                if uses_penalty:
-                    total_loss = loss + self.strategy.local_penalty(self.trainable, self._anchors)
-                self.precision.scale_loss(total_loss).backward()
-                t2 = time.perf_counter()
-                self.backend.average_gradients_(self.model.grad)
-                t3 = time.perf_counter()
-                if self.precision.unscale_(self.model.grad):
-                    if clip:
-                        clip_grad_norm_(self.model.grad, clip)
-                    self.optimizer.step()
-                task.after_step(module, ctx)
-                t4 = time.perf_counter()
-                n = int(xb.shape[0])
-                st.data_s += t1 - t
-                st.compute_s += (t2 - t1) + (t4 - t3)
-                st.allreduce_s += t3 - t2
-                loss_acc += loss.detach().double() * n
-                for k, v in stats.items():
-                    acc = stat_acc.get(k)
-                    val = v.detach().double() * n
-                    stat_acc[k] = val if acc is None else acc + val
-                st.samples += n
-                st.steps += 1
+                self._step(self._to_device(batch), ctx, st, sums)
                 if self.on_step is not None:
                     self.on_step()
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
             epoch += 1
-        st.loss_sum = float(loss_acc)  # the round's one host sync
-        st.task = {k: float(v) for k, v in stat_acc.items()}
+        st.loss_sum = float(sums.pop(" loss"))  # the round's one host sync
+        st.task = {k: float(v) for k, v in sums.items()}
         st.train_s = time.perf_counter() - t0
         return st
+
+    def _step(self, batch, ctx: StepContext, st: TrainStats, sums: Dict[str, Any]) -> None:
+        """One optimizer step: the task's loss (and a strategy's penalty), backward, gradient averaging over
+        the slot's ranks, unscaling (fp16), clipping, the step, the task's after-step; sums on the device."""
+        module, task = self.model.module, self.task
+        t1 = time.perf_counter()
+        self.optimizer.zero_grad()
+        with self.precision.autocast():
+            loss, stats = task.loss(module, batch, ctx)
+        total_loss = loss
+        if self.uses_penalty:
+            total_loss = loss + self.strategy.local_penalty(self.trainable, self._anchors)
+        self.precision.scale_loss(total_loss).backward()
+        t2 = time.perf_counter()
+        self.backend.average_gradients_(self.model.grad)
+        t3 = time.perf_counter()
+        if self.precision.unscale_(self.model.grad):
+            if self.cfg.train.grad_clip:
+                clip_grad_norm_(self.model.grad, self.cfg.train.grad_clip)
+            self.optimizer.step()
+        task.after_step(module, ctx)
+        t4 = time.perf_counter()
+        n = int(batch[0].shape[0])
+        st.compute_s += (t2 - t1) + (t4 - t3)
+        st.allreduce_s += t3 - t2
+        sums[" loss"] += loss.detach().double() * n
+        for k, v in stats.items():
+            val = v.detach().double() * n
+            sums[k] = val if k not in sums else sums[k] + val
+        st.samples += n
+        st.steps += 1
 
     def evaluate_many(self, sites, round_: int, settings: SiteSettings, datas) -> List[np.ndarray]:
         """The current model on the data of several sites (their models are the same): one vector per

@@ -84,7 +84,7 @@ def test_rendered_job_runs_the_federation(cluster, tmp_path, launcher):
     assert len(ranks) == 5 and {r["role"] for r in ranks} == {"aggregator", "site"}
     assert all(len(r["cpu_affinity"]) == 1 for r in ranks[1:])  # pinned (by the rankfile or by themselves)
     st = hpcfl("status", run)
-    assert st.returncode == 0 and f"job {job}: COMPLETED" in st.stdout and "round 2/2" in st.stdout
+    assert st.returncode == 0 and f"job {job}: COMPLETED" in st.stdout and "2/2 rounds done" in st.stdout
 
 
 def test_requeued_job_resumes_and_ends_with_the_uninterrupted_weights(cluster, tmp_path):
