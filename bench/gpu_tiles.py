@@ -99,14 +99,18 @@ def crop_index(paths: Sequence[str], size: int, per_slide: int, seed: int):
                      size=np.full(n, CROP, np.int32), label=rng.integers(0, 4, n).astype(np.int16))
 
 
-def best_rate(fn: Callable[[], int], repeats: int) -> List[float]:
-    """Items/s of each of ``repeats`` calls (fn returns how many items it processed)."""
-    out = []
+def round_robin(fns: Dict[str, Callable[[], int]], repeats: int) -> Dict[str, List[float]]:
+    """Items/s of every function (it returns how many items it processed), after one warm-up call
+    each (first CUDA/nvJPEG use, page cache), ``repeats`` times, taken in turn."""
+    for fn in fns.values():
+        fn()
+    rates: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        k = fn()
-        out.append(k / (time.perf_counter() - t))
-    return out
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            n = fn()
+            rates[k].append(n / (time.perf_counter() - t))
+    return rates
 
 
 def run(args, log) -> Dict[str, Any]:
@@ -158,13 +162,7 @@ def run(args, log) -> Dict[str, Any]:
             d = np.abs(a.astype(np.int16) - b)
             res["gpu_decode_vs_cpu"] = {"identical": bool(not d.any()), "max_abs_diff": int(d.max()),
                                         "values_differing": int(np.count_nonzero(d))}
-    for fn in decode.values():
-        fn()  # warm-up (first CUDA/nvJPEG use, page cache)
-    rates: Dict[str, List[float]] = {k: [] for k in decode}
-    for _ in range(args.repeats):
-        for k, fn in decode.items():
-            rates[k] += best_rate(fn, 1)
-    res["decode_tiles_per_s"] = rates
+    rates = res["decode_tiles_per_s"] = round_robin(decode, args.repeats)
     log("decode: " + ", ".join(f"{k} {max(v):,.0f}/s" for k, v in rates.items()))
 
     # --- batch math on one decoded batch
@@ -197,13 +195,7 @@ def run(args, log) -> Dict[str, Any]:
         math["cupy_with_upload"] = on_device(True)
         err = float(np.abs(assemble(cp, dev_tiles, seeds, spec).get() - assemble(np, tiles, seeds, spec)).max())
         res["cupy_vs_numpy_max_abs_diff"] = err
-    for fn in math.values():
-        fn()
-    mrates: Dict[str, List[float]] = {m: [] for m in math}
-    for _ in range(args.repeats):
-        for m, fn in math.items():
-            mrates[m] += best_rate(fn, 1)
-    res["math_tiles_per_s"] = mrates
+    mrates = res["math_tiles_per_s"] = round_robin(math, args.repeats)
     log("batch math: " + ", ".join(f"{m} {max(v):,.0f}/s" for m, v in mrates.items()))
 
     # --- training fed by each path
