@@ -35,11 +35,6 @@ def resolved_name(name: str) -> str:
     return "cupy" if array_module(name) is not np else "numpy"
 
 
-def module_of(a: Any) -> Any:
-    """NumPy for host arrays, CuPy for device arrays (without importing CuPy for NumPy input)."""
-    return np if isinstance(a, np.ndarray) else array_module("cupy")
-
-
 def to_torch(a: Any):
     """A torch tensor on the same memory: ``from_numpy`` on the host, DLPack on a GPU (no copy either way)."""
     import torch
