@@ -291,7 +291,7 @@ def train_supervised(cfg, sites: Sequence[SiteTiles], fraction: float, steps: in
         seen += len(idx)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             accs.append(classifier_accuracy(model, pool, cfg))
-            log(f"supervised {fraction:.0%} step {step + 1}/{steps} loss {float(loss):.4f} val acc {accs[-1]:.4f}")
+            log(f"supervised {fraction:.0%} step {step + 1}/{steps} loss {float(loss.detach()):.4f} val acc {accs[-1]:.4f}")
     return model, seen / max(train_s, 1e-9), accs
 
 
