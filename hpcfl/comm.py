@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .device import chunks
 from .topology import UNDEFINED, Role, comm_colors
 
 
@@ -34,24 +35,18 @@ def split_comms(world: Any, role: Role) -> Comms:
     return Comms(world=world, **{k: (None if v == MPI.COMM_NULL else v) for k, v in made.items()})
 
 
-def _chunks(n: int, itemsize: int, chunk_mb: int):
-    step = max(1, (chunk_mb << 20) // itemsize)
-    for s in range(0, n, step):
-        yield s, min(n, s + step)
-
-
 def bcast_array(comm: Any, arr: np.ndarray, root: int = 0, chunk_mb: int = 8) -> None:
-    for s, e in _chunks(arr.size, arr.itemsize, chunk_mb):
+    for s, e in chunks(arr.size, arr.itemsize, chunk_mb):
         comm.Bcast(arr[s:e], root=root)
 
 
 def send_array(comm: Any, arr: np.ndarray, dest: int, chunk_mb: int = 8) -> None:
-    for s, e in _chunks(arr.size, arr.itemsize, chunk_mb):
+    for s, e in chunks(arr.size, arr.itemsize, chunk_mb):
         comm.Send(arr[s:e], dest=dest)
 
 
 def recv_array(comm: Any, arr: np.ndarray, source: int, chunk_mb: int = 8) -> None:
-    for s, e in _chunks(arr.size, arr.itemsize, chunk_mb):
+    for s, e in chunks(arr.size, arr.itemsize, chunk_mb):
         comm.Recv(arr[s:e], source=source)
 
 
@@ -63,19 +58,12 @@ def reduce_sum_array(comm: Any, send: Optional[np.ndarray], recv: Optional[np.nd
 
     if comm.Get_rank() == root:
         assert recv is not None
-        for s, e in _chunks(recv.size, recv.itemsize, chunk_mb):
+        for s, e in chunks(recv.size, recv.itemsize, chunk_mb):
             comm.Reduce(MPI.IN_PLACE, recv[s:e], op=MPI.SUM, root=root)
     else:
         assert send is not None
-        for s, e in _chunks(send.size, send.itemsize, chunk_mb):
+        for s, e in chunks(send.size, send.itemsize, chunk_mb):
             comm.Reduce(send[s:e], None, op=MPI.SUM, root=root)
-
-
-def gather_rows(comm: Any, row: np.ndarray, root: int = 0) -> Optional[np.ndarray]:
-    """Gather one small float64 row per rank into a (size, len) array at root."""
-    out = np.empty((comm.Get_size(), row.size), dtype=np.float64) if comm.Get_rank() == root else None
-    comm.Gather(np.ascontiguousarray(row, dtype=np.float64), out, root=root)
-    return out
 
 
 def wait_quietly(req: Any, max_sleep: float = 0.001) -> None:
