@@ -447,3 +447,17 @@ def test_rank0_summarizes_without_torch():
             "print(t.summarize([3, 1, 0, 0, 2, 1, 0, 0, 3, 0, 0, 0])['probe_accuracy'], 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["0.75", "False"]
+
+
+def test_encoder_as_a_classify_model():
+    from hpcfl.config import from_dict
+    from hpcfl.model import build_model
+
+    cfg = from_dict({"sites": [{"name": "a"}], "model": {"name": "hpcfl.tasks.dino.networks:classifier",
+                                                         "args": {"width": 4, "size": 16}}})
+    model = build_model(cfg, 3 * 32 * 32, 4, (3, 32, 32))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+    assert model.backbone.dim == 16  # 4 x width after 3 stages
+    with pytest.raises(ConfigError, match="model.name"):
+        build_model(from_dict({"sites": [{"name": "a"}], "model": {"name": "hpcfl.tasks.dino.networks:classifier",
+                                                                   "args": {"no_such_key": 1}}}), 12, 4, (3, 2, 2))
