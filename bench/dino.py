@@ -425,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if any(n.startswith("teacher.backbone") for n in missing):
             sys.exit("bench/dino.py: the teacher's encoder is not in the global model (dino.exchange: student); "
                      "the pooled evaluation needs it")
-        label = f"DINO federated, {cfg.fl.rounds} rounds (hpcfl launch, {wall:.0f} s)"
+        label = f"DINO federated, {cfg.fl.rounds} rounds (`hpcfl launch`, {wall:.0f} s)"
     rows.append(Row(label, "none", {"knn_accuracy": per_round[-1]["val_knn_accuracy"],
                                     "probe_accuracy": per_round[-1]["val_probe_accuracy"]},
                     evaluate(task, dino, [pool], size),
@@ -441,7 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for frac in (1.0, args.fraction):
         model, rate, accs = train_supervised(cfg, sites, frac, steps, args.sup_lr, cfg.train.batch_size, log=lambda m: None)
         enc, dim = model.backbone, model.backbone.dim
-        rows.append(Row(f"supervised pooled, {steps} steps", f"{frac:.0%}", encoder_eval(enc, dim, sites, cfg),
+        rows.append(Row(f"supervised pooled, {steps} steps, flips/rotations/colour jitter", f"{frac:.0%}", encoder_eval(enc, dim, sites, cfg),
                         encoder_eval(enc, dim, [pool], cfg), accs[-1], max(accs), rate))
         print(f"supervised {frac:.0%} done", flush=True)
     report(per_round, rows, pool, time.perf_counter() - t0, root)
@@ -475,7 +475,7 @@ def federated_classify(args, cfg, root: Path, sites, pool) -> Row:
     model.load_state_dict(to_state_dict(load_checkpoint(run / "checkpoints" / f"round-{cfg.fl.rounds:06d}.npz")))
     enc, dim = model.backbone, model.backbone.dim
     accs = [r["val_accuracy"] for r in rounds]
-    return Row(f"supervised federated, task classify, flips/rotations (hpcfl launch, {wall:.0f} s)", "100%",
+    return Row(f"supervised federated, task classify, flips/rotations (`hpcfl launch`, {wall:.0f} s)", "100%",
                encoder_eval(enc, dim, sites, cfg), encoder_eval(enc, dim, [pool], cfg), accs[-1], max(accs),
                float(np.mean([r["samples_per_s"] for r in rounds])))
 
