@@ -272,7 +272,7 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    type: Literal["nocache", "per_process", "shared_memory"] = _f("per_process", help="cuCIM tile cache (shared_memory is shared with the rank's loader workers)")
+    type: Literal["nocache", "per_process", "shared_memory"] = _f("shared_memory", help="cuCIM tile cache, per rank (shared with its loader workers); per_process is not safe with cuCIM 26.10: it can serve another slide's tile at the same position (rapidsai/cucim#1108)")
     capacity_mb: int = _f(256, help="cuCIM tile cache capacity per process, MiB", min=1)
 
 
@@ -313,7 +313,7 @@ class DataConfig:
     features: int = _f(64, help="synthetic: features per sample", min=1)
     classes: int = _f(10, help="synthetic: number of classes", min=2)
     tiles: TilesConfig = _f(TilesConfig(), help="whole-slide-image tiles")
-    array_backend: Literal["auto", "numpy", "cupy"] = _f("auto", help="array math: CuPy where a GPU exists (auto), else NumPy")
+    array_backend: Literal["auto", "numpy", "cupy"] = _f("auto", help="array math: CuPy where a GPU exists (auto), else NumPy; for tile batches auto follows data.tiles.decode_device")
 
 
 @dataclass(frozen=True)
@@ -725,6 +725,13 @@ def _validate(cfg: Config, src: str) -> None:
     if cfg.task not in BUILTIN and ":" not in cfg.task:
         raise ConfigError(f"{src}: task: {cfg.task!r} is not {', '.join(BUILTIN)} or `package.module:Class`"
                           f"{_suggest(cfg.task, list(BUILTIN))}")
+    if cfg.task in BUILTIN:  # a user's task is imported (and checked) when the ranks start
+        from .tasks.base import task_class
+
+        try:
+            task_class(cfg.task).check_config(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: {exc}") from None
     rank_counts = len({s.ranks for s in cfg.sites})
     if cfg.launch.slots and not rank_counts <= cfg.launch.slots <= len(cfg.sites):
         raise ConfigError(f"{src}: launch.slots: {cfg.launch.slots} slots cannot simulate {len(cfg.sites)} sites with "

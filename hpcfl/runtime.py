@@ -261,6 +261,11 @@ def _prepare(world, config_path: str, overrides: Sequence[str], launch: RankLaun
             if cfg.data.name == "tiles":
                 from .wsi.prepare import prepare_tiles
 
+                if cfg.data.tiles.backend == "cucim" and cfg.data.tiles.cache.type == "per_process":
+                    sys.stderr.write("hpcfl: warning: data.tiles.cache.type: per_process can serve another slide's "
+                                     "tile at the same position with cuCIM 26.10 (rapidsai/cucim#1108); "
+                                     "shared_memory (the default) or nocache cannot\n")
+
                 prepare_tiles(cfg, progress=False)  # once, before any site rank reads the index
             outcome = ("ok", to_dict(cfg), int(ckpt["round"]) + 1 if ckpt else 1)
         except HpcflError as exc:

@@ -124,6 +124,11 @@ class Task(ABC):
     def __init__(self, cfg: Any):
         self.cfg = cfg
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse settings of this task that per-key bounds cannot catch, at config load (``hpcfl validate``
+        and before any rank starts): raise ConfigError naming the key. Must not import torch."""
+
     # -- model and exchange -----------------------------------------------------------------------
     @abstractmethod
     def build_model(self, spec: DataSpec) -> Any:

@@ -27,7 +27,7 @@ def test_tile_quickstart_two_rounds(tmp_path):
     assert [x["round"] for x in rounds] == [1, 2]
     assert all(x["samples"] > 0 for x in recs if x["kind"] == "site")
     assert rounds[-1]["time"]["data_s"] > 0
-    assert (run / ".cucim-per_process-256.json").exists()  # the configured tile cache, used by every site rank
+    assert (run / ".cucim-shared_memory-256.json").exists()  # the configured tile cache, used by every site rank
 
 
 @pytest.mark.parametrize("options", [

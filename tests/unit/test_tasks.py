@@ -68,3 +68,10 @@ def test_step_context_counts_across_rounds():
     ctx = StepContext(round=3, rounds=10, step=4, steps_per_round=20, steps_per_epoch=10, site="a", site_index=0,
                       device=torch.device("cpu"), group=None)
     assert ctx.global_step == 44 and ctx.total_steps == 200 and ctx.epoch == pytest.approx(4.4)
+
+
+def test_a_task_refuses_its_own_bad_settings_at_config_load():
+    raw = {"sites": [{"name": "a"}], "task": "dino", "data": {"name": "tiles"},
+           "dino": {"backbone": "vit", "width": 30, "heads": 4}}
+    with pytest.raises(ConfigError, match=r"^c\.yaml: dino\.heads: 4 does not divide dino\.width \(30\)$"):
+        from_dict(raw, "c.yaml")

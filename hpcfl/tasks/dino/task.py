@@ -43,6 +43,11 @@ def check_config(d) -> None:
 
 class DinoTask(Task):
     name = "dino"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_config(cfg.dino)
+
     metrics = ("knn_accuracy", "probe_accuracy", "knn_balanced_accuracy", "probe_balanced_accuracy")
     minimize = ()
     headline = ("knn_accuracy", "probe_accuracy")
