@@ -322,6 +322,7 @@ class ModelConfig:
     hidden: Tuple[int, ...] = _f((64,), help="mlp: hidden layer widths")
     batchnorm: bool = _f(False, help="mlp: BatchNorm after each hidden layer")
     conv_blocks: int = _f(3, help="cnn: strided conv + GroupNorm + ReLU blocks (16, 32, 64, ... channels)", min=1, max=8)
+    stain_jitter: float = _f(0.0, help="cnn: in training only, scale each image's optical density per colour channel by exp(sigma * N(0,1)) (x -> x**k for inputs in [0, 1]): robustness to stain and scanner colour shifts between slides (hpcfl.stain); 0 = off", min=0.0, max=2.0)
     args: Dict[str, Any] = _f({}, help="extra keyword arguments for a factory model")
 
 

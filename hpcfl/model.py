@@ -149,6 +149,9 @@ def build_model(cfg, num_features: int, num_classes: int, input_shape: Tuple[int
     import torch.nn as nn
 
     m = cfg.model
+    if m.stain_jitter > 0 and m.name != "cnn":
+        raise ConfigError(f"model.stain_jitter: only the built-in cnn applies it (model.name is {m.name!r}); "
+                          "set it to 0 or augment colour in your own model")
     if m.name == "mlp":
         layers: List[Any] = [nn.Flatten()]
         width = num_features
@@ -171,7 +174,12 @@ def build_model(cfg, num_features: int, num_classes: int, input_shape: Tuple[int
             stride = 2 if min(input_shape[1:]) >> (i + 1) >= 4 else 1
             layers += [nn.Conv2d(c, width, 3, stride=stride, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
             c, width = width, width * 2
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
+        if m.stain_jitter > 0:  # same layer names; in evaluation mode the plain Sequential
+            from .stain import jittered_sequential
+
+            return jittered_sequential(m.stain_jitter, *layers)
+        return nn.Sequential(*layers)
     if ":" in m.name:
         mod_name, _, fn_name = m.name.partition(":")
         try:
