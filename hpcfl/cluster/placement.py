@@ -52,8 +52,10 @@ def node_shape(cluster) -> Shape:
     return Shape(cluster.nodes, s, c, g)
 
 
-def _slots(shape: Shape, node: int, reserved: int, cores_per_rank: int) -> List[Tuple[int, Tuple[int, ...], Optional[int]]]:
-    """(socket, cores, gpu) slots of one node, after ``reserved`` cores of socket 0 went to the aggregator."""
+def _slots(shape: Shape, node: int, reserved: int, cores_per_rank: int,
+           ranks_per_gpu: int = 1) -> List[Tuple[int, Tuple[int, ...], Optional[int]]]:
+    """(socket, cores, gpu) slots of one node, after ``reserved`` cores of socket 0 went to the aggregator;
+    ``ranks_per_gpu`` consecutive slots share each GPU and split its cores."""
     out = []
     cps, S = shape.cores_per_socket, shape.sockets_per_node
     free = {s: list(range(s * cps + (reserved if s == 0 else 0), (s + 1) * cps)) for s in range(S)}
@@ -61,11 +63,15 @@ def _slots(shape: Shape, node: int, reserved: int, cores_per_rank: int) -> List[
         g_per_s = max(1, shape.gpus_per_node // S)
         for g in range(shape.gpus_per_node):
             s = min(g // g_per_s, S - 1)
-            share = cores_per_rank or max(1, (cps - (reserved if s == 0 else 0)) // g_per_s)
+            share = (cores_per_rank * ranks_per_gpu if cores_per_rank
+                     else max(ranks_per_gpu, (cps - (reserved if s == 0 else 0)) // g_per_s))
             take, free[s] = free[s][:share], free[s][share:]
-            if not take:
-                raise ConfigError(f"cluster: node {node} socket {s} has no core left for GPU {g}")
-            out.append((s, tuple(take), g))
+            if len(take) < ranks_per_gpu:
+                raise ConfigError(f"cluster: node {node} socket {s} has no core left for GPU {g}" if not take else
+                                  f"cluster: node {node} socket {s} has {len(take)} core(s) left for GPU {g}, whose "
+                                  f"cluster.ranks_per_gpu {ranks_per_gpu} ranks need one each")
+            each = len(take) // ranks_per_gpu
+            out += [(s, tuple(take[i * each:(i + 1) * each]), g) for i in range(ranks_per_gpu)]
         return out
     for s in range(S):
         cores = free[s]
@@ -78,7 +84,8 @@ def _slots(shape: Shape, node: int, reserved: int, cores_per_rank: int) -> List[
 
 
 def place(shape: Shape, sites: Sequence[Tuple[str, int]], aggregator_cores: int = 1,
-          aggregator_own_node: bool = False, cores_per_rank: int = 0, oversubscribe: bool = False) -> List[Place]:
+          aggregator_own_node: bool = False, cores_per_rank: int = 0, oversubscribe: bool = False,
+          ranks_per_gpu: int = 1) -> List[Place]:
     """One Place per world rank (rank 0 = aggregator, then the sites' ranks in order).
 
     Raises ConfigError, in one line, when the ranks cannot fit, unless
@@ -92,10 +99,12 @@ def place(shape: Shape, sites: Sequence[Tuple[str, int]], aggregator_cores: int 
     first = 1 if aggregator_own_node else 0
     if first >= shape.nodes:
         raise ConfigError("cluster.aggregator_own_node: needs at least 2 nodes")
-    nodes = [_slots(shape, n, aggregator_cores if n == 0 else 0, cores_per_rank) for n in range(first, shape.nodes)]
+    nodes = [_slots(shape, n, aggregator_cores if n == 0 else 0, cores_per_rank, ranks_per_gpu)
+             for n in range(first, shape.nodes)]
     total = sum(len(s) for s in nodes)
     need = sum(r for _, r in sites)
-    kind = "GPU" if shape.gpus_per_node else ("slot of " + (f"{cores_per_rank} cores" if cores_per_rank else "one socket"))
+    kind = ("slot of " + (f"{cores_per_rank} cores" if cores_per_rank else "one socket")
+            if not shape.gpus_per_node else "GPU" if ranks_per_gpu == 1 else f"1/{ranks_per_gpu} GPU")
     if need > total and oversubscribe:
         flat = [(i, slot) for i, slots in enumerate(nodes) for slot in slots]
         out = [agg]

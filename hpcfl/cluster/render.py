@@ -66,7 +66,7 @@ def cluster_places(cfg: Config, groups: Optional[Sequence[Tuple[str, int]]] = No
     if groups is None:
         groups = slot_groups(cfg, cluster_slots(cfg))
     return place(cluster_shape(cfg), list(groups), c.aggregator_cores, c.aggregator_own_node, c.cores_per_rank,
-                 c.oversubscribe)
+                 c.oversubscribe, c.ranks_per_gpu)
 
 
 def _q(argv: Sequence[str]) -> str:

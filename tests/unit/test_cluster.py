@@ -45,6 +45,27 @@ def test_two_nodes_two_sockets_sixteen_cores_four_gpus():
     assert ranks_per_node(p, 2) == [5, 4]
 
 
+def test_ranks_share_a_gpu_and_split_its_cores():
+    # one node, 1 socket of 9 cores (core 0 for the aggregator), 2 GPUs, 2 ranks per GPU:
+    # GPU 0 gets cores 1-4, GPU 1 cores 5-8; each of its two ranks half of them
+    sites = [("a", 2), ("b", 2)]
+    p = place(Shape(1, 1, 9, 2), sites, aggregator_cores=1, ranks_per_gpu=2)
+    assert [(x.gpu, x.cores) for x in p[1:]] == [(0, (1, 2)), (0, (3, 4)), (1, (5, 6)), (1, (7, 8))]
+    # a 2-site x 2-rank federation on ONE GPU
+    one = place(Shape(1, 1, 9, 1), sites, aggregator_cores=1, ranks_per_gpu=4)
+    assert [x.gpu for x in one[1:]] == [0] * 4 and [x.cores for x in one[1:]] == [(1, 2), (3, 4), (5, 6), (7, 8)]
+    with pytest.raises(ConfigError, match=r"need 4 ranks but 1 node\(s\) give 2 \(one rank per 1/2 GPU\)"):
+        place(Shape(1, 1, 9, 1), sites, aggregator_cores=1, ranks_per_gpu=2)
+    with pytest.raises(ConfigError, match=r"has 2 core\(s\) left for GPU 0, whose cluster.ranks_per_gpu 4 ranks need one each"):
+        place(Shape(1, 1, 3, 1), sites, aggregator_cores=1, ranks_per_gpu=4)
+    # from a config: render's placement reads cluster.ranks_per_gpu
+    cfg = from_dict({"sites": {"count": 2, "ranks": 2}, "launch": {"slots": 2},
+                     "cluster": {"nodes": 1, "sockets_per_node": 1, "cores_per_socket": 9, "gpus_per_node": 1,
+                                 "ranks_per_gpu": 4}})
+    from hpcfl.cluster.render import cluster_places
+    assert [x.gpu for x in cluster_places(cfg)[1:]] == [0] * 4
+
+
 def test_four_nodes_of_eight_gpus_sites_never_split():
     sites = [(f"s{i}", 3) for i in range(8)]
     p = place(Shape(4, 2, 32, 8), sites)
