@@ -39,8 +39,17 @@ def submit(tmp_path, name, *sets, launcher="srun"):
     return r.stdout.split()[2].rstrip(";")
 
 
+# States a job does not leave (squeue does not list a job while it is REQUEUED, so it is asked of scontrol)
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE"}
+
+
 def in_queue(job):
-    return bool(subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip())
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True)
+    if r.returncode != 0:  # purged from the controller (MinJobAge) is gone; anything else: ask again
+        return "Invalid job id" not in r.stderr
+    state = r.stdout.split("JobState=")[1].split()[0]
+    return state not in ENDED
 
 
 def wait(job, timeout=300):

@@ -33,6 +33,9 @@ def cluster():
     outside /tmp (each node has its own /tmp)."""
     if os.geteuid() != 0:
         pytest.skip("the two-node tier creates network namespaces and starts slurmd: it needs root")
+    if ROOT.resolve().is_relative_to("/tmp"):
+        pytest.skip(f"the checkout {ROOT} is under /tmp, which each node of the two-node cluster has of its own "
+                    "(as on a real cluster): clone outside /tmp to run this tier")
     for cmd, pkg in (("slurmctld", "slurm-wlm"), ("munged", "munge"), ("ip", "iproute2"), ("nsenter", "util-linux")):
         if shutil.which(cmd) is None:
             pytest.fail(f"{cmd} not found: run `make test`, which installs {pkg} (HPCFL_WITH_SLURM=1)")
