@@ -12,9 +12,13 @@ import base64
 import html
 import io
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import plots
 from .rundata import RunData, RunDirError, load_run
@@ -270,34 +274,68 @@ def tiling_legend(idx: Path) -> str:
 
 
 
-def run_section(run: RunData, i: int) -> str:
+# The figures of a run (functions of hpcfl.observe.plots), drawn before the HTML is assembled
+ROUND_FIGURES = ("accuracy_loss", "time_breakdown", "participation", "dp_epsilon", "other_round_metrics")
+_RUNS: Sequence[RunData] = ()  # what forked figure workers draw from
+
+
+def _draw(job: Tuple[str, int]) -> Optional[bytes]:
+    name, i = job
+    return getattr(plots, name)(_RUNS if i < 0 else _RUNS[i])
+
+
+def draw_figures(runs: Sequence[RunData]) -> Dict[Tuple[str, int], Optional[bytes]]:
+    """Every figure of the report, keyed by (plot function, run index; -1 = all runs), drawn by forked workers
+    on the CPUs this process may use: matplotlib takes 0.1-0.6 s a figure, the rest of the report milliseconds,
+    and `hpcfl launch` waits for the report before it returns."""
+    global _RUNS
+    jobs = [(name, i) for i, run in enumerate(runs) if run.rounds() for name in ROUND_FIGURES]
+    jobs += [("cross_site", i) for i, run in enumerate(runs) if run.cross_site]
+    jobs += [("compare_runs", -1)] if len(runs) > 1 else []
+    _RUNS = runs
+    try:
+        workers = min(len(jobs), len(os.sched_getaffinity(0)), 4)
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            plots._plt()  # imported once, before the fork
+            try:
+                ctx = multiprocessing.get_context("fork")
+                with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    return dict(zip(jobs, pool.map(_draw, jobs)))
+            except (OSError, BrokenProcessPool):
+                pass  # no processes to be had: draw them here
+        return {job: _draw(job) for job in jobs}
+    finally:
+        _RUNS = ()
+
+
+def run_section(run: RunData, i: int, figs: Dict[Tuple[str, int], Optional[bytes]]) -> str:
     parts = [f'<h2 id="run-{i}">{esc(run.name)}</h2>', overview(run, i)]
     if run.rounds():
         parts += ["<h3>Validation accuracy and loss per site per round</h3>",
-                  figure(plots.accuracy_loss(run), f"{run.name}: validation accuracy and loss per site per round"),
+                  figure(figs[("accuracy_loss", i)], f"{run.name}: validation accuracy and loss per site per round"),
                   "<h3>Per round (federation, all sites)</h3>", rounds_table(run, i),
                   "<h3>Where the time goes</h3>",
-                  figure(plots.time_breakdown(run), f"{run.name}: time breakdown per round")]
-        part = plots.participation(run)
+                  figure(figs[("time_breakdown", i)], f"{run.name}: time breakdown per round")]
+        part = figs[("participation", i)]
         if part:
             parts += ["<h3>Participation</h3>", figure(part, f"{run.name}: participation per round")]
-        eps = plots.dp_epsilon(run)
+        eps = figs[("dp_epsilon", i)]
         if eps:
             parts += ["<h3>Differential privacy</h3>", figure(eps, f"{run.name}: DP epsilon per round")]
-        other = plots.other_round_metrics(run)
+        other = figs[("other_round_metrics", i)]
         if other:
             parts += ["<h3>Other per-round metrics</h3>", figure(other, f"{run.name}: other per-round metrics")]
         parts += ["<h3>Per site, per round</h3>", sites_table(run, i)]
     else:
         parts.append('<p class="muted">no round finished yet (metrics.jsonl holds no round record)</p>')
     if run.cross_site:
-        parts += ["<h3>Cross-site validation</h3>", figure(plots.cross_site(run), f"{run.name}: cross-site accuracy"),
+        parts += ["<h3>Cross-site validation</h3>", figure(figs[("cross_site", i)], f"{run.name}: cross-site accuracy"),
                   cross_site_table(run, i)]
     parts += ["<h3>Rank placement</h3>", placement_table(run), partition_table(run), thumbnails(run)]
     return "\n".join(p for p in parts if p)
 
 
-def comparison(runs: Sequence[RunData]) -> str:
+def comparison(runs: Sequence[RunData], figs: Dict[Tuple[str, int], Optional[bytes]]) -> str:
     if len(runs) < 2:
         return ""
     rows = []
@@ -310,7 +348,7 @@ def comparison(runs: Sequence[RunData]) -> str:
                     + num_cell(last.get("val_accuracy"), "val_accuracy", run=i, round=last.get("round"), kind="final")
                     + num_cell(last.get("val_loss"), "val_loss", run=i, round=last.get("round"), kind="final")
                     + num_cell(sum(times) / len(times) if times else None, "mean_round_s", ".3f", run=i) + "</tr>")
-    return ("<h2>Runs compared</h2>" + figure(plots.compare_runs(runs), "runs compared")
+    return ("<h2>Runs compared</h2>" + figure(figs[("compare_runs", -1)], "runs compared")
             + table(["run", "strategy", "rounds", "final val_accuracy", "final val_loss", "mean round s"], rows,
                     "compare", left=2))
 
@@ -321,8 +359,9 @@ def render(runs: Sequence[RunData]) -> str:
                   for i, r in enumerate(runs))
     body = [f"<h1>hpcfl report: {esc(names)}</h1>",
             f'<p class="muted">written {esc(time.strftime("%Y-%m-%d %H:%M:%S"))} by hpcfl report</p>',
-            f"<ul>{toc}</ul>", comparison(runs)]
-    body += [run_section(r, i) for i, r in enumerate(runs)]
+            f"<ul>{toc}</ul>"]
+    figs = draw_figures(runs)
+    body += [comparison(runs, figs)] + [run_section(r, i, figs) for i, r in enumerate(runs)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>hpcfl report: {esc(names)}</title>"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>\n"

@@ -241,7 +241,9 @@ def other_round_metrics(run: RunData, limit: int = 24) -> Optional[bytes]:
     for ax in [a for row in axes for a in row][len(keys):]:
         ax.axis("off")
     fig.suptitle(f"{run.name}: other per-round metrics", fontsize=10)
-    fig.tight_layout()
+    # fixed spacing, not tight_layout: it measures every text of every small axes (0.5 s for 9 of them)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.35 / (2.2 * nrow), top=1 - 0.55 / (2.2 * nrow),
+                        wspace=0.4, hspace=0.55)
     return _png(fig)
 
 
