@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 
@@ -98,6 +99,16 @@ def run(cfg: str, root: Path, name: str, sets: list) -> tuple:
     return wall, [x for x in recs if x["kind"] == "round"], summary
 
 
+def extra_sets(device: str, mpirun: Optional[str] = None) -> List[str]:
+    """The --set arguments of every run: on a GPU all ranks share it (torch.distributed, NCCL)."""
+    out = [f"train.device={device}"]
+    if device == "cuda":
+        out += ["site.backend=torch", "cluster.ranks_per_gpu=8"]
+    if mpirun:
+        out.append(f"launch.mpirun={mpirun}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,10,25", help="model sizes in millions of parameters")
@@ -107,11 +118,7 @@ def main() -> None:
     ap.add_argument("--mpirun", help="launch.mpirun (e.g. the PyPI Open MPI wheel's)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
-    EXTRA.append(f"train.device={args.device}")
-    if args.device == "cuda":
-        EXTRA += ["site.backend=torch", "cluster.ranks_per_gpu=8"]
-    if args.mpirun:
-        EXTRA.append(f"launch.mpirun={args.mpirun}")
+    EXTRA[:] = extra_sets(args.device, args.mpirun)
     rows = []
     sizes = [float(s) for s in args.sizes.split(",")]
     site_counts = [int(s) for s in args.sites.split(",")]

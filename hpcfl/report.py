@@ -18,7 +18,7 @@ PHASES = [
     ("upload_s", "upload to rank 0 (MPI Reduce or Gatherv)"),
     ("aggregate_s", "aggregation"),
     ("eval_s", "evaluation (slowest slot)"),
-    ("checkpoint_s", "checkpoint (overlaps next round's training)"),
+    ("checkpoint_s", "checkpoint (rank 0 waits; written in the background)"),
     ("overhead_s", "overhead = round - training"),
     ("round_s", "round wall time"),
 ]

@@ -32,3 +32,12 @@ def test_the_training_benchmark_runs_on_the_cpu():
     r = gpu_train.throughput("cnn", "cpu", "fp32", batch=8, steps=2)
     assert r["steps"] == 2 and r["samples_per_s"] > 0 and r["device"] == "cpu"
     assert 11e6 < sum(p.numel() for p in gpu_train.resnet18().parameters()) < 12e6  # ResNet-18 sized
+
+
+def test_the_overhead_benchmark_puts_every_rank_on_the_one_gpu():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import federation_overhead
+
+    assert federation_overhead.extra_sets("cuda", "/w/bin/mpirun") == [
+        "train.device=cuda", "site.backend=torch", "cluster.ranks_per_gpu=8", "launch.mpirun=/w/bin/mpirun"]
+    assert federation_overhead.extra_sets("cpu") == ["train.device=cpu"]
