@@ -11,6 +11,7 @@ section has fewer places than the sites have ranks, slots simulate several sites
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from ..config import Config
@@ -57,6 +58,26 @@ def cluster_slots(cfg: Config) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+NODE_LOCAL = ("/tmp", "/dev/shm", "/run/user")  # per node on most clusters
+
+
+def node_local_paths(cfg: Config, cwd: Optional[Path] = None) -> List[str]:
+    """``key path`` of each path a multi-node job needs on every node but that lies in a usually
+    node-local folder (the submit directory, run.root, cluster.python); empty for one node."""
+    if cfg.cluster.nodes < 2:
+        return []
+    cwd = cwd or Path.cwd()
+    found = []
+    for key, raw in (("the submit directory", str(cwd)), ("run.root", cfg.run.root),
+                     ("cluster.python", cfg.cluster.python)):
+        if key == "cluster.python" and "/" not in raw:
+            continue  # found on each node's PATH
+        path = (cwd / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+        if any(path == Path(d) or path.is_relative_to(d) for d in NODE_LOCAL):
+            found.append(f"{key} {path}")
+    return found
 
 
 def cluster_places(cfg: Config, groups: Optional[Sequence[Tuple[str, int]]] = None):

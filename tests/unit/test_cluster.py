@@ -306,3 +306,20 @@ def test_render_cli_says_what_it_read_and_the_ranks_get_it(tmp_path):
     assert "SLURM could not tell it (scontrol show node: scontrol: error: Could not establish" in r.stderr
     assert "using sockets_per_node=2, cores_per_socket=16, gpus_per_node=0" in r.stderr
     assert "# on 1 node(s) of 2x16 cores" in r.stdout
+
+
+def test_a_multi_node_job_is_warned_of_paths_in_node_local_folders(tmp_path):
+    from hpcfl.cluster.render import node_local_paths
+
+    two = {"sites": [{"name": "a"}], "cluster": {"nodes": 2}}
+    cfg = from_dict({**two, "run": {"root": "runs"}, "cluster": {"nodes": 2, "python": "/tmp/venv/bin/python"}})
+    assert node_local_paths(cfg, cwd=Path("/tmp/checkout")) == [
+        "the submit directory /tmp/checkout", "run.root /tmp/checkout/runs", "cluster.python /tmp/venv/bin/python"]
+    shared = from_dict({**two, "run": {"root": "/scratch/runs"}})
+    assert node_local_paths(shared, cwd=Path("/home/me/hpcfl")) == []  # "python" is looked up on each node
+    one = from_dict({"sites": [{"name": "a"}], "cluster": {"nodes": 1}})
+    assert node_local_paths(one, cwd=Path("/tmp/checkout")) == []  # one node: /tmp is shared with itself
+    # the CLI says it on stderr, one line per path, and still renders
+    r = hpcfl("render", "configs/cluster-gpu.yaml", "--set", "cluster.nodes=2", "--set", "run.root=/dev/shm/runs")
+    assert r.returncode == 0 and "#SBATCH" in r.stdout
+    assert "warning: run.root /dev/shm/runs is in a folder that is usually node-local" in r.stderr
