@@ -347,7 +347,25 @@ def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, 
         backend.shutdown()
     r.beat.stop()
     log.info("done")
+    if "cucim" in sys.modules:
+        _late_stderr_to(rundir.log_path(rank))
     return 0
+
+
+def _late_stderr_to(log_path) -> None:
+    """What a rank that finished writes to stderr from now on (interpreter and MPI teardown) goes to its log.
+
+    Why: with the shared_memory tile cache, cuCIM 26.10's destructor prints "[Warning] Couldn't delete
+    the shared memory object 'cucim-shm.N'." (no newline) at every normal exit, though the segment is
+    gone (checked: nothing is left in /dev/shm); on the terminal it reads like a fault after a good run.
+    """
+    try:
+        sys.stderr.flush()
+        fd = os.open(str(log_path), os.O_WRONLY | os.O_APPEND)
+    except OSError:
+        return
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 @dataclass

@@ -14,6 +14,8 @@ def test_quickstart_ends_on_a_good_model(tmp_path):
     sets = [f"run.root={tmp_path}", f"data.tiles.slides_dir={tmp_path}/slides", f"data.tiles.index_dir={tmp_path}/index"]
     r = hpcfl("launch", "configs/quickstart.yaml", "--no-report", *[a for s in sets for a in ("--set", s)], timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
+    # cuCIM's shared-memory cache warns at every exit; a finished rank sends that to its log, not the terminal
+    assert "Couldn't delete the shared memory object" not in r.stdout + r.stderr
     run = tmp_path / "quickstart"
     final = json.loads((run / "summary.json").read_text())["final"]
     assert final["val_accuracy"] >= 0.9, r.stdout
