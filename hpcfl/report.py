@@ -11,14 +11,14 @@ import numpy as np
 PHASES = [
     ("send_s", "send global model (rank 0 -> leaders, MPI)"),
     ("site_bcast_s", "in-slot broadcast (site backend)"),
-    ("train_s", "local training (slowest slot: its sites in turn)"),
+    ("train_s", "local training (slowest slot, its sites in turn)"),
     ("data_s", "  data loading wait"),
     ("compute_s", "  forward/backward/step"),
     ("allreduce_s", "  in-site gradient allreduce"),
     ("upload_s", "upload to rank 0 (MPI Reduce or Gatherv)"),
     ("aggregate_s", "aggregation"),
     ("eval_s", "evaluation (slowest slot)"),
-    ("checkpoint_s", "checkpoint (rank 0 waits; written in the background)"),
+    ("checkpoint_s", "checkpoint (rank 0's wait; written in the background)"),
     ("overhead_s", "overhead = round - training"),
     ("round_s", "round wall time"),
 ]
@@ -120,8 +120,9 @@ class Progress:
         if bd:
             m, f = bd["mean_after_first"], bd["first_round"]
             self._print(f"\nwhere the time goes (seconds per round; mean of {bd['rounds_measured']} rounds after the first | first round):")
+            width = max(len(label) for _, label in PHASES)
             for k, label in PHASES:
-                self._print(f"  {label:<46} {m[k]:>9.4f} | {f[k]:.4f}")
+                self._print(f"  {label:<{width}} {m[k]:>9.4f} | {f[k]:.4f}")
         if last:
             self._print(f"\nfinal (round {last['round']}): " + self._metrics(last, short=False))
         self._print(f"run directory: {summary['run_dir']}  (metrics.jsonl, checkpoints/, logs/, manifest.json)")
