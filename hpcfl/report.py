@@ -38,7 +38,7 @@ class Progress:
         sites = ", ".join(f"{s.name} x{s.size}" for s in shown) + (
             f", ... {len(topology.sites) - len(shown)} more" if len(topology.sites) > len(shown) else "")
         slots = len(getattr(topology, "slots", ())) or len(topology.sites)
-        on = f" on {slots} slots" if slots != len(topology.sites) else ""
+        on = f" on {slots} slot{'' if slots == 1 else 's'}" if slots != len(topology.sites) else ""
         resumed = f", resuming after round {start_round - 1}" if start_round > 1 else ""
         self._print(f"hpcfl: {cfg.run.name}: {topology.world_size} ranks = aggregator + {len(topology.sites)} sites "
                     f"({sites}){on}, {cfg.fl.rounds} rounds{resumed}")
