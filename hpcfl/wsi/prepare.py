@@ -6,6 +6,7 @@ index, or by hand with ``hpcfl synth-slides`` and ``hpcfl tile``).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,9 +22,44 @@ def tiling_params(cfg) -> TilingParams:
                         array_backend=resolved_name(cfg.data.array_backend))
 
 
+def stale_synthesis(slides_dir: Path, want) -> str:
+    """What ``slides_dir`` holds, when hpcfl synthesized it (its slides.json) with other settings than
+    ``want`` (data.tiles.synthesize); "" when it matches, was not synthesized, or holds nothing."""
+    meta = slides_dir / "slides.json"
+    try:
+        got = json.loads(meta.read_text())
+        slides = got["slides"]
+        have = (len(slides), int(slides[0]["width"]) if slides else 0, int(got["seed"]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return ""
+    if have == (want.slides, want.size, want.seed):
+        return ""
+    return f"{have[0]} synthesized slides of {have[1]} px, seed {have[2]}"
+
+
+def _drop_synthesis(slides_dir: Path) -> None:
+    """Remove the slides (and masks) that slides.json lists, then slides.json: nothing else in the folder."""
+    meta = slides_dir / "slides.json"
+    for s in json.loads(meta.read_text())["slides"]:
+        for key in ("file", "mask"):
+            name = s.get(key)
+            if isinstance(name, str) and "/" not in name:
+                (slides_dir / name).unlink(missing_ok=True)
+    meta.unlink()
+
+
 def prepare_tiles(cfg, progress: bool = True) -> Path:
     t = cfg.data.tiles
     slides_dir, index_dir = Path(t.slides_dir), Path(t.index_dir)
+    if t.synthesize is not None:
+        # e.g. a config (the quickstart's) that now synthesizes 16 slides where 8 were made before:
+        # training on the old ones would be silent and wrong
+        old = stale_synthesis(slides_dir, t.synthesize)
+        if old:
+            s = t.synthesize
+            print(f"hpcfl: {slides_dir} holds {old}; data.tiles.synthesize asks for {s.slides} of {s.size} px, "
+                  f"seed {s.seed}: synthesizing them again", file=sys.stderr, flush=True)
+            _drop_synthesis(slides_dir)
     have = slides_dir.is_dir() and list_slides(slides_dir)
     if not have:
         if t.synthesize is None:

@@ -216,3 +216,28 @@ def test_write_pyramid_rejects_bad_input_and_overwrites(tmp_path):
     with open_slide(path, "openslide") as r:
         assert r.level_count == 2 and r.level_dimensions(1) == (100, 150)
         assert abs(int(r.read_region(0, 0, 0, (8, 8)).mean()) - 200) <= 2
+
+
+def test_slides_synthesized_with_other_settings_are_made_again_and_nothing_else_is_touched(tmp_path, capsys):
+    from hpcfl.config import from_dict
+    from hpcfl.wsi.prepare import prepare_tiles, stale_synthesis
+    from hpcfl.wsi.synth import synthesize_slides
+
+    slides = tmp_path / "slides"
+    synthesize_slides(slides, n_slides=2, size=512, seed=0, progress=False)
+    (slides / "notes.txt").write_text("a user's file")
+
+    def cfg(n):
+        return from_dict({"sites": [{"name": "a"}], "data": {"name": "tiles", "tiles": {
+            "slides_dir": str(slides), "index_dir": str(tmp_path / "index"), "level": 0, "tile_size": 64,
+            "synthesize": {"slides": n, "size": 512, "seed": 0}}}})
+
+    assert stale_synthesis(slides, cfg(2).data.tiles.synthesize) == ""
+    assert stale_synthesis(slides, cfg(3).data.tiles.synthesize) == "2 synthesized slides of 512 px, seed 0"
+    assert stale_synthesis(tmp_path / "nothing", cfg(3).data.tiles.synthesize) == ""  # not synthesized: left alone
+    prepare_tiles(cfg(3), progress=False)
+    assert "holds 2 synthesized slides of 512 px, seed 0; data.tiles.synthesize asks for 3" in capsys.readouterr().err
+    assert sorted(p.name for p in slides.glob("*.tiff")) == ["slide-000.tiff", "slide-001.tiff", "slide-002.tiff"]
+    assert (slides / "notes.txt").read_text() == "a user's file"
+    index = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert index["slides"] and len(index["slides"]) == 3  # the index follows the new slides
