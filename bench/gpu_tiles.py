@@ -170,13 +170,14 @@ def run(args, log) -> Dict[str, Any]:
 
     spec = BatchSpec(INPUT, augment=True)
     tiles = readers[0].read_batch(locs[0][:BATCH], 0, (CROP, CROP))
-    seeds = np.arange(BATCH)
+    n = len(tiles)  # BATCH, or fewer on a small slide
+    seeds = np.arange(n)
     k = max(1, args.math_batches)
 
     def host():
         for _ in range(k):
             assemble(np, tiles, seeds, spec)
-        return k * BATCH
+        return k * n
 
     math = {"numpy": host}
     if gpu:
@@ -189,7 +190,7 @@ def run(args, log) -> Dict[str, Any]:
                 for _ in range(k):
                     assemble(cp, cp.asarray(tiles) if upload else dev_tiles, seeds, spec)
                 cp.cuda.get_current_stream().synchronize()
-                return k * BATCH
+                return k * n
             return go
         math["cupy"] = on_device(False)
         math["cupy_with_upload"] = on_device(True)
@@ -287,7 +288,8 @@ def table(res: Dict[str, Any]) -> List[str]:
         rows = res[key]
         lines += ["" if lines else None, f"| {heading} | {unit} | vs {base} |", "|---|---:|---:|"]
         for k, v in rows.items():
-            lines.append(f"| {k} | {max(v):,.0f} | {max(v) / max(rows[base]):.2f}x |")
+            ratio = f"{max(v) / max(rows[base]):.2f}x" if max(rows[base]) else "-"  # nothing measured (tiny runs)
+            lines.append(f"| {k} | {max(v):,.0f} | {ratio} |")
         if gpu_row not in rows:
             lines.append(f"| {gpu_row} | n/a (no GPU) | |")
     return [x for x in lines if x is not None]
