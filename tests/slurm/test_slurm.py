@@ -52,13 +52,28 @@ def in_queue(job):
     return state not in ENDED
 
 
+def skip_requeue_delay(job):
+    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
+    if "BeginTime" in state:  # a requeued job waits SLURM's requeue delay: skip it
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+
+
 def wait(job, timeout=300):
     t = time.monotonic()
     while in_queue(job):
         assert time.monotonic() - t < timeout, f"job {job} still queued after {timeout}s"
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
-        if "BeginTime" in state:  # a requeued job waits SLURM's requeue delay: skip it
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+        skip_requeue_delay(job)
+        time.sleep(1)
+
+
+def wait_for_resume(job, log, timeout=300):
+    """Until the requeued job's second run has started and resumed (its log says so): a job that requeues
+    itself can read CANCELLED for a moment on its way back to PENDING, so its state alone cannot tell."""
+    t = time.monotonic()
+    while not (log.exists() and "resuming after round" in log.read_text()):
+        assert time.monotonic() - t < timeout, f"job {job} did not resume in {timeout}s: " + (
+            log.read_text() if log.exists() else "no job log")
+        skip_requeue_delay(job)
         time.sleep(1)
 
 
@@ -121,6 +136,7 @@ def test_requeued_job_resumes_and_ends_with_the_uninterrupted_weights(cluster, t
     wait_for_round(metrics, job, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for_requeue(job)
+    wait_for_resume(job, tmp_path / "warned" / "slurm" / f"{job}.out")
     wait(job)
     log0 = (tmp_path / "warned" / "logs" / "rank-0000.log").read_text()
     assert "stop requested (a stop file)" in log0, log0
