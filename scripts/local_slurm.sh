@@ -19,6 +19,9 @@ start() {
 ClusterName=hpcfl-local
 SlurmctldHost=$host
 AuthType=auth/munge
+# a requeued job waits cred_expire before it starts again (slurmd refuses it while the revoked credential
+# of its previous run is remembered): 20 s instead of 120 keeps the requeue tests short
+AuthInfo=cred_expire=20
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SlurmUser=root

@@ -52,28 +52,21 @@ def in_queue(job):
     return state not in ENDED
 
 
-def skip_requeue_delay(job):
-    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
-    if "BeginTime" in state:  # a requeued job waits SLURM's requeue delay: skip it
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
-
-
 def wait(job, timeout=300):
     t = time.monotonic()
     while in_queue(job):
         assert time.monotonic() - t < timeout, f"job {job} still queued after {timeout}s"
-        skip_requeue_delay(job)
         time.sleep(1)
 
 
 def wait_for_resume(job, log, timeout=300):
-    """Until the requeued job's second run has started and resumed (its log says so): a job that requeues
-    itself can read CANCELLED for a moment on its way back to PENDING, so its state alone cannot tell."""
+    """Until the requeued job's second run has resumed (its log says so). A requeued job waits SLURM's
+    requeue delay (cred_expire: 20 s on the local cluster); forcing it to start sooner made slurmd kill
+    it ("Job credential revoked") now and then, and the test read the first run's files."""
     t = time.monotonic()
     while not (log.exists() and "resuming after round" in log.read_text()):
         assert time.monotonic() - t < timeout, f"job {job} did not resume in {timeout}s: " + (
             log.read_text() if log.exists() else "no job log")
-        skip_requeue_delay(job)
         time.sleep(1)
 
 
@@ -119,6 +112,7 @@ def test_requeued_job_resumes_and_ends_with_the_uninterrupted_weights(cluster, t
     metrics = tmp_path / "preempted" / "metrics.jsonl"
     wait_for_round(metrics, job, 3)
     subprocess.run(["scontrol", "requeue", job], check=True)  # what preemption does
+    wait_for_resume(job, tmp_path / "preempted" / "slurm" / f"{job}.out")
     wait(job)
     log = (tmp_path / "preempted" / "slurm" / f"{job}.out").read_text()
     assert "resuming after round" in log, log
