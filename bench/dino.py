@@ -116,23 +116,6 @@ def as_float(x: np.ndarray, size: int):
 
 # ----------------------------------------------------------------------------------------- standalone loop
 
-class SoloGroup:
-    """A site of one rank: the collectives are identities."""
-
-    size, rank = 1, 0
-
-    def allreduce_sum_(self, tensor):
-        pass
-
-    def allreduce_mean_(self, tensor):
-        pass
-
-    def allgather(self, tensor):
-        return tensor
-
-    def broadcast_(self, tensor, root=0):
-        pass
-
 
 class EvalData:
     """What ``Task.evaluate`` reads: a site's validation tiles and its un-augmented training tiles."""
@@ -161,11 +144,12 @@ def pooled(sites: Sequence[SiteTiles]) -> SiteTiles:
 def context(round_, rounds, step, steps_per_round, steps_per_epoch, site="solo", site_index=0):
     import torch
 
+    from hpcfl.site import SoloBackend
     from hpcfl.tasks.base import StepContext
 
     return StepContext(round=round_, rounds=rounds, step=step, steps_per_round=steps_per_round,
                        steps_per_epoch=steps_per_epoch, site=site, site_index=site_index,
-                       device=torch.device("cpu"), group=SoloGroup())
+                       device=torch.device("cpu"), group=SoloBackend())
 
 
 def evaluate(task, module, sites: Sequence[SiteTiles], size: int) -> Dict[str, Any]:
@@ -178,11 +162,12 @@ def encoder_eval(encoder, dim: int, sites: Sequence[SiteTiles], cfg) -> Dict[str
     """:func:`evaluate` for any frozen encoder (e.g. a supervised classifier's)."""
     import torch
 
+    from hpcfl.site import SoloBackend
     from hpcfl.tasks.dino.evaluate import encoder_scores
     from hpcfl.tasks.dino.task import summarize_scores
 
     encoder.eval()
-    vec = sum(encoder_scores(encoder, dim, 4, EvalData(s, cfg.data.tiles.input_size), SoloGroup(),
+    vec = sum(encoder_scores(encoder, dim, 4, EvalData(s, cfg.data.tiles.input_size), SoloBackend(),
                              torch.device("cpu"), cfg.dino.eval, cfg.train.eval_batch_size) for s in sites)
     return summarize_scores(vec)
 

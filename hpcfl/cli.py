@@ -320,14 +320,13 @@ def _stop(target: str, run_dir, job_id) -> int:
 
 
 def _say_slots(cfg) -> None:
-    """One line on stderr: how many slots the cluster section gives the sites (what render chose)."""
-    from .cluster.render import cluster_slots
+    """On stderr: how many slots the cluster section gives the sites (what render chose), and a warning
+    for each path a multi-node job needs that is usually node-local."""
+    from .cluster.render import cluster_slots, node_local_paths
 
     k, s = len(cfg.sites), cluster_slots(cfg)
     how = "one per site" if s == k else f"each trains {k // s}-{-(-k // s)} sites in turn; launch.slots sets it"
     print(f"hpcfl: {k} site(s) on {s} slot(s) ({how})", file=sys.stderr)
-    from .cluster.render import node_local_paths
-
     for what in node_local_paths(cfg):
         print(f"hpcfl: warning: {what} is in a folder that is usually node-local: ranks on the job's other "
               f"{cfg.cluster.nodes - 1} node(s) will not find it; use a shared filesystem", file=sys.stderr)

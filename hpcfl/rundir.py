@@ -163,9 +163,6 @@ class RunPaths:
     def error_path(self, rank: int) -> Path:
         return self.logs / f"rank-{rank:04d}.error.json"
 
-    def beat_path(self, rank: int) -> Path:
-        return self.logs / f"rank-{rank:04d}.beat"
-
     def site_private(self, site: str, round_: int) -> Path:
         """A site's private entries (exclude_vars, state its task keeps) after ``round_``: resumed per site."""
         return self.checkpoints / f"site-{site}-private-round-{round_:06d}.npy"

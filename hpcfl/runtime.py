@@ -53,8 +53,8 @@ def _versions() -> Dict[str, str]:
     out = {"python": platform.python_version()}
     for mod in ("hpcfl", "numpy", "torch", "mpi4py", "horovod"):
         m = sys.modules.get(mod)
-        if m is not None:  # str(): torch's version is a TorchVersion, and unpickling it would import torch on rank 0
-            out[mod] = str(getattr(m, "__version__", "?"))
+        if m is not None:
+            out[mod] = getattr(m, "__version__", "?")
     try:
         from mpi4py import MPI
 

@@ -43,10 +43,7 @@ WAITING = ("wait for uploads", "wait for evaluations", "upload", "receive global
 
 
 def beat_path(logs: Path, rank: int) -> Path:
-    """``logs/rank-NNNN.beat`` (RunPaths.beat_path, for a logs folder)."""
-    from .rundir import RunPaths
-
-    return RunPaths(Path(logs).parent).beat_path(rank)
+    return Path(logs) / f"rank-{rank:04d}.beat"
 
 
 def read_beat(path: Path) -> Optional[Dict[str, Any]]:

@@ -52,8 +52,10 @@ def cluster_slots(cfg: Config) -> int:
             return False
 
     lo, hi = len(_groups([s.ranks for s in cfg.sites])), k
-    if fits(hi) or not fits(lo):
-        return hi if fits(hi) else lo  # the smallest layout's error is the one worth showing
+    if fits(hi):
+        return hi
+    if not fits(lo):
+        return lo  # the smallest layout's error is the one worth showing
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

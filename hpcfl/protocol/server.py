@@ -29,8 +29,6 @@ from .records import by_site, round_records, strict
 from .transports import make_transport
 
 log = logging.getLogger("hpcfl")
-STOP_FILE = "stop-requested"  # RunPaths.stop_file
-
 # Set by the SIGUSR1 handler of rank 0 (runtime.py) or by a stop file: finish the round, checkpoint, exit.
 _stop_signal: Dict[str, Any] = {"signum": None}
 
@@ -94,7 +92,6 @@ class Aggregator:
         if self.dp is not None:
             self.dp.load_dp_state(meta)
         self.last_records: List[Dict[str, Any]] = []  # of the last checkpointed round
-        self.last_round_records: List[Dict[str, Any]] = []
         self.heartbeat = None
         self.checkpointed_round = self.start_round - 1
         self._pending: List[Callable[[], Any]] = []  # best.npz and checkpoint writes of this round
@@ -205,7 +202,7 @@ class Aggregator:
         ModelExchange.server(fed, self.weights, cfg.launch.chunk_mb)  # initial (or resumed) global model
         ctl = self.send_plan(self.start_round)
         try:
-            stopped_after, last = self._rounds(ctl, progress, heartbeat)
+            stopped_after, last = self._rounds(ctl, progress)
         except BaseException:
             self._finish_writes_quietly()  # a complete checkpoint of the round before, for the resume
             raise
@@ -220,7 +217,7 @@ class Aggregator:
         out["memory"] = self.memory()
         return out
 
-    def _rounds(self, ctl: Control, progress, heartbeat):
+    def _rounds(self, ctl: Control, progress):
         """The rounds, the cross-site evaluation, and every checkpoint on disk; returns (stopped after, last)."""
         cfg = self.cfg
         last: Dict[str, Any] = {}
@@ -230,10 +227,11 @@ class Aggregator:
                 stopped_after = r - 1
                 break
             maybe_fail(cfg, 0, r, before=self.wait_for_writes)
-            ctl, last = self._round(r, ctl)
-            progress.round_done(last, self.last_round_records)
-            if heartbeat is not None:
-                heartbeat.round_done(r, last["time"]["round_s"])
+            ctl, records = self._round(r, ctl)
+            last = records[-1]
+            progress.round_done(last, records)
+            if self.heartbeat is not None:
+                self.heartbeat.round_done(r, last["time"]["round_s"])
         else:
             if cfg.eval.cross_site:
                 self._phase("cross-site evaluation", cfg.fl.rounds)
@@ -245,7 +243,8 @@ class Aggregator:
         return stopped_after, last
 
     def _round(self, r: int, ctl: Control):
-        """Rank 0's half of round ``r`` (the order of :mod:`hpcfl.protocol`); returns (next plan, summary)."""
+        """Rank 0's half of round ``r`` (the order of :mod:`hpcfl.protocol`); returns (next plan, the round's
+        records, its summary last)."""
         cfg, fed, plan = self.cfg, self.comms.federation, self.plan
         self._phase("wait for uploads", r)
         t0 = time.perf_counter()
@@ -282,8 +281,7 @@ class Aggregator:
         summary["time"]["overhead_s"] = max(0.0, summary["time"]["round_s"] - summary["time"]["train_s"])
         self.t_prev = now
         self.rundir.append_metrics(strict(records))
-        self.last_round_records = records
-        return nxt, summary
+        return nxt, records
 
     def _track_best(self, r: int, summary: Dict[str, Any]) -> None:
         key = self.best_metric
@@ -405,4 +403,4 @@ def maybe_fail(cfg: Config, rank: int, round_: int, before: Optional[Callable[[]
     raise RankFailure(f"injected failure at round {round_} (debug.inject_failure)")
 
 
-__all__ = ["Aggregator", "LayoutExchange", "request_stop", "STOP_FILE", "maybe_fail"]
+__all__ = ["Aggregator", "LayoutExchange", "request_stop", "maybe_fail"]

@@ -93,7 +93,7 @@ class TorchBackend(SiteBackend):
 
     def info(self) -> dict:
         torch = self.torch
-        out = {"backend": "torch.distributed", "transport": self.transport, "torch": str(torch.__version__)}
+        out = {"backend": "torch.distributed", "transport": self.transport, "torch": torch.__version__}
         if self.transport == "nccl":  # pragma: no cover - needs a GPU
             v = torch.cuda.nccl.version()
             out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)

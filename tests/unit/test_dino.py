@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpcfl.config import Config, DinoConfig, DinoCropsConfig, DinoEvalConfig, from_dict
+from hpcfl.config import Config, DinoConfig, DinoCropsConfig, from_dict
 from hpcfl.errors import ConfigError
+from hpcfl.site import SoloBackend
 from hpcfl.tasks.base import DataSpec, SiteGroup, StepContext, matching
 from hpcfl.tasks.dino import DinoTask
 from hpcfl.tasks.dino.augment import multicrop, normalize
@@ -42,21 +43,6 @@ class ListGroup(SiteGroup):
         tensor.copy_(self.contrib[root])
 
 
-class SoloGroup(SiteGroup):
-    """A site of one rank."""
-
-    rank, size = 0, 1
-
-    def allreduce_sum_(self, tensor):
-        pass
-
-    def allgather(self, tensor):
-        return tensor
-
-    def broadcast_(self, tensor, root=0):
-        pass
-
-
 def tiny(**over) -> DinoConfig:
     crops = DinoCropsConfig(global_size=16, local_size=8, local_crops=2)
     base = dict(width=4, depth=1, out_dim=16, head_hidden=8, head_bottleneck=4, crops=crops)
@@ -73,7 +59,7 @@ def make_task(d: DinoConfig = None, eval_batch_size: int = 4):
 def ctx(round_=1, rounds=1, step=0, steps_per_round=10, steps_per_epoch=10, group=None) -> StepContext:
     return StepContext(round=round_, rounds=rounds, step=step, steps_per_round=steps_per_round,
                        steps_per_epoch=steps_per_epoch, site="a", site_index=0, device=torch.device("cpu"),
-                       group=group or SoloGroup())
+                       group=group or SoloBackend())
 
 
 def built(d: DinoConfig = None, seed: int = 0):
