@@ -14,7 +14,9 @@ install:
 demo: install
 	$(HPCFL) launch configs/quickstart.yaml --restart
 
+# Each target installs what its tests need: the slurm tier a local SLURM cluster, the mpi tier a browser.
 test: export HPCFL_WITH_SLURM = 1
+test: export HPCFL_WITH_BROWSER = 1
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -25,6 +27,7 @@ test-slurm: install
 test-unit: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
+test-mpi: export HPCFL_WITH_BROWSER = 1
 test-mpi: install
 	$(PY) -m pytest -m mpi $(PYTEST_ARGS)
 

@@ -485,8 +485,15 @@ class FailureInjection:
 
 
 @dataclass(frozen=True)
+class RoundHold:
+    round: int = _f(help="the round at whose start rank 0 waits (its previous round is checkpointed by then)", min=1)
+    file: str = _f(help="rank 0 waits while this file exists; delete it to let the run go on")
+
+
+@dataclass(frozen=True)
 class DebugConfig:
     inject_failure: Optional[FailureInjection] = _f(None, help="make one rank fail on purpose (tests the job's failure handling)")
+    hold: Optional[RoundHold] = _f(None, help="hold the run at the start of a round while a file exists: observe a live run at a known round (tests of stop, status, requeue) however fast the machine")
     save_local_weights: bool = _f(False, help="every site rank saves its locally trained weights each round to debug/ (for checking replicas and aggregation)")
 
 
@@ -743,6 +750,9 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: debug.inject_failure.rank: {inj.rank} is not a rank of this {cfg.world_size}-rank federation")
     if inj is not None and inj.round > cfg.fl.rounds:
         raise ConfigError(f"{src}: debug.inject_failure.round: {inj.round} is after the last round ({cfg.fl.rounds})")
+    hold = cfg.debug.hold
+    if hold is not None and hold.round > cfg.fl.rounds:
+        raise ConfigError(f"{src}: debug.hold.round: {hold.round} is after the last round ({cfg.fl.rounds})")
 
 
 ROBUST = ("median", "trimmed_mean", "krum")

@@ -41,8 +41,11 @@ apt_install() {
 # (pip's cmake 4.x rejects gloo's old cmake_minimum_required), a C++ compiler.
 if [ "${HPCFL_SKIP_APT:-0}" != 1 ]; then
   apt_install openmpi-bin libopenmpi-dev cmake g++ make
-  if [ "${HPCFL_WITH_SLURM:-0}" = 1 ]; then  # `make test`: the slurm tier runs a real local cluster
-    apt_install slurm-wlm munge iproute2 chromium  # iproute2: the two-node tier (network namespaces); chromium: the report's browser test
+  if [ "${HPCFL_WITH_SLURM:-0}" = 1 ]; then  # `make test`, `make test-slurm`: the slurm tier runs a real local cluster
+    apt_install slurm-wlm munge iproute2  # iproute2: the two-node tier (network namespaces)
+  fi
+  if [ "${HPCFL_WITH_BROWSER:-0}" = 1 ]; then  # `make test`, `make test-mpi`: the report's headless-browser test
+    apt_install chromium
   fi
 fi
 

@@ -31,3 +31,12 @@ def hpcfl(*args, timeout=180, cwd=None, env=None):
 def need_mpirun():
     if shutil.which("mpirun") is None:
         pytest.fail("mpirun not found: run `make test` (it installs Open MPI)")
+
+
+def hold(path, round_):
+    """The --set that holds a launch at the start of ``round_`` while ``path`` exists (debug.hold): a test
+    that must see a run live at a known round waits for that instead of racing the machine's speed."""
+    import json
+
+    Path(path).touch()
+    return f"debug.hold={{round: {round_}, file: {json.dumps(str(path))}}}"

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import astuple
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -144,6 +145,9 @@ class Aggregator:
             return True
         return False
 
+    def _stop_pending(self) -> bool:
+        return _stop_signal["signum"] is not None or self.rundir.stop_file.exists()
+
     def send_plan(self, round_: int) -> Control:
         if self.stop_requested():
             self.plan = None
@@ -227,6 +231,7 @@ class Aggregator:
                 stopped_after = r - 1
                 break
             maybe_fail(cfg, 0, r, before=self.wait_for_writes)
+            maybe_hold(cfg, r, before=self.wait_for_writes, beat=self._phase, stop=self._stop_pending)
             ctl, records = self._round(r, ctl)
             last = records[-1]
             progress.round_done(last, records)
@@ -403,4 +408,22 @@ def maybe_fail(cfg: Config, rank: int, round_: int, before: Optional[Callable[[]
     raise RankFailure(f"injected failure at round {round_} (debug.inject_failure)")
 
 
-__all__ = ["Aggregator", "LayoutExchange", "request_stop", "maybe_fail"]
+def maybe_hold(cfg: Config, round_: int, before: Callable[[], None], beat: Callable[[str, int], None],
+               stop: Callable[[], bool], poll_s: float = 0.05) -> None:
+    """debug.hold: wait at the start of a round while a file exists, so that a test sees the run live at a
+    known round instead of racing a machine that may finish every round before the test looks. A kill
+    during the hold resumes after the round before; a stop asked during it ends the hold, and the run
+    stops after this round."""
+    hold = cfg.debug.hold
+    if hold is None or hold.round != round_:
+        return
+    before()  # the round before is on disk: a kill during the hold resumes from it
+    path = Path(hold.file)
+    if path.exists():
+        log.warning("holding at the start of round %d while %s exists (debug.hold)", round_, path)
+    while path.exists() and not stop():
+        beat("held (debug.hold)", round_)
+        time.sleep(poll_s)
+
+
+__all__ = ["Aggregator", "LayoutExchange", "request_stop", "maybe_fail", "maybe_hold"]

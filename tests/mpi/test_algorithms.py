@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, hpcfl
+from conftest import ROOT, hold, hpcfl
 from hpcfl.aggregation import make_strategy
 from hpcfl.checkpoint import load_checkpoint
 
@@ -262,8 +262,10 @@ def test_resume_and_graceful_stop_give_the_uninterrupted_weights(tmp_path):
     b = launch(tmp_path, "killed", *HARD, rounds=rounds)
     assert b.returncode == 0 and "resuming after round 2" in b.stdout, b.stdout + b.stderr
 
-    # graceful: SIGUSR1 to rank 0 (what the sbatch script's trap turns into a stop file, sent directly)
-    cmd = [sys.executable, "-m", "hpcfl", "launch", *args(tmp_path, "stopped", HARD, rounds)]
+    # graceful: SIGUSR1 to rank 0 (what the sbatch script's trap turns into a stop file, sent directly);
+    # the run is held at the start of round 3 until the stop is asked, so it cannot finish first
+    gate = tmp_path / "hold-stopped"
+    cmd = [sys.executable, "-m", "hpcfl", "launch", *args(tmp_path, "stopped", (*HARD, hold(gate, 3)), rounds)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "stopped" / "metrics.jsonl"
     t = time.monotonic()
@@ -271,11 +273,12 @@ def test_resume_and_graceful_stop_give_the_uninterrupted_weights(tmp_path):
         assert time.monotonic() - t < 120 and p.poll() is None, p.communicate()
         time.sleep(0.05)
     (tmp_path / "stopped" / "stop-requested").touch()
+    gate.unlink()
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, out + err
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
     stopped = summary["stopped_after_round"]
-    assert 2 <= stopped < rounds and f"stopped after round {stopped} on request" in out
+    assert stopped == 3 and f"stopped after round {stopped} on request" in out
     assert (tmp_path / "stopped" / "checkpoints" / f"round-{stopped:06d}.npz").exists()  # the round was not lost
     assert not (tmp_path / "stopped" / "stop-requested").exists()
     c = launch(tmp_path, "stopped", *HARD, rounds=rounds)
@@ -295,7 +298,8 @@ def test_resume_and_graceful_stop_give_the_uninterrupted_weights(tmp_path):
 
 
 def test_sigusr1_to_rank0_stops_after_the_round(tmp_path):
-    cmd = [sys.executable, "-m", "hpcfl", "launch", *args(tmp_path, "sig", [], 30)]
+    gate = tmp_path / "hold"
+    cmd = [sys.executable, "-m", "hpcfl", "launch", *args(tmp_path, "sig", [hold(gate, 2)], 30)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t = time.monotonic()
     manifest = tmp_path / "sig" / "manifest.json"
@@ -305,8 +309,9 @@ def test_sigusr1_to_rank0_stops_after_the_round(tmp_path):
         time.sleep(0.05)
     pid0 = json.loads(manifest.read_text())["ranks"][0]["pid"]
     os.kill(pid0, signal.SIGUSR1)
+    gate.unlink()
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, out + err
     summary = json.loads((tmp_path / "sig" / "summary.json").read_text())
-    assert summary["stopped_after_round"] < 30 and "stop requested (signal 10)" in \
+    assert summary["stopped_after_round"] == 2 and "stop requested (signal 10)" in \
         (tmp_path / "sig" / "logs" / "rank-0000.log").read_text()

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, hpcfl
+from conftest import ROOT, hold, hpcfl
 from hpcfl.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("need_mpirun")
@@ -47,7 +47,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_a_second_launch_into_a_live_run_is_refused(tmp_path):
     run = tmp_path / "busy"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "hpcfl", *launch_argv(tmp_path, "busy", rounds=4)], cwd=ROOT,
+    gate = tmp_path / "hold"  # the first run waits at round 1 until the second launch has been refused
+    first = subprocess.Popen([sys.executable, "-m", "hpcfl", *launch_argv(tmp_path, "busy", rounds=4),
+                              "--set", hold(gate, 1)], cwd=ROOT,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -62,8 +64,10 @@ def test_a_second_launch_into_a_live_run_is_refused(tmp_path):
         assert f"{run} is in use by pid " in lines[0] and " on host " in lines[0]
         assert f"hpcfl stop {run}" in lines[0]
         assert "mpirun" not in second.stdout  # refused before any rank started
+        gate.unlink()
         out, err = first.communicate(timeout=300)
     finally:
+        gate.unlink(missing_ok=True)
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, out + err

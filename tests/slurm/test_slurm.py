@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, hpcfl
+from conftest import ROOT, hold, hpcfl
 from conftest import hpcfl as hpcfl_cli
 from hpcfl.checkpoint import load_checkpoint
 
@@ -108,10 +108,12 @@ def test_requeued_job_resumes_and_ends_with_the_uninterrupted_weights(cluster, t
     rounds = 16
     straight = submit(tmp_path, "straight", f"fl.rounds={rounds}")
     wait(straight)
-    job = submit(tmp_path, "preempted", f"fl.rounds={rounds}")
+    gate = tmp_path / "hold-preempted"  # held at round 4 until requeued: it cannot finish first on a fast machine
+    job = submit(tmp_path, "preempted", f"fl.rounds={rounds}", hold(gate, 4))
     metrics = tmp_path / "preempted" / "metrics.jsonl"
     wait_for_round(metrics, job, 3)
     subprocess.run(["scontrol", "requeue", job], check=True)  # what preemption does
+    gate.unlink()
     wait_for_resume(job, tmp_path / "preempted" / "slurm" / f"{job}.out")
     wait(job)
     log = (tmp_path / "preempted" / "slurm" / f"{job}.out").read_text()
@@ -125,11 +127,13 @@ def test_requeued_job_resumes_and_ends_with_the_uninterrupted_weights(cluster, t
 
     # graceful: SLURM's warning signal (#SBATCH --signal=B:USR1@N, sent here now) -> the round in progress
     # finishes, rank 0 checkpoints it, every rank exits, and the job requeues itself
-    job = submit(tmp_path, "warned", f"fl.rounds={rounds}")
+    gate = tmp_path / "hold-warned"  # held at round 4 until the warning's stop file ends the hold
+    job = submit(tmp_path, "warned", f"fl.rounds={rounds}", hold(gate, 4))
     metrics = tmp_path / "warned" / "metrics.jsonl"
     wait_for_round(metrics, job, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for_requeue(job)
+    gate.unlink()
     wait_for_resume(job, tmp_path / "warned" / "slurm" / f"{job}.out")
     wait(job)
     log0 = (tmp_path / "warned" / "logs" / "rank-0000.log").read_text()
@@ -166,12 +170,14 @@ def test_submitit_preemption_finishes_the_round_requeues_and_resumes(cluster, tm
     ref = hpcfl_cli("launch", "configs/digits-2x2.yaml", *[a for s in sets + ["run.name=ref"] for a in ("--set", s)],
                     env=ENV, timeout=300)
     assert ref.returncode == 0, ref.stderr
-    job = hpcfl.submit("configs/digits-2x2.yaml", sets, executor="slurm")
+    gate = tmp_path / "hold"  # held at round 4 until the preemption's stop ends the hold
+    job = hpcfl.submit("configs/digits-2x2.yaml", [*sets, hold(gate, 4)], executor="slurm")
     run = tmp_path / "digits-2x2"
     metrics = run / "metrics.jsonl"
     wait_for_round(metrics, job.job_id, 3)
     job._interrupt()  # what SLURM does on preemption: SIGTERM, then submitit's USR2
     wait_for_requeue(job.job_id)
+    gate.unlink()
     wait(job.job_id)
     results = job.results()
     assert results[0]["final"]["round"] == rounds

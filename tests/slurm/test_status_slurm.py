@@ -3,7 +3,7 @@ come from ``scontrol show job`` after the job has left the queue, not "FINISHED"
 import json
 import subprocess
 
-from conftest import hpcfl
+from conftest import hold, hpcfl
 from test_slurm import ENV, cluster, in_queue, submit, wait  # noqa: F401 - cluster is a fixture
 
 
@@ -28,7 +28,7 @@ def test_a_failed_job_is_reported_failed_with_its_exit_code_and_error_line(clust
 
 
 def test_a_cancelled_and_a_completed_job(cluster, tmp_path):  # noqa: F811
-    long = submit(tmp_path, "long", "fl.rounds=200")
+    long = submit(tmp_path, "long", "fl.rounds=200", hold(tmp_path / "hold", 2))  # cannot finish before the cancel
     done = submit(tmp_path, "done", "fl.rounds=1")
     r = hpcfl("cancel", tmp_path / "long", env=ENV)
     assert r.returncode == 0 and r.stdout.strip() == f"cancelled job {long}", r.stderr
