@@ -312,6 +312,9 @@ def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, 
         if rank == 0:
             print(f"hpcfl: {rundir.path} already completed {start_round - 1} rounds (fl.rounds = {cfg.fl.rounds}); "
                   f"nothing to do. Raise fl.rounds to continue training.")
+            rundir.close()  # the lock: the next launch must not find it held
+        if r.watchdog is not None:
+            r.watchdog.stop()
         r.beat.stop()
         return 0
     worker = device = backend = partition = None

@@ -129,7 +129,11 @@ def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path)
     recs = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     acc = lambda run: [(x["round"], x["val_accuracy"]) for x in recs(run) if x["kind"] == "round"]
     assert acc("resumed") == acc("straight")
-    # --resume on a finished run has nothing to do; a changed config is refused before any rank starts
+    # a relaunch of a finished run has nothing to do, and gives the run directory's lock back
+    e = launch(tmp_path, "resumed", rounds=4)
+    assert e.returncode == 0 and "nothing to do" in e.stdout, e.stdout + e.stderr
+    assert not (tmp_path / "resumed" / "run.lock").exists()
+    # a changed config is refused before any rank starts
     d = hpcfl("launch", "configs/digits-2x2.yaml", "--set", f"run.root={tmp_path}", "--set", "run.name=resumed",
               "--set", "fl.rounds=4", *[a for s in FAST for a in ("--set", s)], "--set", "train.lr=0.3")
     assert d.returncode == 2 and "holds a run of a different config (train.lr: 0.1 -> 0.3)" in d.stderr
