@@ -18,7 +18,7 @@ from .scalars import flatten
 STACK = [("send_s", "send global model"), ("site_bcast_s", "in-site broadcast"), ("data_s", "train: data wait"),
          ("compute_s", "train: compute"), ("allreduce_s", "train: allreduce"), ("train_other_s", "train: other"),
          ("upload_s", "upload"), ("aggregate_s", "aggregate"), ("eval_s", "evaluate"), ("checkpoint_s", "checkpoint")]
-NOT_STACKED = {"round_s", "overhead_s", "train_s", "wait_upload_s", "wait_eval_s"}  # totals and waits, not phases
+NOT_STACKED = {"round_s", "overhead_s", "train_s", "site_train_s", "wait_upload_s", "wait_eval_s"}  # totals and waits, not phases
 STATUS_COLOURS = {"returned": "#2ca02c", "not_sampled": "#c7c7c7", "dropout": "#d62728", "straggler": "#ff7f0e"}
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -91,12 +91,10 @@ def accuracy_loss(run: RunData) -> Optional[bytes]:
     return _png(fig)
 
 
-def time_breakdown(run: RunData) -> Optional[bytes]:
-    """Stacked bars per round: where the round's wall time went; the rest of round_s is "other"."""
-    rounds = [r for r in run.rounds() if isinstance(r.get("time"), dict)]
-    if not rounds:
-        return None
-    plt = _plt()
+def time_stack(rounds: Sequence[Dict[str, Any]]) -> Tuple[List[int], List[str], Dict[str, List[float]]]:
+    """(rounds, phases, seconds per phase and round) of the time breakdown: phases that add up to round_s,
+    the rest of it as "other_s". Totals (train_s, site_train_s: the sum of the data, compute and
+    allreduce phases and of their rest) are left out, or the bars would count them twice."""
     keys = [k for k, _ in STACK]
     labels = dict(STACK)
     extra = sorted({k for r in rounds for k in r["time"] if k not in labels and k not in NOT_STACKED
@@ -112,6 +110,17 @@ def time_breakdown(run: RunData) -> Optional[bytes]:
             values[k].append(t.get(k, 0.0))
         stacked = sum(t.get(k, 0.0) for k in keys)
         values["other_s"].append(max(0.0, t.get("round_s", stacked) - stacked))
+    return xs, keys, values
+
+
+def time_breakdown(run: RunData) -> Optional[bytes]:
+    """Stacked bars per round: where the round's wall time went; the rest of round_s is "other"."""
+    rounds = [r for r in run.rounds() if isinstance(r.get("time"), dict)]
+    if not rounds:
+        return None
+    plt = _plt()
+    labels = dict(STACK)
+    xs, keys, values = time_stack(rounds)
     fig, ax = plt.subplots(figsize=(11, 4))
     bottom = [0.0] * len(xs)
     cmap = plt.get_cmap("tab20")
@@ -211,15 +220,20 @@ PLOTTED = {"val_accuracy", "val_loss", "local_val_accuracy", "local_val_loss", "
            "sites_done", "sites_total"}
 
 
+def varying_round_metrics(rounds: Sequence[Dict[str, Any]]) -> List[str]:
+    """The numeric round fields not drawn elsewhere that change over the run: a constant (retries 0, the
+    number of training samples) says nothing as a curve."""
+    seen: Dict[str, set] = {}
+    for r in rounds:
+        for k, v in flatten({k: v for k, v in r.items() if k not in PLOTTED and k != "time"}):
+            seen.setdefault(k, set()).update([v] if math.isfinite(v) else [])
+    return [k for k, vs in seen.items() if len(vs) > 1 or (len(rounds) == 1 and vs)]
+
+
 def other_round_metrics(run: RunData, limit: int = 24) -> Optional[bytes]:
     """Every other numeric field of the round records (a new task's metrics appear here untouched): small multiples."""
     rounds = run.rounds()
-    keys: List[str] = []
-    for r in rounds:
-        for k, _ in flatten({k: v for k, v in r.items() if k not in PLOTTED and k != "time"}):
-            if k not in keys:
-                keys.append(k)
-    keys = keys[:limit]
+    keys = varying_round_metrics(rounds)[:limit]
     if not keys:
         return None
     plt = _plt()

@@ -306,3 +306,27 @@ def test_synth_slides_shows_plain_progress_when_not_on_a_terminal(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "synthesizing slides: 2/2 slides (100%)" in r.stderr
     assert not any(c in r.stderr for c in "\r\x1b")
+
+
+def test_time_breakdown_stacks_phases_that_add_up_to_the_round():
+    """A quickstart round record (round 1, as written): site_train_s is the sum of data, compute and allreduce
+    and their rest, so stacking it too drew a 7.7 s bar for a 5.8 s round."""
+    from hpcfl.observe.plots import time_stack
+
+    t = {"send_s": 0.05, "site_bcast_s": 0.02, "train_s": 3.9, "site_train_s": 1.9, "data_s": 0.4,
+         "compute_s": 1.2, "allreduce_s": 0.2, "upload_s": 0.1, "aggregate_s": 0.03, "eval_s": 1.0,
+         "checkpoint_s": 0.1, "wait_upload_s": 4.0, "wait_eval_s": 1.1, "round_s": 5.8, "overhead_s": 1.9}
+    xs, keys, values = time_stack([{"round": 1, "time": t}])
+    assert xs == [1] and "site_train_s" not in keys and "train_s" not in keys
+    assert values["train_other_s"] == [pytest.approx(3.9 - 0.4 - 1.2 - 0.2)]
+    assert sum(v[0] for v in values.values()) == pytest.approx(5.8)  # the bar is the round, no more
+    assert values["other_s"][0] == pytest.approx(5.8 - (0.05 + 0.02 + 3.9 + 0.1 + 0.03 + 1.0 + 0.1))
+
+
+def test_other_round_metrics_leave_out_constants():
+    from hpcfl.observe.plots import varying_round_metrics
+
+    rounds = [{"round": r, "retries": 0, "sim_time_s": 0.0, "num_train": 1437, "update_norm": 1.0 / r,
+               "val_accuracy": 0.5 + r / 10, "nan_metric": float("nan")} for r in (1, 2, 3)]
+    assert varying_round_metrics(rounds) == ["update_norm"]
+    assert varying_round_metrics(rounds[:1]) == ["retries", "sim_time_s", "num_train", "update_norm"]
