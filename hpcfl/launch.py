@@ -16,10 +16,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .config import Config
-from .errors import LaunchError
+from .errors import ConfigError, LaunchError
 from .topology import topology_for
 
 
@@ -118,7 +118,38 @@ def _pump(src, dst, keep: List[str]) -> None:
             del keep[:1000]
 
 
-def launch(cfg: Config, config_path: str, overrides: Sequence[str] = (), resume: bool = False,
+def resolve(config: Union[str, Path, Config, Mapping[str, Any]],
+            overrides: Sequence[str] = ()) -> Tuple[Config, Optional[str], List[str]]:
+    """(config, the file the ranks read or None, their overrides) for a YAML path, a Config or a dict.
+
+    A config built or changed in Python has no file: :func:`launch` writes it to the run directory."""
+    from .config import from_dict, load_config, to_dict
+
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config, overrides), str(config), list(overrides)
+    if isinstance(config, Config):
+        raw, source = to_dict(config), "<Config object>"
+    elif isinstance(config, Mapping):
+        raw, source = dict(config), "<dict>"
+    else:
+        raise ConfigError(f"hpcfl.launch: the config must be a YAML path, a hpcfl.Config or a dict, "
+                          f"not {type(config).__name__}")
+    return from_dict(raw, source, overrides), None, []
+
+
+def _written(cfg: Config) -> str:
+    """The file that holds a config launched from Python: the ranks read it like any YAML file."""
+    from .atomic import write_atomic
+    from .config import dump_yaml
+    from .rundir import RunPaths
+
+    path = RunPaths.of(cfg).launch_config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, dump_yaml(cfg))
+    return str(path)
+
+
+def launch(cfg: Config, config_path: Optional[str], overrides: Sequence[str] = (), resume: bool = False,
            restart: bool = False, dry_run: bool = False, stdout=None, report: bool = True) -> int:
     """Run the federation under mpirun on this machine; return its exit code."""
     out = stdout or sys.stdout
@@ -128,6 +159,8 @@ def launch(cfg: Config, config_path: str, overrides: Sequence[str] = (), resume:
     from .rundir import RunDir
 
     RunDir(cfg).check(resume=resume, restart=restart)  # refuse a bad resume before starting any rank
+    if config_path is None:
+        config_path, overrides = _written(cfg), ()
     from .topology import world_size_for
 
     cores = len(os.sched_getaffinity(0))

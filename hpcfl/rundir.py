@@ -139,6 +139,7 @@ class RunPaths:
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         self.config = self.path / "config.yaml"
+        self.launch_config = self.path / "launch-config.yaml"  # a config launched from Python, for the ranks
         self.manifest = self.path / "manifest.json"
         self.metrics_path = self.path / "metrics.jsonl"
         self.summary = self.path / "summary.json"
