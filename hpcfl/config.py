@@ -344,7 +344,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SiteBackendConfig:
-    backend: Literal["horovod", "torch"] = _f("horovod", help="data parallelism inside a site: Horovod process sets, or torch.distributed groups (NCCL on GPUs, Gloo on CPUs)")
+    backend: Literal["horovod", "torch"] = _f("horovod", help="data parallelism inside a site: Horovod process sets, or torch.distributed groups (NCCL where each rank of a site has its own GPU, else Gloo: docs/gpu.md)")
 
 
 @dataclass(frozen=True)
@@ -721,6 +721,7 @@ def _validate(cfg: Config, src: str) -> None:
     if cfg.run.name and not _SITE_NAME.match(cfg.run.name):
         raise ConfigError(f"{src}: run.name: {cfg.run.name!r} must be letters, digits, '-', '_' or '.'")
     _validate_fl(cfg, src)
+    _validate_gpu_sharing(cfg, src)
     from .tasks.base import BUILTIN
 
     if cfg.task not in BUILTIN and ":" not in cfg.task:
@@ -746,6 +747,18 @@ def _validate(cfg: Config, src: str) -> None:
 
 
 ROBUST = ("median", "trimmed_mean", "krum")
+
+
+def _validate_gpu_sharing(cfg: Config, src: str) -> None:
+    """Horovod averages GPU gradients with NCCL, which refuses two ranks of one process set on one GPU; the
+    torch backend picks Gloo for such slots (hpcfl.site.layout), Horovod cannot."""
+    c = cfg.cluster
+    if cfg.site.backend != "horovod" or c.ranks_per_gpu <= 1 or cfg.train.device == "cpu" or c.gpus_per_node == 0:
+        return
+    if any(s.ranks > 1 for s in cfg.sites):
+        raise ConfigError(f"{src}: cluster.ranks_per_gpu: {c.ranks_per_gpu} puts ranks of one site on one GPU, and "
+                          "Horovod's NCCL refuses two ranks of a process set on one GPU; use site.backend: torch "
+                          "(Gloo for such sites), ranks_per_gpu: 1, or train.device: cpu")
 
 
 def _validate_fl(cfg: Config, src: str) -> None:

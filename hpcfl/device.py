@@ -42,6 +42,25 @@ def select_device(want: str, local_index: int = 0) -> Any:
     return torch.device("cuda", index)
 
 
+def gpu_identity(device: Any) -> Optional[str]:
+    """The identity of the GPU a rank trains on, unique across nodes (its UUID), or None on the CPU.
+
+    Ranks exchange these to tell which of them share a GPU (:mod:`hpcfl.site.layout`): a device
+    index says nothing about that (every rank pinned to one GPU sees it as cuda:0)."""
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return None
+    import torch
+
+    p = torch.cuda.get_device_properties(device)
+    uuid = getattr(p, "uuid", None)
+    if uuid:
+        return f"GPU-{uuid}"
+    import socket  # torch without the UUID property: the host and the PCI address name the GPU
+
+    return (f"{socket.gethostname()}:pci-{getattr(p, 'pci_domain_id', 0):04x}:{getattr(p, 'pci_bus_id', 0):02x}:"
+            f"{getattr(p, 'pci_device_id', 0):02x}")
+
+
 def device_info(device: Any) -> Dict[str, Any]:
     """What manifest.json records about the device a rank really used."""
     import torch
@@ -53,7 +72,7 @@ def device_info(device: Any) -> Dict[str, Any]:
         "type": "cuda", "index": device.index, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 2),
         "compute_capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "nccl": _nccl_version(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "uuid": gpu_identity(device),
     }
 
 
@@ -258,4 +277,4 @@ class Precision:
         return ok
 
 
-__all__ = ["select_device", "device_info", "cuda_aware_mpi", "chunks", "Stager", "Precision"]
+__all__ = ["select_device", "gpu_identity", "device_info", "cuda_aware_mpi", "chunks", "Stager", "Precision"]

@@ -431,8 +431,8 @@ def _aggregate(cfg: Config, r: _Rank, rundir, ckpt, start_round: int, infos) -> 
     rundir.write_json("manifest.json", {
         "run": cfg.run.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from_round": start_round - 1, "world_size": topology.world_size, "sites": len(topology.sites),
-        "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name for i in s.sites]}
-                  for s in topology.slots],
+        "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name for i in s.sites],
+                   "backend": infos[s.leader][0].get("backend")} for s in topology.slots],  # as the slot really ran
         "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
     })
     agg = Aggregator(cfg, topology, r.comms, rundir, ckpt)

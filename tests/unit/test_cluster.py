@@ -59,7 +59,7 @@ def test_ranks_share_a_gpu_and_split_its_cores():
     with pytest.raises(ConfigError, match=r"has 2 core\(s\) left for GPU 0, whose cluster.ranks_per_gpu 4 ranks need one each"):
         place(Shape(1, 1, 3, 1), sites, aggregator_cores=1, ranks_per_gpu=4)
     # from a config: render's placement reads cluster.ranks_per_gpu
-    cfg = from_dict({"sites": {"count": 2, "ranks": 2}, "launch": {"slots": 2},
+    cfg = from_dict({"sites": {"count": 2, "ranks": 2}, "launch": {"slots": 2}, "site": {"backend": "torch"},
                      "cluster": {"nodes": 1, "sockets_per_node": 1, "cores_per_socket": 9, "gpus_per_node": 1,
                                  "ranks_per_gpu": 4}})
     from hpcfl.cluster.render import cluster_places
