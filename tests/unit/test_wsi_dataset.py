@@ -201,3 +201,41 @@ def test_gpu_bench_says_plainly_when_there_is_no_gpu(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("gpu_tiles: no GPU: torch sees no CUDA device"), r.stdout + r.stderr
     got = json.loads((tmp_path / "g.json").read_text())
     assert got["gpu"] is False and got["machine"]["cuda_available"] is False
+
+
+def test_pinning_happens_in_the_rank_s_process_never_in_a_loader_worker(synth_index, monkeypatch):
+    """With CUDA initialised in the rank, pinning inside a forked DataLoader worker fails ("CUDA error:
+    initialization error"): here pinning raises in a worker, and records where it ran in the parent."""
+    from hpcfl.wsi.dataset import OrderSampler, TileDataset, as_is
+    from hpcfl.wsi.feed import FeedPlan
+
+    pinned_here = []
+    real_empty = torch.empty
+
+    def in_worker():
+        return torch.utils.data.get_worker_info() is not None
+
+    def empty(*shape, pin_memory=False, **kw):
+        if pin_memory:
+            if in_worker():
+                raise RuntimeError("CUDA error: initialization error (pinned in a forked DataLoader worker)")
+            pinned_here.append("empty")
+        return real_empty(*shape, **kw)
+
+    def pin_memory(self, *a, **kw):
+        if in_worker():
+            raise RuntimeError("CUDA error: initialization error (pinned in a forked DataLoader worker)")
+        pinned_here.append("pin_memory")
+        return self
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    ix = load_index(synth_index / "index")
+    ds = TileDataset(ix, BatchSpec(32, augment=True), plan=FeedPlan(pin=True, device=0))
+    sampler = OrderSampler()
+    sampler.items = [(i, 7 * i) for i in range(16)]
+    dl = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2, collate_fn=as_is,
+                                     multiprocessing_context="fork")
+    got = torch.cat([x for x, _ in dl])  # raises here if a worker pinned
+    assert torch.equal(got, ds.batch(sampler.items)[0])
+    assert pinned_here == ["empty", "pin_memory"]  # the rank's own batch (no workers) is pinned, in the rank
