@@ -5,9 +5,10 @@
   pinning sets CUDA_VISIBLE_DEVICES to one GPU, or to the GPUs ranks share).
 * :class:`Stager`: moves a flat device tensor to and from MPI chunk by chunk. On
   the CPU it hands MPI the tensor's own memory. On a GPU it either hands MPI device
-  memory directly (CUDA-aware MPI, detected), or stages through two pinned host
-  buffers, double-buffered: the device-host copy of chunk i+1 runs while MPI
-  moves chunk i.
+  memory directly (CUDA-aware MPI, detected; the current stream is synchronized
+  before MPI touches it), or stages through two pinned host buffers, double-buffered:
+  the device-host copy of chunk i+1 runs while MPI moves chunk i, on a side stream
+  that first waits for the current stream.
 
 Rank 0 never imports this module's torch parts: it stays on host memory.
 """
@@ -150,13 +151,18 @@ class Stager:
                 recv_chunk(arr[s:e])
             return
         if self.direct:
+            current = self.torch.cuda.current_stream(self.device)
+            current.synchronize()  # MPI writes dev outside any stream: the kernels still using it must be done
             for s, e in self._steps(dev.numel()):
                 recv_chunk(dev[s:e])
-            self.torch.cuda.current_stream(self.device).synchronize()
+            current.synchronize()
             return
         steps = self._steps(dev.numel())
         bufs = self._buffers(max(e - s for s, e in steps))
         t = self.torch
+        # The copies run on a side stream: it must first wait for the work queued on the current stream that may
+        # still read or write dev (the last training step, an optimizer update), or the copies would race it.
+        self._stream.wait_stream(t.cuda.current_stream(self.device))
         for i, (s, e) in enumerate(steps):
             k = i % 2
             self._events[k].synchronize()  # the copy out of this buffer (chunk i-2) is done
