@@ -270,17 +270,17 @@ class Precision:
     def scale_loss(self, loss: Any) -> Any:
         return loss * self.scale if self.scaled else loss
 
-    def unscale_(self, grad: Any) -> bool:
-        """Undo the loss scale on the (already averaged) flat gradient; False if it holds inf/NaN
-        (then the step is skipped and the scale backs off, as GradScaler does)."""
+    def unscale_(self, grad: Any) -> Optional[Any]:
+        """Undo the loss scale on the (already averaged) flat gradient. Returns None without loss scaling, else
+        the 0-dim device flag that is non-zero when the gradient held inf/NaN: the optimizer then skips the step
+        on the device (FlatOptimizer.step) and the scale backs off, as GradScaler does, with no host sync."""
         if not self.scaled:
-            return True
+            return None
         t = self.torch
         self.found_inf.zero_()
         t._amp_foreach_non_finite_check_and_unscale_([grad], self.found_inf, self.scale.double().reciprocal().float())
-        ok = not bool(self.found_inf.item())
         t._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
-        return ok
+        return self.found_inf
 
 
 __all__ = ["select_device", "gpu_identity", "device_info", "cuda_aware_mpi", "chunks", "Stager", "Precision"]

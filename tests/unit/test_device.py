@@ -209,10 +209,10 @@ def test_to_host_and_from_host_round_trip():
 def test_fp16_loss_scaling_unscales_and_skips_non_finite_steps():
     p = Precision("fp16", torch.device("cpu"))
     grad = torch.tensor([2.0 ** 16, -(2.0 ** 17)])
-    assert p.unscale_(grad) and torch.equal(grad, torch.tensor([1.0, -2.0]))
+    assert not p.unscale_(grad) and torch.equal(grad, torch.tensor([1.0, -2.0]))  # the flag: no inf/NaN
     bad = torch.tensor([float("inf"), 1.0])
     before = float(p.scale)
-    assert not p.unscale_(bad)
+    assert p.unscale_(bad)  # the flag is set: the optimizer skips the step
     assert float(p.scale) == before / 2  # backed off, as GradScaler does
     p.reset()
     assert float(p.scale) == 2.0 ** 16  # fresh each round, like the optimizer
