@@ -223,8 +223,12 @@ def _pin(cfg: Config, rank: int, mode: str, groups) -> Optional[list]:
         from .cluster.nodecheck import check_place, node_facts
 
         check_place(cfg.cluster, place, node_facts())
-    if place.gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(place.gpu)
+    if place.gpu is not None:
+        from .cluster.nodecheck import visible_device_for
+
+        visible = visible_device_for(os.environ.get("CUDA_VISIBLE_DEVICES"), place.gpu, rank)
+        if visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     launcher_bound = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
     if not cpus or launcher_bound:
         return None

@@ -323,3 +323,36 @@ def test_a_multi_node_job_is_warned_of_paths_in_node_local_folders(tmp_path):
     r = hpcfl("render", "configs/cluster-gpu.yaml", "--set", "cluster.nodes=2", "--set", "run.root=/dev/shm/runs")
     assert r.returncode == 0 and "#SBATCH" in r.stdout
     assert "warning: run.root /dev/shm/runs is in a folder that is usually node-local" in r.stderr
+
+
+def test_the_placement_s_gpu_is_honoured_when_the_launcher_lists_several():
+    from hpcfl.cluster.nodecheck import visible_device_for
+
+    assert visible_device_for(None, 3, 4) == "3"  # nothing set: the placement's GPU alone
+    assert visible_device_for("5", 3, 4) is None  # the launcher bound the rank to one GPU: kept
+    # srun --gpus-per-node=8 --gpu-bind=none: every task sees the job's GPUs; the rank takes its placement's entry
+    assert visible_device_for("0,1,2,3,4,5,6,7", 3, 4) == "3"
+    assert visible_device_for("4,5,6,7", 1, 2) == "5"  # the job's share of a node: index into the list
+    assert visible_device_for("GPU-aa,GPU-bb", 1, 2) == "GPU-bb"
+    assert visible_device_for("", 0, 1) is None  # set and empty: check_place names it
+    with pytest.raises(NodeMismatch, match=r"^cluster: rank 9 was placed on GPU 4 but CUDA_VISIBLE_DEVICES lists "
+                                           r"only 2 GPUs \(0,1\); check cluster.gpus_per_node$"):
+        visible_device_for("0,1", 4, 9)
+
+
+def test_a_rank_pins_its_placement_s_gpu_out_of_the_launcher_s_list(monkeypatch):
+    """Fails where a rank keeps CUDA_VISIBLE_DEVICES=0,...,7 and then picks a GPU round-robin by its index on the
+    node: with ranks_per_gpu 2, rank 2 was placed on GPU 0 (next to its cores) but would train on GPU 1."""
+    from hpcfl import runtime
+    from hpcfl.cluster import render
+    from hpcfl.cluster.placement import Place
+
+    cfg = from_dict({"sites": {"count": 2, "ranks": 2}, "site": {"backend": "torch"}})
+    monkeypatch.setattr(render, "my_place", lambda cfg, rank, mode, groups: (
+        Place(rank=rank, node=0, socket=0, cores=(), gpu=(rank - 1) // 2), None))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    runtime._pin(cfg, 2, "local", [])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    runtime._pin(cfg, 3, "local", [])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"

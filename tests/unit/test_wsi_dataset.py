@@ -239,3 +239,33 @@ def test_pinning_happens_in_the_rank_s_process_never_in_a_loader_worker(synth_in
     got = torch.cat([x for x, _ in dl])  # raises here if a worker pinned
     assert torch.equal(got, ds.batch(sampler.items)[0])
     assert pinned_here == ["empty", "pin_memory"]  # the rank's own batch (no workers) is pinned, in the rank
+
+
+def test_gpu_decoding_never_gets_a_one_location_batch(monkeypatch):
+    """cuCIM decodes a multi-location read with nvJPEG but one location with libjpeg-turbo: a tile's pixels
+    would depend on how its batch was split. A fake cuCIM image fails a one-location GPU read."""
+    from hpcfl.wsi import readers
+
+    class FakeCuImage:
+        def __init__(self):
+            self.calls = []
+
+        def read_region(self, location, size, level, device="cpu", num_workers=0, batch_size=1):
+            many = isinstance(location, list)
+            n = len(location) if many else 1
+            self.calls.append((n, device))
+            if device != "cpu" and n < 2:
+                raise AssertionError("a one-location read on the GPU: decoded by libjpeg-turbo, not nvJPEG")
+            locs = location if many else [location]
+            tiles = np.stack([np.full((size[1], size[0], 4), x % 251, np.uint8) for x, _ in locs])
+            return iter([tiles]) if many else tiles[0]
+
+    r = readers.CuCIMReader.__new__(readers.CuCIMReader)
+    r.path, r._img, r._dims, r._down = "fake.tiff", FakeCuImage(), [(1024, 1024)], [1.0]
+    monkeypatch.setattr(readers, "_cupy", lambda: np)  # NumPy stands in for CuPy
+    one = r.read_batch([(7, 0)], 0, (4, 4), device="cuda")
+    assert one.shape == (1, 4, 4, 3) and (one == 7).all() and one.flags.c_contiguous
+    three = r.read_batch([(1, 0), (2, 0), (3, 0)], 0, (4, 4), device="cuda:1")
+    assert three.shape == (3, 4, 4, 3) and [int(t[0, 0, 0]) for t in three] == [1, 2, 3]
+    assert all(n >= 2 for n, d in r._img.calls if d != "cpu")
+    assert r.read_batch([(5, 0)], 0, (4, 4)).shape == (1, 4, 4, 3)  # the CPU: one decoder whatever the batch
