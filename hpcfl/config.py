@@ -457,7 +457,7 @@ class ClusterConfig:
     cores_per_socket: Optional[int] = _f(None, help="cores per socket; left out: from SLURM as for sockets_per_node, else 16", min=1)
     gpus_per_node: Optional[int] = _f(None, help="GPUs per node (0 = CPU nodes: one rank per socket, or per cores_per_rank); left out: from SLURM as for sockets_per_node, else 0", min=0)
     cores_per_rank: int = _f(0, help="cores per site rank (0 = a socket on CPU nodes, a GPU's share on GPU nodes)", min=0)
-    ranks_per_gpu: int = _f(1, help="site ranks that share one GPU (e.g. 4 to run a 2-site x 2-rank federation on one GPU)", min=1)
+    ranks_per_gpu: int = _f(1, help="site ranks that share one GPU (e.g. 4 to run a 2-site x 2-rank federation on one GPU); sites whose ranks share a GPU use Gloo, not NCCL (site.backend: torch; Horovod refuses them)", min=1)
     aggregator_cores: int = _f(1, help="cores reserved for rank 0 on the first node (0 = not pinned: it mostly sleeps)", min=0)
     aggregator_own_node: bool = _f(False, help="give rank 0 a node of its own (the sites start on the second)")
     oversubscribe: bool = _f(False, help="more ranks than slots: ranks share slots round-robin (#SBATCH --overcommit); for small test clusters")
