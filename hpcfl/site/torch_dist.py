@@ -15,6 +15,7 @@ give the same weights.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import socket
 from typing import Any, Dict, List, Tuple
@@ -65,8 +66,9 @@ class TorchBackend(SiteBackend):
         dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", world_size=world, rank=rank,
                                 timeout=datetime.timedelta(minutes=30))
         groups: List[Any] = []
+        bind = "device_id" in inspect.signature(dist.new_group).parameters  # NCCL starts at once, errors at start-up
         for p in plans:  # every rank creates every group, in the same order, with the group's transport
-            kwargs = {"device_id": torch.device(device)} if p.transport == "nccl" and rank in p.ranks else {}
+            kwargs = {"device_id": torch.device(device)} if bind and p.transport == "nccl" and rank in p.ranks else {}
             groups.append(dist.new_group(list(p.ranks), backend=p.transport, **kwargs) if len(p.ranks) > 1 else None)
         self.plan = plans[role.slot.index]
         self.transport = self.plan.transport

@@ -102,8 +102,12 @@ def start(monkeypatch, sites, world, rank, uuids, device_index=0):
                         lambda d: types.SimpleNamespace(uuid=uuids[rank][len("GPU-"):]))
     monkeypatch.setattr(dist, "init_process_group",
                         lambda backend=None, **kw: calls.append(("init", backend, kw.get("device_id"), None)))
-    monkeypatch.setattr(dist, "new_group", lambda ranks=None, backend=None, **kw: calls.append(
-        ("group", backend, kw.get("device_id"), tuple(ranks))) or f"group{tuple(ranks)}")
+    def new_group(ranks=None, timeout=None, backend=None, pg_options=None, use_local_synchronization=False,
+                  group_desc=None, device_id=None):  # torch's signature (with device_id since torch 2.6)
+        calls.append(("group", backend, device_id, tuple(ranks)))
+        return f"group{tuple(ranks)}"
+
+    monkeypatch.setattr(dist, "new_group", new_group)
     cfg = from_dict({"sites": sites, "site": {"backend": "torch"}})
     topo = topology_for(cfg, world)
     backend = TorchBackend(topo, topo.role(rank + 1), FakeComm(rank, uuids), torch.device("cuda", device_index))
