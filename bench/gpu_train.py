@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any, Dict, List
-
-import numpy as np
 
 
 def resnet18(num_classes: int = 4) -> Any:
@@ -148,14 +147,15 @@ def main() -> None:
             print(f"{model:>9} {device:>4} {precision:>4} batch {batch:>3} channels_last {'on ' if cl else 'off'}: "
                   f"{r['samples_per_s']:10.1f} samples/s ({r['steps']} steps, {r['params'] / 1e6:.2f}M params)",
                   flush=True)
-    add_ratios(runs)
+            add_ratios(runs)
+            if a.json:  # after every row: a run cut off by the GPU check's deadline still returns its rows
+                tmp = a.json + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"gpu": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__,
+                               "runs": runs}, f, indent=1)
+                os.replace(tmp, a.json)
     if not gpu:
         print("no GPU here: CPU rows only")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__, "runs": runs},
-                      f, indent=1)
-    np.set_printoptions()
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def start(monkeypatch, sites, world, rank, uuids, device_index=0):
     monkeypatch.setattr(dist, "init_process_group",
                         lambda backend=None, **kw: calls.append(("init", backend, kw.get("device_id"), None)))
     def new_group(ranks=None, timeout=None, backend=None, pg_options=None, use_local_synchronization=False,
-                  group_desc=None, device_id=None):  # torch's signature (with device_id since torch 2.6)
+                  group_desc=None, device_id=None):  # torch's signature (device_id: recent torch)
         calls.append(("group", backend, device_id, tuple(ranks)))
         return f"group{tuple(ranks)}"
 
