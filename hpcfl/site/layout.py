@@ -64,4 +64,17 @@ def shared_gpu_groups(plans: Sequence[GroupTransport]) -> Tuple[GroupTransport, 
     return tuple(p for p in plans if p.shared)
 
 
-__all__ = ["GroupTransport", "group_transport", "group_transports", "shared_gpu_groups", "NCCL", "GLOO"]
+def planned_transports(places: Sequence, group_sizes: Sequence[int]) -> Tuple[GroupTransport, ...]:
+    """The transports the slots of a rendered placement (``hpcfl placement``) will use, before any rank starts:
+    a place's GPU is named by its node and index (what the UUIDs will tell apart at run time); the slots'
+    ranks are consecutive from rank 1, ``group_sizes`` ranks each."""
+    gpus = {p.rank - 1: (None if p.gpu is None else f"node{p.node}/gpu{p.gpu}") for p in places if p.rank > 0}
+    groups, first = [], 0
+    for n in group_sizes:
+        groups.append(tuple(range(first, first + n)))
+        first += n
+    return group_transports(groups, gpus)
+
+
+__all__ = ["GroupTransport", "group_transport", "group_transports", "shared_gpu_groups", "planned_transports",
+           "NCCL", "GLOO"]

@@ -356,3 +356,15 @@ def test_a_rank_pins_its_placement_s_gpu_out_of_the_launcher_s_list(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     runtime._pin(cfg, 3, "local", [])
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_placement_says_which_slots_will_use_nccl_and_which_gloo():
+    r = hpcfl("placement", "configs/cluster-gpu.yaml")  # 8 GPUs, 4 sites x 2 ranks: a GPU per rank
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-4:] == [f"slot {i} (ranks {2 * i + 1}-{2 * i + 2}): nccl, every rank has its own GPU"
+                                          for i in range(4)]
+    r = hpcfl("placement", "configs/cluster-gpu.yaml", "--set", "cluster.ranks_per_gpu=2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "slot 3 (ranks 7-8): gloo, ranks share GPU node0/gpu3"
+    r = hpcfl("placement", "configs/cluster-cpu.yaml")  # CPU nodes: nothing to say
+    assert r.returncode == 0 and "nccl" not in r.stdout and "gloo" not in r.stdout
