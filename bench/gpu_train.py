@@ -9,6 +9,11 @@ hpcfl.site.trainer.SiteTrainer (flat parameters, flat optimizer, autocast) on
 random batches already in device memory, so this measures compute, not data
 loading (bench/gpu_tiles.py measures the data path).
 
+Comparable rows: CPU and GPU at the SAME batch size (32), with the GPU-sized batch
+(256) as extra GPU rows; on the GPU each row with ``train.channels_last`` off and on
+(it converts the input batches only: the weights are NCHW views of the flat buffer,
+so on is not assumed to be faster, it is measured).
+
     python bench/gpu_train.py --json out.json            # CPU and (where present) GPU
     python bench/gpu_train.py --quick                    # a few steps: the CPU-side check
 """
@@ -16,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any, Dict, List
-
-import numpy as np
 
 
 def resnet18(num_classes: int = 4) -> Any:
@@ -49,7 +53,8 @@ def resnet18(num_classes: int = 4) -> Any:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
 
 
-def throughput(model_name: str, device: str, precision: str, batch: int, steps: int) -> Dict[str, Any]:
+def throughput(model_name: str, device: str, precision: str, batch: int, steps: int,
+               channels_last: bool = False) -> Dict[str, Any]:
     import torch
 
     from hpcfl.config import from_dict
@@ -61,7 +66,7 @@ def throughput(model_name: str, device: str, precision: str, batch: int, steps: 
     cfg = from_dict({"sites": [{"name": "a"}], "data": {"name": "tiles"},
                      "model": {"name": "cnn" if model_name == "cnn" else f"{__name__}:_resnet_factory"},
                      "train": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "precision": precision,
-                               "channels_last": device == "cuda", "device": device}})
+                               "channels_last": channels_last, "device": device}})
     spec = DataSpec((3, 64, 64), 4)
     dev = torch.device(device)
     tr = SiteTrainer(cfg, ClassifyTask(cfg), spec, SoloBackend(), dev)
@@ -94,12 +99,35 @@ def throughput(model_name: str, device: str, precision: str, batch: int, steps: 
     dt = time.perf_counter() - t
     params = sum(p.numel() for p in tr.model.module.parameters())
     return {"model": model_name, "device": device, "precision": precision, "batch": batch, "steps": st.steps,
+            "channels_last": channels_last,
             "params": int(params), "samples_per_s": batch * st.steps / dt, "seconds": dt,
             "final_loss": float(st.loss_sum / max(st.samples, 1))}
 
 
 def _resnet_factory(num_features: int, num_classes: int, **_: Any) -> Any:
     return resnet18(num_classes)
+
+
+MATCHED_BATCH, GPU_BATCH = 32, 256
+
+
+def configurations(gpu: bool) -> List[tuple]:
+    """(device, precision, batch, channels_last) rows: the CPU at the matched batch; the GPU at the matched
+    batch and at its own, each with channels_last off and on."""
+    rows = [("cpu", p, MATCHED_BATCH, False) for p in ("fp32", "bf16")]
+    if gpu:
+        rows += [("cuda", p, b, cl) for b in (MATCHED_BATCH, GPU_BATCH) for p in ("fp32", "bf16", "fp16")
+                 for cl in (False, True)]
+    return rows
+
+
+def add_ratios(runs: List[Dict[str, Any]]) -> None:
+    """``vs_cpu_fp32``: samples/s over the CPU's fp32 row of the same model at the SAME batch size (None where
+    the CPU did not run that batch: the GPU-sized rows compare with each other, not with the CPU)."""
+    for r in runs:
+        base = next((b for b in runs if b["model"] == r["model"] and b["device"] == "cpu" and b["precision"] == "fp32"
+                     and b["batch"] == r["batch"]), None)
+        r["vs_cpu_fp32"] = r["samples_per_s"] / base["samples_per_s"] if base else None
 
 
 def main() -> None:
@@ -112,27 +140,22 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     runs = []
     for model in ("cnn", "resnet18"):
-        for device in (["cpu", "cuda"] if gpu else ["cpu"]):
-            for precision in (["fp32", "bf16", "fp16"] if device == "cuda" else ["fp32", "bf16"]):
-                big = device == "cuda"
-                batch = 256 if big else 32
-                steps = 2 if a.quick else (50 if big else (20 if model == "cnn" else 3))
-                r = throughput(model, device, precision, batch, steps)
-                runs.append(r)
-                print(f"{model:>9} {device:>4} {precision:>4}: {r['samples_per_s']:10.1f} samples/s "
-                      f"(batch {batch}, {r['steps']} steps, {r['params'] / 1e6:.2f}M params)", flush=True)
-    for model in ("cnn", "resnet18"):
-        base = next(r for r in runs if r["model"] == model and r["device"] == "cpu" and r["precision"] == "fp32")
-        for r in runs:
-            if r["model"] == model:
-                r["vs_cpu_fp32"] = r["samples_per_s"] / base["samples_per_s"]
+        for device, precision, batch, cl in configurations(gpu):
+            steps = 2 if a.quick else (30 if device == "cuda" else (20 if model == "cnn" else 3))
+            r = throughput(model, device, precision, batch, steps, channels_last=cl)
+            runs.append(r)
+            print(f"{model:>9} {device:>4} {precision:>4} batch {batch:>3} channels_last {'on ' if cl else 'off'}: "
+                  f"{r['samples_per_s']:10.1f} samples/s ({r['steps']} steps, {r['params'] / 1e6:.2f}M params)",
+                  flush=True)
+            add_ratios(runs)
+            if a.json:  # after every row: a run cut off by the GPU check's deadline still returns its rows
+                tmp = a.json + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"gpu": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__,
+                               "runs": runs}, f, indent=1)
+                os.replace(tmp, a.json)
     if not gpu:
         print("no GPU here: CPU rows only")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name() if gpu else None, "torch": torch.__version__, "runs": runs},
-                      f, indent=1)
-    np.set_printoptions()
 
 
 if __name__ == "__main__":

@@ -332,6 +332,20 @@ def _say_slots(cfg) -> None:
               f"{cfg.cluster.nodes - 1} node(s) will not find it; use a shared filesystem", file=sys.stderr)
 
 
+def _say_transports(cfg) -> None:
+    """After the placement table on GPU nodes: the transport each slot's group will use, and why."""
+    from .cluster.render import cluster_places, cluster_shape, cluster_slots, slot_groups
+    from .site.layout import planned_transports
+
+    if not cluster_shape(cfg).gpus_per_node:
+        return
+    sizes = [n for _, n in slot_groups(cfg, cluster_slots(cfg))]
+    for i, t in enumerate(planned_transports(cluster_places(cfg), sizes)):
+        if len(t.ranks) > 1:
+            use = "refused (Horovod needs NCCL)" if cfg.site.backend == "horovod" and t.shared else t.transport
+            print(f"slot {i} (ranks {t.ranks[0] + 1}-{t.ranks[-1] + 1}): {use}, {t.reason}")
+
+
 def _placement(cfg, overrides, args) -> int:
     import subprocess
 
@@ -344,6 +358,7 @@ def _placement(cfg, overrides, args) -> int:
         for p in cluster_places(cfg):
             cores = f"{p.cores[0]}-{p.cores[-1]}" if p.cores else "-"
             print(f"{p.rank:>4}  {p.node:>4}  {p.socket:>6}  {cores:<15} {'-' if p.gpu is None else p.gpu}")
+        _say_transports(cfg)
         return 0
     if args.nodes_file:
         names = _read_text("placement --nodes-file", args.nodes_file).split()

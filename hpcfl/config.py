@@ -344,7 +344,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SiteBackendConfig:
-    backend: Literal["horovod", "torch"] = _f("horovod", help="data parallelism inside a site: Horovod process sets, or torch.distributed groups (NCCL on GPUs, Gloo on CPUs)")
+    backend: Literal["horovod", "torch"] = _f("horovod", help="data parallelism inside a site: Horovod process sets, or torch.distributed groups (NCCL where each rank of a site has its own GPU, else Gloo: docs/gpu.md)")
 
 
 @dataclass(frozen=True)
@@ -457,7 +457,7 @@ class ClusterConfig:
     cores_per_socket: Optional[int] = _f(None, help="cores per socket; left out: from SLURM as for sockets_per_node, else 16", min=1)
     gpus_per_node: Optional[int] = _f(None, help="GPUs per node (0 = CPU nodes: one rank per socket, or per cores_per_rank); left out: from SLURM as for sockets_per_node, else 0", min=0)
     cores_per_rank: int = _f(0, help="cores per site rank (0 = a socket on CPU nodes, a GPU's share on GPU nodes)", min=0)
-    ranks_per_gpu: int = _f(1, help="site ranks that share one GPU (e.g. 4 to run a 2-site x 2-rank federation on one GPU)", min=1)
+    ranks_per_gpu: int = _f(1, help="site ranks that share one GPU (e.g. 4 to run a 2-site x 2-rank federation on one GPU); sites whose ranks share a GPU use Gloo, not NCCL (site.backend: torch; Horovod refuses them)", min=1)
     aggregator_cores: int = _f(1, help="cores reserved for rank 0 on the first node (0 = not pinned: it mostly sleeps)", min=0)
     aggregator_own_node: bool = _f(False, help="give rank 0 a node of its own (the sites start on the second)")
     oversubscribe: bool = _f(False, help="more ranks than slots: ranks share slots round-robin (#SBATCH --overcommit); for small test clusters")
@@ -728,6 +728,7 @@ def _validate(cfg: Config, src: str) -> None:
     if cfg.run.name and not _SITE_NAME.match(cfg.run.name):
         raise ConfigError(f"{src}: run.name: {cfg.run.name!r} must be letters, digits, '-', '_' or '.'")
     _validate_fl(cfg, src)
+    _validate_gpu_sharing(cfg, src)
     from .tasks.base import BUILTIN
 
     if cfg.task not in BUILTIN and ":" not in cfg.task:
@@ -756,6 +757,18 @@ def _validate(cfg: Config, src: str) -> None:
 
 
 ROBUST = ("median", "trimmed_mean", "krum")
+
+
+def _validate_gpu_sharing(cfg: Config, src: str) -> None:
+    """Horovod averages GPU gradients with NCCL, which refuses two ranks of one process set on one GPU; the
+    torch backend picks Gloo for such slots (hpcfl.site.layout), Horovod cannot."""
+    c = cfg.cluster
+    if cfg.site.backend != "horovod" or c.ranks_per_gpu <= 1 or cfg.train.device == "cpu" or c.gpus_per_node == 0:
+        return
+    if any(s.ranks > 1 for s in cfg.sites):
+        raise ConfigError(f"{src}: cluster.ranks_per_gpu: {c.ranks_per_gpu} puts ranks of one site on one GPU, and "
+                          "Horovod's NCCL refuses two ranks of a process set on one GPU; use site.backend: torch "
+                          "(Gloo for such sites), ranks_per_gpu: 1, or train.device: cpu")
 
 
 def _validate_fl(cfg: Config, src: str) -> None:

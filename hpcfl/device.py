@@ -5,9 +5,10 @@
   pinning sets CUDA_VISIBLE_DEVICES to one GPU, or to the GPUs ranks share).
 * :class:`Stager`: moves a flat device tensor to and from MPI chunk by chunk. On
   the CPU it hands MPI the tensor's own memory. On a GPU it either hands MPI device
-  memory directly (CUDA-aware MPI, detected), or stages through two pinned host
-  buffers, double-buffered: the device-host copy of chunk i+1 runs while MPI
-  moves chunk i.
+  memory directly (CUDA-aware MPI, detected; the current stream is synchronized
+  before MPI touches it), or stages through two pinned host buffers, double-buffered:
+  the device-host copy of chunk i+1 runs while MPI moves chunk i, on a side stream
+  that first waits for the current stream.
 
 Rank 0 never imports this module's torch parts: it stays on host memory.
 """
@@ -42,6 +43,25 @@ def select_device(want: str, local_index: int = 0) -> Any:
     return torch.device("cuda", index)
 
 
+def gpu_identity(device: Any) -> Optional[str]:
+    """The identity of the GPU a rank trains on, unique across nodes (its UUID), or None on the CPU.
+
+    Ranks exchange these to tell which of them share a GPU (:mod:`hpcfl.site.layout`): a device
+    index says nothing about that (every rank pinned to one GPU sees it as cuda:0)."""
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return None
+    import torch
+
+    p = torch.cuda.get_device_properties(device)
+    uuid = getattr(p, "uuid", None)
+    if uuid:
+        return f"GPU-{uuid}"
+    import socket  # torch without the UUID property: the host and the PCI address name the GPU
+
+    return (f"{socket.gethostname()}:pci-{getattr(p, 'pci_domain_id', 0):04x}:{getattr(p, 'pci_bus_id', 0):02x}:"
+            f"{getattr(p, 'pci_device_id', 0):02x}")
+
+
 def device_info(device: Any) -> Dict[str, Any]:
     """What manifest.json records about the device a rank really used."""
     import torch
@@ -53,7 +73,7 @@ def device_info(device: Any) -> Dict[str, Any]:
         "type": "cuda", "index": device.index, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 2),
         "compute_capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "nccl": _nccl_version(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "uuid": gpu_identity(device),
     }
 
 
@@ -131,13 +151,18 @@ class Stager:
                 recv_chunk(arr[s:e])
             return
         if self.direct:
+            current = self.torch.cuda.current_stream(self.device)
+            current.synchronize()  # MPI writes dev outside any stream: the kernels still using it must be done
             for s, e in self._steps(dev.numel()):
                 recv_chunk(dev[s:e])
-            self.torch.cuda.current_stream(self.device).synchronize()
+            current.synchronize()
             return
         steps = self._steps(dev.numel())
         bufs = self._buffers(max(e - s for s, e in steps))
         t = self.torch
+        # The copies run on a side stream: it must first wait for the work queued on the current stream that may
+        # still read or write dev (the last training step, an optimizer update), or the copies would race it.
+        self._stream.wait_stream(t.cuda.current_stream(self.device))
         for i, (s, e) in enumerate(steps):
             k = i % 2
             self._events[k].synchronize()  # the copy out of this buffer (chunk i-2) is done
@@ -245,17 +270,17 @@ class Precision:
     def scale_loss(self, loss: Any) -> Any:
         return loss * self.scale if self.scaled else loss
 
-    def unscale_(self, grad: Any) -> bool:
-        """Undo the loss scale on the (already averaged) flat gradient; False if it holds inf/NaN
-        (then the step is skipped and the scale backs off, as GradScaler does)."""
+    def unscale_(self, grad: Any) -> Optional[Any]:
+        """Undo the loss scale on the (already averaged) flat gradient. Returns None without loss scaling, else
+        the 0-dim device flag that is non-zero when the gradient held inf/NaN: the optimizer then skips the step
+        on the device (FlatOptimizer.step) and the scale backs off, as GradScaler does, with no host sync."""
         if not self.scaled:
-            return True
+            return None
         t = self.torch
         self.found_inf.zero_()
         t._amp_foreach_non_finite_check_and_unscale_([grad], self.found_inf, self.scale.double().reciprocal().float())
-        ok = not bool(self.found_inf.item())
         t._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
-        return ok
+        return self.found_inf
 
 
-__all__ = ["select_device", "device_info", "cuda_aware_mpi", "chunks", "Stager", "Precision"]
+__all__ = ["select_device", "gpu_identity", "device_info", "cuda_aware_mpi", "chunks", "Stager", "Precision"]

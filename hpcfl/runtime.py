@@ -223,8 +223,12 @@ def _pin(cfg: Config, rank: int, mode: str, groups) -> Optional[list]:
         from .cluster.nodecheck import check_place, node_facts
 
         check_place(cfg.cluster, place, node_facts())
-    if place.gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(place.gpu)
+    if place.gpu is not None:
+        from .cluster.nodecheck import visible_device_for
+
+        visible = visible_device_for(os.environ.get("CUDA_VISIBLE_DEVICES"), place.gpu, rank)
+        if visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     launcher_bound = len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
     if not cpus or launcher_bound:
         return None
@@ -434,8 +438,8 @@ def _aggregate(cfg: Config, r: _Rank, rundir, ckpt, start_round: int, infos) -> 
     rundir.write_json("manifest.json", {
         "run": cfg.run.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from_round": start_round - 1, "world_size": topology.world_size, "sites": len(topology.sites),
-        "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name for i in s.sites]}
-                  for s in topology.slots],
+        "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name for i in s.sites],
+                   "backend": infos[s.leader][0].get("backend")} for s in topology.slots],  # as the slot really ran
         "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
     })
     agg = Aggregator(cfg, topology, r.comms, rundir, ckpt)

@@ -6,6 +6,10 @@
 #
 #   bash scripts/fetch_gpu_wheels.sh            # download into .gpu-wheels/ and print the sizes
 #   bash scripts/fetch_gpu_wheels.sh --list     # only print what it would fetch (no network)
+#   bash scripts/fetch_gpu_wheels.sh --mpi-only # only Open MPI and mpi4py
+# HPCFL_GPU_PY_VERSION (default 3.12, the GPU node's) picks the CPython the wheels are for: `make
+# gpu-check-wheels` fetches this machine's, with which tests/mpi/test_gpu_check_env.py runs the check's
+# install step and an mpi4py hello under the environment it exports.
 #
 # Wheels that would break the budget are left out on purpose (pyarrow 52 MB, imagecodecs 27 MB,
 # scikit-image 13 MB): bench/gpu_check.sh uses them where the GPU node already has them and says
@@ -14,7 +18,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${HPCFL_GPU_WHEELS:-$here/.gpu-wheels}"
 budget_mb="${HPCFL_GPU_WHEEL_BUDGET_MB:-48}"  # leaves room for the tree itself under the 64 MiB
-PY_VERSION=3.12
+PY_VERSION="${HPCFL_GPU_PY_VERSION:-3.12}"
 # name==version: pinned, so a check is repeatable
 WHEELS=(
   "mpi4py==4.1.2"        # MPI for Python (binary wheel, finds the MPI library below at run time)
@@ -30,6 +34,9 @@ WHEELS=(
 if [ "${1:-}" = "--list" ]; then
   printf '%s\n' "${WHEELS[@]}"
   exit 0
+fi
+if [ "${1:-}" = "--mpi-only" ]; then
+  WHEELS=("${WHEELS[@]:0:2}")
 fi
 mkdir -p "$dest"
 pip_="${HPCFL_PIP:-$here/.venv/bin/pip}"

@@ -49,13 +49,7 @@ def count_gpus(env: Optional[Dict[str, str]] = None, proc: Path = Path("/proc/dr
     env = os.environ if env is None else env
     vis = env.get("CUDA_VISIBLE_DEVICES")
     if vis is not None:
-        ids = [x.strip() for x in vis.split(",") if x.strip()]
-        usable = []
-        for x in ids:  # CUDA stops at the first invalid id ("-1", "NoDevFiles")
-            if x.startswith("-") or x == "NoDevFiles":
-                break
-            usable.append(x)
-        return len(usable), True
+        return len(_visible_ids(vis)), True
     try:
         return len([p for p in proc.iterdir() if p.is_dir()]), False
     except OSError:
@@ -64,6 +58,34 @@ def count_gpus(env: Optional[Dict[str, str]] = None, proc: Path = Path("/proc/dr
         return len([p for p in dev.iterdir() if re.fullmatch(r"nvidia\d+", p.name)]), False
     except OSError:
         return 0, False
+
+
+def visible_device_for(vis: Optional[str], gpu: int, rank: int) -> Optional[str]:
+    """The CUDA_VISIBLE_DEVICES a rank placed on the node's GPU ``gpu`` must run with, or None to keep ``vis``.
+
+    Unset: that GPU alone. One id: the launcher bound the rank already. Several (``srun --gpus-per-node`` with
+    ``--gpu-bind=none`` lists every GPU of the job's share of the node to every task): the placement's entry of
+    that list, so the rank trains on the GPU next to the cores it was pinned to (not the rank's round-robin
+    pick). Set and empty: left alone (check_place names it)."""
+    if vis is None:
+        return str(gpu)
+    ids = _visible_ids(vis)
+    if len(ids) <= 1:
+        return None
+    if gpu >= len(ids):
+        raise NodeMismatch(f"cluster: rank {rank} was placed on GPU {gpu} but CUDA_VISIBLE_DEVICES lists only "
+                           f"{len(ids)} GPUs ({vis}); check cluster.gpus_per_node")
+    return ids[gpu]
+
+
+def _visible_ids(vis: str) -> List[str]:
+    """The usable ids of a CUDA_VISIBLE_DEVICES value: CUDA stops at the first invalid one ("-1", "NoDevFiles")."""
+    usable = []
+    for x in (x.strip() for x in vis.split(",") if x.strip()):
+        if x.startswith("-") or x == "NoDevFiles":
+            break
+        usable.append(x)
+    return usable
 
 
 def node_facts() -> NodeFacts:
@@ -219,5 +241,5 @@ def fill_node_shape(cfg, overrides: Sequence[str] = (), run: Runner = _run, whic
     return new, [*overrides, *sets], line
 
 
-__all__ = ["NodeFacts", "NodeMismatch", "check_place", "node_facts", "count_gpus", "fill_node_shape",
+__all__ = ["NodeFacts", "NodeMismatch", "check_place", "node_facts", "count_gpus", "visible_device_for", "fill_node_shape",
            "parse_scontrol_nodes", "parse_gres_gpus", "shape_of_nodes"]

@@ -4,7 +4,7 @@ The round protocol (:mod:`hpcfl.protocol`) drives a :class:`hpcfl.site.slot.Slot
 which trains its sites one after another with one :class:`hpcfl.site.trainer.SiteTrainer`,
 which talks to the other ranks of its slot only through a :class:`SiteBackend`:
 Horovod process sets (``site.backend: horovod``) or torch.distributed groups
-(``site.backend: torch``, NCCL on GPUs, Gloo on CPUs).
+(``site.backend: torch``, NCCL or Gloo per slot: :mod:`hpcfl.site.layout`).
 """
 from __future__ import annotations
 

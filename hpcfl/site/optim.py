@@ -43,11 +43,41 @@ class FlatOptimizer:
     def zero_grad(self) -> None:
         self.grad.zero_()
 
-    def step(self) -> None:
-        if self.kind == "sgd":
+    def step(self, found_inf: Optional[Any] = None) -> None:
+        """One step. ``found_inf`` (fp16's 0-dim device tensor, non-zero when the gradient held inf/NaN): the
+        step is applied or skipped ON THE DEVICE, as GradScaler skips it but without reading the flag on the
+        host every step; a skipped step changes nothing and does not count (Adam's bias correction)."""
+        if found_inf is not None:
+            self._masked_step(found_inf)
+        elif self.kind == "sgd":
             self._sgd()
         else:
             self._adam()
+
+    def _masked_step(self, found_inf: Any) -> None:
+        """The unmasked step's own arithmetic on the live tensors, then the state before it put back where
+        ``found_inf`` is set (torch.where: no host sync). Adam counts applied steps in a device tensor."""
+        import torch
+
+        p = self.param
+        if self._fresh:  # fresh state BEFORE the snapshot: a skipped first step leaves zeros, not the last round's
+            if self.kind != "sgd":
+                self._applied = torch.zeros((), dtype=torch.float64, device=p.device)
+            if self.kind != "sgd" or self.momentum != 0:
+                self._buf = torch.zeros_like(p) if self._buf is None else self._buf.zero_()
+            if self.kind != "sgd":
+                self._sq = torch.zeros_like(p) if self._sq is None else self._sq.zero_()
+        live = [t for t in (p, self._buf, self._sq) if t is not None]
+        before = [t.clone() for t in live]
+        if self.kind == "sgd":
+            self._sgd()  # a skipped fresh step restores buf to zeros, and m * 0 + d = d at the next step
+        else:
+            ok = (found_inf == 0).to(torch.float64)
+            self._applied.add_(ok)
+            self._adam(step=self._applied + (1 - ok))  # this step's number as if applied
+        skip = found_inf != 0
+        for t, old in zip(live, before):
+            t.copy_(torch.where(skip, old, t))
 
     # torch.optim.sgd._single_tensor_sgd, dampening 0, no nesterov, not maximize
     def _sgd(self) -> None:
@@ -67,8 +97,9 @@ class FlatOptimizer:
         p.add_(d, alpha=-self.lr)
         self.steps += 1
 
-    # torch.optim.adam._single_tensor_adam (not capturable, not differentiable, no amsgrad)
-    def _adam(self) -> None:
+    # torch.optim.adam._single_tensor_adam (not capturable, not differentiable, no amsgrad); ``step``: the step
+    # number as a float64 device tensor (fp16's masked steps), else the Python count
+    def _adam(self, step: Optional[Any] = None) -> None:
         p, g = self.param, self.grad
         if self._fresh:
             if self._buf is None:
@@ -85,6 +116,13 @@ class FlatOptimizer:
                 g = g.add(p, alpha=self.weight_decay)
         self._buf.lerp_(g, 1 - self.beta1)
         self._sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        if step is not None:  # the same arithmetic with device scalars (addcdiv's value cast to float first)
+            import torch
+
+            step_size = self.lr / (1 - torch.pow(self.beta1, step))
+            denom = (self._sq.sqrt() / (1 - torch.pow(self.beta2, step)).sqrt().float()).add_(self.eps)
+            p.addcdiv_(self._buf * (-step_size).float(), denom)
+            return
         bias_correction1 = 1 - self.beta1 ** self.steps
         bias_correction2 = 1 - self.beta2 ** self.steps
         step_size = self.lr / bias_correction1

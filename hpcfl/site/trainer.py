@@ -169,10 +169,10 @@ class SiteTrainer:
         t2 = time.perf_counter()
         self.backend.average_gradients_(self.model.grad)
         t3 = time.perf_counter()
-        if self.precision.unscale_(self.model.grad):
-            if self.cfg.train.grad_clip:
-                clip_grad_norm_(self.model.grad, self.cfg.train.grad_clip)
-            self.optimizer.step()
+        found_inf = self.precision.unscale_(self.model.grad)  # fp16: a device flag, never read on the host here
+        if self.cfg.train.grad_clip:
+            clip_grad_norm_(self.model.grad, self.cfg.train.grad_clip)
+        self.optimizer.step(found_inf)  # skipped on the device when found_inf is set
         task.after_step(module, ctx)
         t4 = time.perf_counter()
         n = int(batch[0].shape[0])

@@ -6,8 +6,9 @@
   run is exact.
 - A batch is read, then assembled in one go (:meth:`TileDataset.batch`):
   NumPy on the host, or CuPy on the GPU (hpcfl.wsi.feed decides), and leaves
-  as torch tensors: pinned host memory when CUDA is present, or GPU memory
-  handed over through DLPack.
+  as torch tensors: pinned host memory when CUDA is present (pinned by the
+  rank's process: in DataLoader workers the DataLoader pins in the parent), or
+  GPU memory handed over through DLPack.
 - Readers are shared by everyone in a process (hpcfl.wsi.readers.shared_reader)
   and opened again in each DataLoader worker: never pickled.
 - ``batched_reads``: a batch's tiles are read slide by slide through cuCIM's
@@ -89,7 +90,7 @@ class TileDataset:
 
     def finish(self, raw: RawBatch):
         """Assemble a read batch into (x, y) torch tensors: on the GPU (CuPy, DLPack) or on the host (pinned
-        when the plan says so; written there directly, no extra copy)."""
+        when the plan says so and this is the rank's process, written there directly with no extra copy)."""
         import torch
 
         spec, plan = self.spec, self.plan
@@ -98,7 +99,9 @@ class TileDataset:
             cp = array_module("cupy")
             x = to_torch(assemble(cp, cp.asarray(raw.tiles), raw.seeds, spec))
             return x, torch.from_numpy(y).to(x.device)
-        if plan.pin:  # (host assembly implies host decoding: hpcfl.wsi.feed.plan_feed)
+        # Pinned only in the rank's own process: a DataLoader worker forked after CUDA was initialised cannot
+        # pin ("CUDA error: initialization error"); the DataLoader pins its batches in the parent instead.
+        if plan.pin and torch.utils.data.get_worker_info() is None:  # (host assembly implies host decoding)
             x = torch.empty(batch_shape(len(raw.seeds), spec), dtype=torch.float32, pin_memory=True)
             assemble(np, raw.tiles, raw.seeds, spec, out=x.numpy())
             return x, torch.from_numpy(y).pin_memory()

@@ -127,9 +127,12 @@ class CuCIMReader(SlideReader):
         """One multi-location ``read_region`` call returning the whole batch.
 
         On ``device="cuda"`` cuCIM decodes the JPEG tiles of a multi-location read on
-        the GPU (nvJPEG, in its default plugin); a single location is decoded on the
-        CPU and copied over. ``workers``: cuCIM's reading threads. The result is copied
-        out of cuCIM's reused buffer.
+        the GPU (nvJPEG, in its default plugin), but a single-location read on the CPU
+        (libjpeg-turbo), and the two decoders differ by a few levels. So that a tile's
+        pixels never depend on how its batch was split, a one-location GPU batch is read
+        as a two-location batch (the location twice) and the first copy kept: every GPU
+        batch takes the nvJPEG path. ``workers``: cuCIM's reading threads. The result is
+        copied out of cuCIM's reused buffer.
         """
         if not 0 <= level < self.level_count:
             raise SlideError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
@@ -137,12 +140,14 @@ class CuCIMReader(SlideReader):
         wh = (int(size[0]), int(size[1]))
         xp = np if device == "cpu" else _cupy()
         try:
-            if len(locs) == 1:
+            if len(locs) == 1 and device == "cpu":  # (libjpeg-turbo either way on the CPU)
                 out = self._img.read_region(locs[0], wh, level, device=device)
                 return xp.array(xp.asarray(out)[None, ..., :3], order="C")  # always a copy
-            batch = self._img.read_region(locs, wh, level, num_workers=max(1, int(workers)), batch_size=len(locs),
+            many = locs if len(locs) > 1 else locs * 2  # one decode path for every GPU batch: see above
+            batch = self._img.read_region(many, wh, level, num_workers=max(1, int(workers)), batch_size=len(many),
                                            device=device)
-            return xp.array(xp.asarray(next(iter(batch)))[..., :3], order="C")  # a copy: the loader reuses its buffer
+            got = xp.asarray(next(iter(batch)))[:len(locs), ..., :3]
+            return xp.array(got, order="C")  # a copy: the loader reuses its buffer
         except Exception as exc:  # noqa: BLE001
             where = "" if device == "cpu" else f" on {device} (data.tiles.decode_device)"
             raise SlideError(f"{self.path}: batched read of {len(locs)} regions{where} failed: "

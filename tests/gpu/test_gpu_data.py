@@ -2,6 +2,8 @@
 
 Needs only pytest, numpy, torch, cupy, cucim, Pillow (to write a JPEG slide) and hpcfl.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -33,12 +35,33 @@ def grid_index(path, tile=TILE, n=16) -> TileIndex:
                      level=np.zeros(k, np.int16), size=np.full(k, tile, np.int32), label=(np.arange(k) % 2).astype(np.int16))
 
 
-def describe(a: np.ndarray, b: np.ndarray) -> str:
-    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return f"max |diff| {d.max()}, {np.count_nonzero(d)} of {d.size} values differ, mean {d.mean():.4f}"
+# nvJPEG (cuCIM's GPU decode) and libjpeg-turbo (its CPU decode) are both valid JPEG decoders, not the same one:
+# the standard bounds the IDCT's error (IEEE 1180: a sample within 1 level of the exact transform) but not chroma
+# upsampling (libjpeg-turbo interpolates 4:2:0 chroma, "fancy upsampling"; nvJPEG need not), and YCbCr -> RGB
+# scales chroma errors by up to 1.77. So the decoders agree within a few levels on most pixels and may differ
+# more along sharp colour edges. The bound below, in 8-bit levels, is what the tests accept; it was set from
+# that reasoning, NOT measured (no GPU was lent to the session that wrote it): every comparison logs its
+# statistics (junit properties of the gpu tier, bench/gpu_check.sh's gpu-tier.xml) so the first run can
+# tighten it. Batches are compared after area resizing and scaling to [0, 1], so the bound is scaled by 1/255.
+DECODE_BOUND = {"mean": 1.5, "p99": 8.0, "max": 48.0}
 
 
-def test_cucim_gpu_decode_equals_cpu_decode(slide, cupy):
+def decode_stats(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> dict:
+    """|a - b| in 8-bit levels (``scale``: levels per unit of a and b, 255 for batches in [0, 1])."""
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64)) * scale
+    return {"mean": float(d.mean()), "p99": float(np.percentile(d, 99)), "max": float(d.max()),
+            "differ": float(np.count_nonzero(d > 1e-3) / d.size)}
+
+
+def assert_decoders_agree(a, b, record_property, name: str, scale: float = 1.0) -> None:
+    st = decode_stats(a, b, scale)
+    record_property(f"decode_{name}", json.dumps(st))
+    print(f"decoder agreement ({name}): {st}")
+    over = {k: v for k, v in st.items() if k in DECODE_BOUND and v > DECODE_BOUND[k]}
+    assert not over, f"nvJPEG vs libjpeg-turbo ({name}) beyond the documented bound {DECODE_BOUND}: {st}"
+
+
+def test_cucim_gpu_decode_agrees_with_cpu_decode(slide, cupy, record_property):
     from hpcfl.wsi.readers import open_slide
 
     r = open_slide(slide, "cucim")
@@ -46,10 +69,10 @@ def test_cucim_gpu_decode_equals_cpu_decode(slide, cupy):
     cpu = r.read_batch(locs, 0, (TILE, TILE), "cpu")
     gpu = r.read_batch(locs, 0, (TILE, TILE), "cuda")  # nvJPEG batch decode
     assert isinstance(gpu, cupy.ndarray) and gpu.shape == cpu.shape == (6, TILE, TILE, 3) and gpu.dtype == np.uint8
-    got = gpu.get()
-    assert np.array_equal(got, cpu), "GPU decode differs from CPU decode: " + describe(got, cpu)
-    one = r.read_batch(locs[2:3], 0, (TILE, TILE), "cuda")  # a single location
-    assert isinstance(one, cupy.ndarray) and np.array_equal(one.get(), cpu[2:3]), describe(one.get(), cpu[2:3])
+    assert_decoders_agree(gpu.get(), cpu, record_property, "tiles")
+    # one decode path per batch: a single location decodes exactly as it does within a larger GPU batch
+    one = r.read_batch(locs[2:3], 0, (TILE, TILE), "cuda")
+    assert isinstance(one, cupy.ndarray) and np.array_equal(one.get(), gpu.get()[2:3])
 
 
 @pytest.mark.parametrize("spec", [BatchSpec(64, augment=True), BatchSpec(TILE, augment=True), BatchSpec(96),
@@ -84,7 +107,7 @@ def test_dlpack_hand_off_is_the_same_gpu_memory(cupy):
 
 
 @pytest.mark.parametrize("decode", ["cuda", "cpu"])
-def test_gpu_batches_from_slides_match_host_batches(slide, cupy, decode):
+def test_gpu_batches_from_slides_match_host_batches(slide, cupy, decode, record_property):
     from hpcfl.wsi.dataset import TileDataset
 
     ix = grid_index(slide)
@@ -97,7 +120,10 @@ def test_gpu_batches_from_slides_match_host_batches(slide, cupy, decode):
     xg, yg = gpu.batch(items)
     assert xg.is_cuda and yg.is_cuda and xg.dtype == torch.float32 and yg.dtype == torch.int64
     assert torch.equal(yg.cpu(), yh)
-    assert (xg.cpu() - xh).abs().max() < 1e-6
+    if decode == "cpu":  # the same decoder: CuPy's batch math equals NumPy's
+        assert (xg.cpu() - xh).abs().max() < 1e-6
+    else:
+        assert_decoders_agree(xg.cpu().numpy(), xh.numpy(), record_property, "batches", 255.0)
     # through the prefetch thread (CuPy's current device is per thread), the same batches
     src = (gpu.batch(items[b:b + 5]) for b in range(0, len(items), 5))
     dev = torch.cuda.current_device()
@@ -107,7 +133,7 @@ def test_gpu_batches_from_slides_match_host_batches(slide, cupy, decode):
     assert (xh.to(xg.device, non_blocking=True) - xg).abs().max() < 1e-6
 
 
-def test_site_tile_data_decodes_on_the_gpu(slide, cupy, tmp_path):
+def test_site_tile_data_decodes_on_the_gpu(slide, cupy, tmp_path, record_property):
     """TileData end to end with data.tiles.decode_device: cuda (needs pyarrow for the Feather index)."""
     pytest.importorskip("pyarrow", reason="the tile index is Feather: pip install pyarrow")
     from types import SimpleNamespace as NS
@@ -144,4 +170,4 @@ def test_site_tile_data_decodes_on_the_gpu(slide, cupy, tmp_path):
             out[decode] = torch.cat([x.cpu() for x, _ in batches])
         finally:
             td.close()
-    assert (out["cpu"] - out["cuda"]).abs().max() < 1e-6
+    assert_decoders_agree(out["cuda"].numpy(), out["cpu"].numpy(), record_property, "site", 255.0)

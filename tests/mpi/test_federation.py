@@ -66,7 +66,9 @@ def test_site_replicas_agree_and_rank0_holds_the_weighted_mean(tmp_path, backend
         assert ranks[1]["versions"]["horovod"] == "0.28.1" and ranks[1]["backend"]["backend"] == "horovod"
     else:
         assert ranks[1]["backend"] == {"backend": "torch.distributed", "transport": "gloo",
-                                       "torch": ranks[1]["versions"]["torch"]}
+                                       "torch": ranks[1]["versions"]["torch"], "why": "ranks train on the CPU",
+                                       "host_staged": False}
+        assert [s["backend"]["transport"] for s in manifest["slots"]] == ["gloo", "gloo"]  # as each slot ran
     assert ranks[1]["device"]["type"] == "cpu" and ranks[1]["precision"] == "fp32"
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 * (2 * 3 + 1)  # per site: global on val, local on val (locally tuned), train; + round

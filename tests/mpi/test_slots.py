@@ -49,8 +49,9 @@ def test_two_slots_simulate_six_sites_exactly_as_six(tmp_path):
     m6 = json.loads((tmp_path / "six" / "manifest.json").read_text())
     m2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert m6["world_size"] == 7 and m2["world_size"] == 3
-    assert m2["slots"] == [{"ranks": [1], "sites": ["site1", "site2", "site3"]},
-                           {"ranks": [2], "sites": ["site4", "site5", "site6"]}]
+    solo = {"backend": "none (1-rank slots)"}  # the backend each slot really used
+    assert m2["slots"] == [{"ranks": [1], "sites": ["site1", "site2", "site3"], "backend": solo},
+                           {"ranks": [2], "sites": ["site4", "site5", "site6"], "backend": solo}]
     for r in (1, 2, 3):
         wa, wb = model(tmp_path / "six", r), model(tmp_path / "two", r)
         for k in wa:

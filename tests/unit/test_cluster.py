@@ -59,7 +59,7 @@ def test_ranks_share_a_gpu_and_split_its_cores():
     with pytest.raises(ConfigError, match=r"has 2 core\(s\) left for GPU 0, whose cluster.ranks_per_gpu 4 ranks need one each"):
         place(Shape(1, 1, 3, 1), sites, aggregator_cores=1, ranks_per_gpu=4)
     # from a config: render's placement reads cluster.ranks_per_gpu
-    cfg = from_dict({"sites": {"count": 2, "ranks": 2}, "launch": {"slots": 2},
+    cfg = from_dict({"sites": {"count": 2, "ranks": 2}, "launch": {"slots": 2}, "site": {"backend": "torch"},
                      "cluster": {"nodes": 1, "sockets_per_node": 1, "cores_per_socket": 9, "gpus_per_node": 1,
                                  "ranks_per_gpu": 4}})
     from hpcfl.cluster.render import cluster_places
@@ -323,3 +323,48 @@ def test_a_multi_node_job_is_warned_of_paths_in_node_local_folders(tmp_path):
     r = hpcfl("render", "configs/cluster-gpu.yaml", "--set", "cluster.nodes=2", "--set", "run.root=/dev/shm/runs")
     assert r.returncode == 0 and "#SBATCH" in r.stdout
     assert "warning: run.root /dev/shm/runs is in a folder that is usually node-local" in r.stderr
+
+
+def test_the_placement_s_gpu_is_honoured_when_the_launcher_lists_several():
+    from hpcfl.cluster.nodecheck import visible_device_for
+
+    assert visible_device_for(None, 3, 4) == "3"  # nothing set: the placement's GPU alone
+    assert visible_device_for("5", 3, 4) is None  # the launcher bound the rank to one GPU: kept
+    # srun --gpus-per-node=8 --gpu-bind=none: every task sees the job's GPUs; the rank takes its placement's entry
+    assert visible_device_for("0,1,2,3,4,5,6,7", 3, 4) == "3"
+    assert visible_device_for("4,5,6,7", 1, 2) == "5"  # the job's share of a node: index into the list
+    assert visible_device_for("GPU-aa,GPU-bb", 1, 2) == "GPU-bb"
+    assert visible_device_for("", 0, 1) is None  # set and empty: check_place names it
+    with pytest.raises(NodeMismatch, match=r"^cluster: rank 9 was placed on GPU 4 but CUDA_VISIBLE_DEVICES lists "
+                                           r"only 2 GPUs \(0,1\); check cluster.gpus_per_node$"):
+        visible_device_for("0,1", 4, 9)
+
+
+def test_a_rank_pins_its_placement_s_gpu_out_of_the_launcher_s_list(monkeypatch):
+    """Fails where a rank keeps CUDA_VISIBLE_DEVICES=0,...,7 and then picks a GPU round-robin by its index on the
+    node: with ranks_per_gpu 2, rank 2 was placed on GPU 0 (next to its cores) but would train on GPU 1."""
+    from hpcfl import runtime
+    from hpcfl.cluster import render
+    from hpcfl.cluster.placement import Place
+
+    cfg = from_dict({"sites": {"count": 2, "ranks": 2}, "site": {"backend": "torch"}})
+    monkeypatch.setattr(render, "my_place", lambda cfg, rank, mode, groups: (
+        Place(rank=rank, node=0, socket=0, cores=(), gpu=(rank - 1) // 2), None))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    runtime._pin(cfg, 2, "local", [])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    runtime._pin(cfg, 3, "local", [])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_placement_says_which_slots_will_use_nccl_and_which_gloo():
+    r = hpcfl("placement", "configs/cluster-gpu.yaml")  # 8 GPUs, 4 sites x 2 ranks: a GPU per rank
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-4:] == [f"slot {i} (ranks {2 * i + 1}-{2 * i + 2}): nccl, every rank has its own GPU"
+                                          for i in range(4)]
+    r = hpcfl("placement", "configs/cluster-gpu.yaml", "--set", "cluster.ranks_per_gpu=2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "slot 3 (ranks 7-8): gloo, ranks share GPU node0/gpu3"
+    r = hpcfl("placement", "configs/cluster-cpu.yaml")  # CPU nodes: nothing to say
+    assert r.returncode == 0 and "nccl" not in r.stdout and "gloo" not in r.stdout

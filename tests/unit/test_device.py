@@ -62,12 +62,7 @@ class FakeCuda:
         return FakeEvent(self.log)
 
     def Stream(self, device=None):
-        log = self.log
-
-        class S:
-            def synchronize(self_inner):
-                log.append("stream sync")
-        return S()
+        return FakeStream(self.log, "stream")
 
     def stream(self, s):
         import contextlib
@@ -75,10 +70,20 @@ class FakeCuda:
         return contextlib.nullcontext()
 
     def current_stream(self, device=None):
-        class S:
-            def synchronize(self_inner):
-                pass
-        return S()
+        return FakeStream(self.log, "current")
+
+
+class FakeStream:
+    """A CUDA stream that logs its synchronize and wait_stream calls."""
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def synchronize(self):
+        self.log.append(f"{self.name} sync")
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
 
 
 class FakeTorch:
@@ -167,6 +172,27 @@ def test_send_copies_the_next_chunk_down_while_mpi_sends_this_one():
     assert log.index(f"d2h {step}") < first_mpi  # chunk 1 was on its way down before chunk 0 went out
 
 
+def test_the_copy_stream_waits_for_the_current_stream_before_writing_the_device_buffer():
+    """The global model lands in dev on a side stream: it must wait for what the current stream still does with
+    dev (the last training step), else the copy races it."""
+    log = []
+    dev = LoggedDev(torch.zeros(3 * (1 << 18)), log)
+    _gpu_stager(log).receive(dev, lambda buf: buf.fill(1.0))
+    assert "stream waits current" in log and log.index("stream waits current") < log.index("h2d 0")
+
+
+def test_cuda_aware_mpi_writes_device_memory_only_after_the_current_stream_is_done():
+    log = []
+    s = _gpu_stager(log)
+    s.direct = True  # CUDA-aware MPI: it is handed device memory itself
+    dev = torch.zeros(8)
+    s.receive(dev, lambda chunk: log.append("mpi writes"))
+    assert log == ["current sync", "mpi writes", "current sync"]
+    log.clear()
+    s.send(dev, lambda chunk: log.append("mpi reads"))
+    assert log == ["current sync", "mpi reads"]
+
+
 def test_to_host_and_from_host_round_trip():
     log = []
     n = 2 * (1 << 18) + 3
@@ -183,10 +209,10 @@ def test_to_host_and_from_host_round_trip():
 def test_fp16_loss_scaling_unscales_and_skips_non_finite_steps():
     p = Precision("fp16", torch.device("cpu"))
     grad = torch.tensor([2.0 ** 16, -(2.0 ** 17)])
-    assert p.unscale_(grad) and torch.equal(grad, torch.tensor([1.0, -2.0]))
+    assert not p.unscale_(grad) and torch.equal(grad, torch.tensor([1.0, -2.0]))  # the flag: no inf/NaN
     bad = torch.tensor([float("inf"), 1.0])
     before = float(p.scale)
-    assert not p.unscale_(bad)
+    assert p.unscale_(bad)  # the flag is set: the optimizer skips the step
     assert float(p.scale) == before / 2  # backed off, as GradScaler does
     p.reset()
     assert float(p.scale) == 2.0 ** 16  # fresh each round, like the optimizer

@@ -201,3 +201,71 @@ def test_gpu_bench_says_plainly_when_there_is_no_gpu(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("gpu_tiles: no GPU: torch sees no CUDA device"), r.stdout + r.stderr
     got = json.loads((tmp_path / "g.json").read_text())
     assert got["gpu"] is False and got["machine"]["cuda_available"] is False
+
+
+def test_pinning_happens_in_the_rank_s_process_never_in_a_loader_worker(synth_index, monkeypatch):
+    """With CUDA initialised in the rank, pinning inside a forked DataLoader worker fails ("CUDA error:
+    initialization error"): here pinning raises in a worker, and records where it ran in the parent."""
+    from hpcfl.wsi.dataset import OrderSampler, TileDataset, as_is
+    from hpcfl.wsi.feed import FeedPlan
+
+    pinned_here = []
+    real_empty = torch.empty
+
+    def in_worker():
+        return torch.utils.data.get_worker_info() is not None
+
+    def empty(*shape, pin_memory=False, **kw):
+        if pin_memory:
+            if in_worker():
+                raise RuntimeError("CUDA error: initialization error (pinned in a forked DataLoader worker)")
+            pinned_here.append("empty")
+        return real_empty(*shape, **kw)
+
+    def pin_memory(self, *a, **kw):
+        if in_worker():
+            raise RuntimeError("CUDA error: initialization error (pinned in a forked DataLoader worker)")
+        pinned_here.append("pin_memory")
+        return self
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    ix = load_index(synth_index / "index")
+    ds = TileDataset(ix, BatchSpec(32, augment=True), plan=FeedPlan(pin=True, device=0))
+    sampler = OrderSampler()
+    sampler.items = [(i, 7 * i) for i in range(16)]
+    dl = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2, collate_fn=as_is,
+                                     multiprocessing_context="fork")
+    got = torch.cat([x for x, _ in dl])  # raises here if a worker pinned
+    assert torch.equal(got, ds.batch(sampler.items)[0])
+    assert pinned_here == ["empty", "pin_memory"]  # the rank's own batch (no workers) is pinned, in the rank
+
+
+def test_gpu_decoding_never_gets_a_one_location_batch(monkeypatch):
+    """cuCIM decodes a multi-location read with nvJPEG but one location with libjpeg-turbo: a tile's pixels
+    would depend on how its batch was split. A fake cuCIM image fails a one-location GPU read."""
+    from hpcfl.wsi import readers
+
+    class FakeCuImage:
+        def __init__(self):
+            self.calls = []
+
+        def read_region(self, location, size, level, device="cpu", num_workers=0, batch_size=1):
+            many = isinstance(location, list)
+            n = len(location) if many else 1
+            self.calls.append((n, device))
+            if device != "cpu" and n < 2:
+                raise AssertionError("a one-location read on the GPU: decoded by libjpeg-turbo, not nvJPEG")
+            locs = location if many else [location]
+            tiles = np.stack([np.full((size[1], size[0], 4), x % 251, np.uint8) for x, _ in locs])
+            return iter([tiles]) if many else tiles[0]
+
+    r = readers.CuCIMReader.__new__(readers.CuCIMReader)
+    r.path, r._img, r._dims, r._down = "fake.tiff", FakeCuImage(), [(1024, 1024)], [1.0]
+    monkeypatch.setattr(readers, "_cupy", lambda: np)  # NumPy stands in for CuPy
+    one = r.read_batch([(7, 0)], 0, (4, 4), device="cuda")
+    assert one.shape == (1, 4, 4, 3) and (one == 7).all() and one.flags.c_contiguous
+    three = r.read_batch([(1, 0), (2, 0), (3, 0)], 0, (4, 4), device="cuda:1")
+    assert three.shape == (3, 4, 4, 3) and [int(t[0, 0, 0]) for t in three] == [1, 2, 3]
+    assert all(n >= 2 for n, d in r._img.calls if d != "cpu")
+    assert r.read_batch([(5, 0)], 0, (4, 4)).shape == (1, 4, 4, 3)  # the CPU: one decoder whatever the batch

@@ -11,7 +11,7 @@ Images are in [0, 1] on the way in; crops come out normalised.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,17 @@ STD = (0.25, 0.25, 0.25)
 _LUMA = (0.299, 0.587, 0.114)
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
 _YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ_PAIRS: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _yiq(device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(YIQ matrix, its inverse) on a device, inverted ONCE per device and dtype: torch.linalg.inv checks for a
+    singular matrix on the host, a sync of the GPU's queue at every step otherwise."""
+    key = (torch.device(device), dtype)
+    if key not in _YIQ_PAIRS:
+        yiq = torch.tensor(_YIQ, device=device, dtype=dtype)
+        _YIQ_PAIRS[key] = (yiq, torch.linalg.inv(yiq))
+    return _YIQ_PAIRS[key]
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +117,8 @@ def colour(x: torch.Tensor, jitter: float, hue: float, jitter_prob: float, grays
         rot = torch.zeros(n, 3, 3, device=x.device, dtype=x.dtype)
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        yiq = torch.tensor(_YIQ, device=x.device, dtype=x.dtype)
-        m = torch.linalg.inv(yiq) @ rot @ yiq  # (n, 3, 3)
+        yiq, inv = _yiq(x.device, x.dtype)
+        m = inv @ rot @ yiq  # (n, 3, 3)
         x = torch.einsum("nij,njhw->nihw", m, x).clamp(0, 1)
     if grayscale_prob > 0:
         grey = _coin(grayscale_prob, n, x).view(n, 1, 1, 1)

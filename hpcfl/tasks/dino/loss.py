@@ -6,7 +6,7 @@ the trainer's counters and the site's collectives.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +66,36 @@ def batch_center_sums(teacher: torch.Tensor) -> torch.Tensor:
 def update_center(center: torch.Tensor, sums: torch.Tensor, momentum: float) -> None:
     """In place: ``center = momentum * center + (1 - momentum) * mean``, where ``sums`` is
     :func:`batch_center_sums` added up over the ranks (so ranks with unequal batches weigh by rows)."""
-    n = float(sums[-1])
-    if n <= 0:
-        return
-    center.mul_(momentum).add_(sums[:-1].view_as(center) / n, alpha=1 - momentum)
+    n = sums[-1]  # stays on the device: no host read per step
+    moved = center.mul(momentum).add_(sums[:-1].view_as(center) / n, alpha=1 - momentum)
+    center.copy_(torch.where(n > 0, moved, center))  # no rows (an empty batch on every rank): unchanged
 
 
 @torch.no_grad()
-def ema_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], momentum: float) -> None:
-    """In place: ``teacher = momentum * teacher + (1 - momentum) * student``, tensor by tensor."""
-    for t, s in zip(teacher, student):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+def ema_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float) -> None:
+    """In place: ``teacher <- teacher + (1 - momentum) * (student - teacher)`` (torch's lerp; the same as
+    ``momentum * teacher + (1 - momentum) * student`` up to rounding).
+
+    Where the teacher's entries lie back to back in one buffer (a FlatModel: the teacher is one range of the
+    flat buffer), ONE ``lerp_`` over that range against the student's entries gathered in the same order;
+    elsewhere a multi-tensor ``lerp_``."""
+    teacher, student = list(teacher), [s.detach() for s in student]
+    flat = _contiguous_range(teacher)
+    if flat is not None:
+        flat.lerp_(torch.cat([s.reshape(-1) for s in student]), 1 - momentum)
+    else:
+        torch._foreach_lerp_(teacher, student, 1 - momentum)
+
+
+def _contiguous_range(ts: Sequence[torch.Tensor]):
+    """One 1-d view covering ``ts`` when they are contiguous tensors lying back to back in one storage."""
+    if not ts or not all(t.is_contiguous() for t in ts):
+        return None
+    first = ts[0]
+    base = first.untyped_storage().data_ptr()
+    pos = first.storage_offset()
+    for t in ts:
+        if t.untyped_storage().data_ptr() != base or t.storage_offset() != pos:
+            return None
+        pos += t.numel()
+    return first.as_strided((pos - first.storage_offset(),), (1,), first.storage_offset())
