@@ -306,6 +306,11 @@ def collect(run_dir: Optional[Path], job_id: Optional[str]) -> Tuple[List[str], 
             if run_dir is None:
                 raise
             lines.append(f"job {job_id}: {exc}")
+        except slurm.ControllerUnreachable as exc:  # what the run directory shows still answers
+            if run_dir is None:
+                raise
+            lines.append(f"job {job_id}: SLURM's state is unknown: {exc}; from the run directory:")
+            doc["job"] = {"job_id": job_id, "state": "UNKNOWN", "source": None, "unreachable": str(exc)}
         else:
             if not job.known and run_dir is None:
                 raise LaunchError(f"job {job_id}: unknown to SLURM (squeue, sacct and scontrol do not know it)")
