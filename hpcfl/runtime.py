@@ -414,7 +414,7 @@ def _start_rank(world, cfg: Config, rundir, launch: RankLaunch, state: Dict[str,
     f = cfg.fault
     if rank == 0:  # rank 0 watches every rank; slot leaders watch rank 0
         watchdog = Watchdog(rundir.logs, range(1, world.Get_size()), f.hang_timeout_s, f.hang_floor_s,
-                            end_job_on_hang(rundir, world, beat), own=beat).start()
+                            end_job_on_hang(rundir, world, beat), own=beat, min_s=f.hang_min_s).start()
     elif role.is_leader:
         watchdog = Watchdog(rundir.logs, [0], f.hang_timeout_s, f.hang_floor_s,
                             end_job_on_hang(rundir, world, beat), own=beat, stale_only=True).start()

@@ -12,8 +12,10 @@ so:
   phases where a rank legitimately waits for others, means the rank is stuck.
 
 Rank 0's :class:`Watchdog` reads every rank's beat (slot leaders read rank 0's).
-When a rank makes no progress for ``fault.hang_timeout_s`` (default: five times
-the slowest round so far, and at least ``fault.hang_floor_s``), it names the rank,
+When a rank makes no progress for ``fault.hang_timeout_s`` (default:
+:func:`auto_timeout`: ``fault.hang_floor_s`` through start-up and the first
+round, then five times the slowest round measured after the first, at least
+``fault.hang_min_s``), it names the rank,
 its site and the phase it is stuck in, in one line, asks every rank to write its
 Python stack to its log (faulthandler, through a trigger file every heartbeat
 thread looks for), records the error for ``hpcfl launch``'s failure line, and
@@ -30,13 +32,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 log = logging.getLogger("hpcfl")
 
 DUMP_TRIGGER = "dump-stacks"
 # A heartbeat thread writes every 2 s: silent this long, the process is stopped or frozen.
 FROZEN_S = 6.0
+# Phases that keep the long floor (fault.hang_floor_s) whatever the rounds took: start-up (imports, data),
+# and the end's cross-site evaluation (every site's model on every site's data, in one phase).
+LONG_PHASES = ("start-up", "cross-site evaluation")
 # Phases in which a rank waits for others: no progress there is not its fault.
 WAITING = ("wait for uploads", "wait for evaluations", "upload", "receive global model", "report evaluations",
            "wait for the next plan", "start-up barrier", "done")
@@ -67,6 +72,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._dumped = False
         self.slowest_round_s = 0.0
+        self.round_times: List[float] = []  # this launch's rounds, in order (the watchdog's timeout follows them)
         self._thread = threading.Thread(target=self._run, name="hpcfl-heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
@@ -85,6 +91,7 @@ class Heartbeat:
 
     def round_done(self, round_: int, seconds: float) -> None:
         self.slowest_round_s = max(self.slowest_round_s, seconds)
+        self.round_times.append(float(seconds))
         self.state["slowest_round_s"] = self.slowest_round_s
         self.tick()
 
@@ -139,7 +146,7 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
         phase = str(b.get("phase"))
         if phase in ("done", "failed"):
             continue
-        limit = startup_timeout if phase.startswith("start-up") else timeout
+        limit = startup_timeout if phase.startswith(LONG_PHASES) else timeout
         if now - float(b.get("time", now)) > limit:
             stale.append((rank, b, now - float(b["time"])))
         elif not stale_only and now - float(b.get("progress_time", now)) > limit:
@@ -167,6 +174,19 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
     return None
 
 
+def auto_timeout(round_times: Sequence[float], floor_s: float, min_s: float, factor: float = 5.0) -> float:
+    """Pure: the automatic hang timeout after ``round_times`` (this launch's rounds, in order).
+
+    Start-up and the first round are slow and unknown (imports, first batches, warm-up): ``floor_s``
+    (and ``factor`` x the first round, if longer). Once a round after the first has been measured,
+    ``factor`` x the slowest of those, at least ``min_s``: a rank stopped in a job of 0.2 s rounds is
+    then found after ``min_s`` (60 s by default), not after the 300 s floor."""
+    later = list(round_times[1:])
+    if not later:
+        return max(floor_s, factor * max(round_times, default=0.0))
+    return max(min_s, factor * max(later))
+
+
 def _who(b: Dict[str, Any], rank: int) -> str:
     return b.get("who") or f"rank {rank}"
 
@@ -185,17 +205,17 @@ class Watchdog:
 
     def __init__(self, logs: Path, ranks: Iterable[int], timeout_s: Optional[float], floor_s: float,
                  on_hang: Callable[[str, Dict[int, Any]], None], own: Optional[Heartbeat] = None,
-                 poll_s: float = 1.0, stale_only: bool = False):
+                 poll_s: float = 1.0, stale_only: bool = False, min_s: Optional[float] = None):
         self.logs, self.ranks, self.stale_only = Path(logs), list(ranks), stale_only
         self.timeout_s, self.floor_s, self.on_hang, self.own, self.poll_s = timeout_s, floor_s, on_hang, own, poll_s
+        self.min_s = floor_s if min_s is None else min_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpcfl-watchdog", daemon=True)
 
     def timeout(self) -> float:
         if self.timeout_s is not None:
             return float(self.timeout_s)
-        slowest = self.own.slowest_round_s if self.own is not None else 0.0
-        return max(self.floor_s, 5.0 * slowest)
+        return auto_timeout(self.own.round_times if self.own is not None else [], self.floor_s, self.min_s)
 
     def start(self) -> "Watchdog":
         self._started = {r: time.time() for r in self.ranks}
@@ -253,4 +273,4 @@ def _stuck_rank(line: str, beats: Dict[int, Any]) -> int:
     return int(m.group(1)) if m else 0
 
 
-__all__ = ["Heartbeat", "Watchdog", "verdict", "end_job_on_hang", "beat_path", "read_beat", "DUMP_TRIGGER", "WAITING"]
+__all__ = ["Heartbeat", "Watchdog", "verdict", "auto_timeout", "end_job_on_hang", "beat_path", "read_beat", "DUMP_TRIGGER", "WAITING"]

@@ -1,0 +1,31 @@
+"""The automatic hang timeout follows the rounds once they are known: the long floor through start-up, the first
+round and the final cross-site evaluation; then five times the slowest later round, at least fault.hang_min_s."""
+from hpcfl.watchdog import Heartbeat, Watchdog, auto_timeout, verdict
+
+
+def test_the_rule():
+    assert auto_timeout([], floor_s=300, min_s=60) == 300  # start-up, first round
+    assert auto_timeout([13.0], floor_s=300, min_s=60) == 300  # the first round alone says little (warm-up)
+    assert auto_timeout([100.0], floor_s=300, min_s=60) == 500  # a first round slower than the floor counts
+    assert auto_timeout([13.0, 0.2, 0.3], floor_s=300, min_s=60) == 60  # fast rounds: the minimum
+    assert auto_timeout([13.0, 0.2, 20.0, 0.3], floor_s=300, min_s=60) == 100  # five times the slowest later round
+    assert auto_timeout([400.0, 90.0], floor_s=300, min_s=60) == 450  # slow rounds keep a long timeout
+
+
+def test_the_watchdog_uses_its_own_heartbeats_rounds(tmp_path):
+    beat = Heartbeat(tmp_path, 0)
+    dog = Watchdog(tmp_path, [1], None, 300.0, lambda *a: None, own=beat, min_s=60.0)
+    assert dog.timeout() == 300
+    for r, s in enumerate((5.0, 0.2, 0.4), start=1):
+        beat.round_done(r, s)
+    assert dog.timeout() == 60
+    assert Watchdog(tmp_path, [1], 8.0, 300.0, lambda *a: None, own=beat).timeout() == 8  # set by the user: stands
+
+
+def test_start_up_and_cross_site_evaluation_keep_the_floor():
+    now = 10_000.0
+    beat = lambda phase, age: {"phase": phase, "time": now - 1, "progress_time": now - age, "who": "rank 1"}  # noqa: E731
+    for phase in ("start-up: import torch", "cross-site evaluation"):
+        assert verdict({1: beat(phase, 200)}, now, 60, {1: 0.0}, startup_timeout=300) is None, phase
+    line = verdict({1: beat("train", 200)}, now, 60, {1: 0.0}, startup_timeout=300)
+    assert line == "rank 1 made no progress for 200s (phase: train)"
