@@ -106,6 +106,10 @@ class JobStatus:
             text += f": {self.error_line}"
             if self.log:
                 text += f" (log: {self.log})"
+        if self.state == "OUT_OF_MEMORY":
+            from ..oom import ADVICE
+
+            text += f"; a rank was killed for memory: {ADVICE}"
         return text
 
 
