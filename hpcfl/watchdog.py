@@ -131,11 +131,12 @@ class Heartbeat:
 
 def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: float,
             started: Dict[int, float], startup_timeout: Optional[float] = None,
-            stale_only: bool = False) -> Optional[str]:
+            stale_only: bool = False, own_host: Optional[str] = None) -> Optional[str]:
     """Pure: why the job is hung, or None. ``beats``: rank -> its last beat (None if never seen);
     ``started``: rank -> when the watchdog started expecting it. Ranks still starting up (importing
     torch, loading data: seconds to minutes on a loaded node) get ``startup_timeout`` instead.
-    ``stale_only``: judge only whether processes are alive (a slot leader watching rank 0)."""
+    ``stale_only``: judge only whether processes are alive (a slot leader watching rank 0).
+    ``own_host``: the watcher's node; another node whose every rank stopped beating is named as lost."""
     startup_timeout = max(timeout, startup_timeout or timeout)
     stale, stuck, waiting = [], [], []
     for rank, b in sorted(beats.items()):
@@ -159,6 +160,9 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
                   and now - float(b.get("time", now)) > FROZEN_S]
         stale = frozen
     if stale:
+        lost = lost_node(beats, stale, own_host)
+        if lost is not None:
+            return lost
         rank, b, age = stale[0]
         if b is None:
             return f"rank {rank} never started its heartbeat in {age:.0f}s (it may be stuck starting up)"
@@ -171,6 +175,28 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
     if waiting and len(waiting) == len([b for b in beats.values() if b is not None and b.get("phase") != "done"]):
         rank, b, age = max(waiting, key=lambda x: x[2])
         return f"every rank has been waiting for {age:.0f}s (e.g. {_who(b, rank)}, phase: {_where(b)}): a deadlock"
+    return None
+
+
+def lost_node(beats: Dict[int, Optional[Dict[str, Any]]], stale, own_host: Optional[str]) -> Optional[str]:
+    """Pure: "node X is lost or unreachable ..." when every watched rank of another node than ``own_host``
+    (two or more of them) stopped beating at once: one line naming the node, its ranks and their sites."""
+    import re
+
+    by_host: Dict[str, list] = {}
+    for r, b in beats.items():
+        if b is not None and str(b.get("phase")) not in ("done", "failed") and b.get("host"):
+            by_host.setdefault(str(b["host"]), []).append(r)
+    gone = {r for r, b, _ in stale if b is not None}
+    for host, ranks in sorted(by_host.items()):
+        if host == own_host or len(ranks) < 2 or not set(ranks) <= gone:
+            continue
+        who = [str(beats[r].get("who") or "") for r in sorted(ranks)]  # type: ignore[union-attr]
+        sites = list(dict.fromkeys(m for w in who for m in re.findall(r"'([^']+)'", w)))
+        age = min(a for r, b, a in stale if r in ranks)
+        return (f"node {host} is lost or unreachable: its ranks {', '.join(map(str, sorted(ranks)))}"
+                + (f" (site{'s' if len(sites) > 1 else ''} {', '.join(sites)})" if sites else "")
+                + f" all stopped beating {age:.0f}s ago")
     return None
 
 
@@ -229,7 +255,7 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             beats = {r: read_beat(beat_path(self.logs, r)) for r in self.ranks}
             line = verdict(beats, time.time(), self.timeout(), self._started, startup_timeout=self.floor_s,
-                           stale_only=self.stale_only)
+                           stale_only=self.stale_only, own_host=socket.gethostname())
             if line is not None and not self._stop.is_set():
                 self.on_hang(line, beats)
                 return
@@ -269,7 +295,7 @@ def end_job_on_hang(rundir, world, own: Heartbeat, grace_s: float = 3.0) -> Call
 def _stuck_rank(line: str, beats: Dict[int, Any]) -> int:
     import re
 
-    m = re.match(r"rank (\d+)", line)
+    m = re.match(r"(?:rank|node \S+ is lost or unreachable: its ranks) (\d+)", line)
     return int(m.group(1)) if m else 0
 
 

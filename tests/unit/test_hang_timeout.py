@@ -29,3 +29,22 @@ def test_start_up_and_cross_site_evaluation_keep_the_floor():
         assert verdict({1: beat(phase, 200)}, now, 60, {1: 0.0}, startup_timeout=300) is None, phase
     line = verdict({1: beat("train", 200)}, now, 60, {1: 0.0}, startup_timeout=300)
     assert line == "rank 1 made no progress for 200s (phase: train)"
+
+
+def test_a_node_whose_every_rank_stopped_beating_is_named_lost():
+    now = 10_000.0
+
+    def beat(rank, host, site, age):
+        return {"rank": rank, "host": host, "phase": "train", "time": now - age, "progress_time": now - age,
+                "who": f"rank {rank} (site {site!r}, rank {(rank - 1) % 2} of 2 in site)"}
+    beats = {1: beat(1, "n1", "hospital-a", 1), 2: beat(2, "n1", "hospital-a", 1),
+             3: beat(3, "n2", "hospital-b", 70), 4: beat(4, "n2", "hospital-b", 71)}
+    line = verdict(beats, now, 60, {}, own_host="n1")
+    assert line == "node n2 is lost or unreachable: its ranks 3, 4 (site hospital-b) all stopped beating 70s ago"
+    # one rank of the node still beats: a frozen process, not the node
+    beats[4] = beat(4, "n2", "hospital-b", 1)
+    assert verdict(beats, now, 60, {}, own_host="n1").startswith("rank 3 (site 'hospital-b', rank 0 of 2 in site) made")
+    # the watcher's own node is never "lost" (it is running the watchdog)
+    beats = {1: beat(1, "n1", "hospital-a", 70), 2: beat(2, "n1", "hospital-a", 70)}
+    assert verdict(beats, now, 60, {}, own_host="n1").startswith("rank 1 (site 'hospital-a'")
+    assert verdict(beats, now, 60, {}, own_host="n0").startswith("node n1 is lost or unreachable: its ranks 1, 2")
