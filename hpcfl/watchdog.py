@@ -160,7 +160,7 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
                   and now - float(b.get("time", now)) > FROZEN_S]
         stale = frozen
     if stale:
-        lost = lost_node(beats, stale, own_host)
+        lost = lost_node(beats, stale, own_host, now)
         if lost is not None:
             return lost
         rank, b, age = stale[0]
@@ -178,22 +178,26 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
     return None
 
 
-def lost_node(beats: Dict[int, Optional[Dict[str, Any]]], stale, own_host: Optional[str]) -> Optional[str]:
-    """Pure: "node X is lost or unreachable ..." when every watched rank of another node than ``own_host``
-    (two or more of them) stopped beating at once: one line naming the node, its ranks and their sites."""
+def lost_node(beats: Dict[int, Optional[Dict[str, Any]]], stale, own_host: Optional[str],
+              now: float) -> Optional[str]:
+    """Pure: "node X is lost or unreachable ..." when a rank of another node than ``own_host`` is past its
+    timeout and every watched rank of that node (two or more) has stopped beating too (silent for over
+    FROZEN_S: they write every 2 s, so they stopped within seconds of each other): one line naming the
+    node, its ranks and their sites."""
     import re
 
     by_host: Dict[str, list] = {}
     for r, b in beats.items():
         if b is not None and str(b.get("phase")) not in ("done", "failed") and b.get("host"):
             by_host.setdefault(str(b["host"]), []).append(r)
-    gone = {r for r, b, _ in stale if b is not None}
+    past = {r for r, b, _ in stale if b is not None}
+    gone = {r for r, b in beats.items() if b is not None and now - float(b.get("time", now)) > FROZEN_S}
     for host, ranks in sorted(by_host.items()):
-        if host == own_host or len(ranks) < 2 or not set(ranks) <= gone:
+        if host == own_host or len(ranks) < 2 or not set(ranks) <= gone or not set(ranks) & past:
             continue
         who = [str(beats[r].get("who") or "") for r in sorted(ranks)]  # type: ignore[union-attr]
         sites = list(dict.fromkeys(m for w in who for m in re.findall(r"'([^']+)'", w)))
-        age = min(a for r, b, a in stale if r in ranks)
+        age = max(now - float(beats[r]["time"]) for r in ranks)  # type: ignore[index]
         return (f"node {host} is lost or unreachable: its ranks {', '.join(map(str, sorted(ranks)))}"
                 + (f" (site{'s' if len(sites) > 1 else ''} {', '.join(sites)})" if sites else "")
                 + f" all stopped beating {age:.0f}s ago")

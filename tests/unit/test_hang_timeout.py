@@ -40,9 +40,13 @@ def test_a_node_whose_every_rank_stopped_beating_is_named_lost():
     beats = {1: beat(1, "n1", "hospital-a", 1), 2: beat(2, "n1", "hospital-a", 1),
              3: beat(3, "n2", "hospital-b", 70), 4: beat(4, "n2", "hospital-b", 71)}
     line = verdict(beats, now, 60, {}, own_host="n1")
-    assert line == "node n2 is lost or unreachable: its ranks 3, 4 (site hospital-b) all stopped beating 70s ago"
+    assert line == "node n2 is lost or unreachable: its ranks 3, 4 (site hospital-b) all stopped beating 71s ago"
+    # seen on the two-node tier: the first rank of the node is past the timeout, the other, which wrote its
+    # last beat a second later, not yet: the node is named all the same
+    beats[4] = beat(4, "n2", "hospital-b", 59)
+    assert verdict(beats, now, 60, {}, own_host="n1").startswith("node n2 is lost or unreachable: its ranks 3, 4")
     # one rank of the node still beats: a frozen process, not the node
-    beats[4] = beat(4, "n2", "hospital-b", 1)
+    beats[4] = beat(4, "n2", "hospital-b", 3)
     assert verdict(beats, now, 60, {}, own_host="n1").startswith("rank 3 (site 'hospital-b', rank 0 of 2 in site) made")
     # the watcher's own node is never "lost" (it is running the watchdog)
     beats = {1: beat(1, "n1", "hospital-a", 70), 2: beat(2, "n1", "hospital-a", 70)}
