@@ -153,6 +153,11 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
         elif not stale_only and now - float(b.get("progress_time", now)) > limit:
             (waiting if phase in WAITING else stuck).append((rank, b, now - float(b["progress_time"])))
     if (stuck or waiting) and not stale:
+        from .reach import unreachable_node
+
+        cut = unreachable_node(beats, now, timeout, own_host)  # ranks alive, but their node is cut off
+        if cut is not None:
+            return cut
         # a rank stuck in a collective is usually the symptom; a process whose heartbeat has stopped
         # beating (a few intervals) is the cause, even before its own timeout runs out
         frozen = [(r, b, now - float(b["time"])) for r, b in sorted(beats.items())
@@ -299,7 +304,7 @@ def end_job_on_hang(rundir, world, own: Heartbeat, grace_s: float = 3.0) -> Call
 def _stuck_rank(line: str, beats: Dict[int, Any]) -> int:
     import re
 
-    m = re.match(r"(?:rank|node \S+ is lost or unreachable: its ranks) (\d+)", line)
+    m = re.match(r"(?:rank|node \S+ is (?:lost or )?unreachable: its ranks?) (\d+)", line)
     return int(m.group(1)) if m else 0
 
 

@@ -52,3 +52,46 @@ def test_a_node_whose_every_rank_stopped_beating_is_named_lost():
     beats = {1: beat(1, "n1", "hospital-a", 70), 2: beat(2, "n1", "hospital-a", 70)}
     assert verdict(beats, now, 60, {}, own_host="n1").startswith("rank 1 (site 'hospital-a'")
     assert verdict(beats, now, 60, {}, own_host="n0").startswith("node n1 is lost or unreachable: its ranks 1, 2")
+
+
+def test_a_node_whose_ranks_live_but_no_longer_reach_rank_0_is_named_unreachable():
+    from hpcfl.reach import unreachable_node
+
+    now = 10_000.0
+
+    def beat(rank, host, site, reached, phase="upload", progress=40):
+        return {"rank": rank, "host": host, "phase": phase, "time": now - 1, "progress_time": now - progress,
+                "who": f"rank {rank} (site {site!r}, rank {(rank - 1) % 2} of 2 in site)", "reached_rank0": now - reached}
+    # seen on the two-node tier with node 2's link down: a rank of node 1 looks stuck in training (Horovod
+    # coordinates every process set through all ranks), node 2's ranks still beat through the filesystem
+    beats = {1: beat(1, "n1", "hospital-a", 1, "train", 35), 2: beat(2, "n1", "hospital-a", 1, "train", 35),
+             3: beat(3, "n2", "hospital-b", 36), 4: beat(4, "n2", "hospital-b", 34)}
+    line = verdict(beats, now, 30, {}, own_host="n1")
+    assert line == ("node n2 is unreachable: its ranks 3, 4 (site hospital-b) still run but have not reached rank 0's "
+                    "node n1 over the network for 34s")
+    assert unreachable_node(beats, now, 40, "n1") is None  # not yet past the timeout
+    beats[4]["reached_rank0"] = now - 2  # one of them still reaches rank 0: not the node's network
+    assert verdict(beats, now, 30, {}, own_host="n1").startswith("rank 1 (site 'hospital-a'")
+    del beats[3]["reached_rank0"], beats[4]["reached_rank0"]  # never reached it (a blocked port): not judged
+    assert unreachable_node(beats, now, 30, "n1") is None
+
+
+def test_the_probe_reaches_rank_0(tmp_path):
+    import json
+    import time as t
+
+    from hpcfl import reach
+
+    server = reach.ProbeServer()
+    (tmp_path / "rank-0000.beat").write_text(json.dumps({"probe": ["127.0.0.1", server.address[1]]}))
+    beat = Heartbeat(tmp_path, 1)
+    reach.PROBE_S, old = 0.05, reach.PROBE_S
+    try:
+        prober = reach.Prober(beat, tmp_path / "rank-0000.beat")
+        deadline = t.monotonic() + 30
+        while "reached_rank0" not in beat.state:
+            assert t.monotonic() < deadline, "the probe never reached rank 0's port"
+            t.sleep(0.05)
+        prober.stop()
+    finally:
+        reach.PROBE_S = old
