@@ -39,6 +39,7 @@ def test_a_rank_killed_by_its_cgroups_memory_limit_is_named_with_the_cause(tmp_p
     cg = memory_cgroup(f"hpcfl-oom-test-{os.getpid()}")
     try:
         procs = cg / "cgroup.procs"
+        t = time.monotonic()
         r = subprocess.run(
             [sys.executable, "-m", "hpcfl", "launch", "configs/digits.yaml", "--no-report",
              *[a for s in (f"run.root={tmp_path}", "run.name=oom", "fl.rounds=3", "fl.local_steps=4",
@@ -47,6 +48,7 @@ def test_a_rank_killed_by_its_cgroups_memory_limit_is_named_with_the_cause(tmp_p
             cwd=ROOT, capture_output=True, text=True, timeout=300,
             preexec_fn=lambda: procs.write_text(str(os.getpid())))  # the launch and every rank it starts
         assert r.returncode != 0, r.stdout
+        print(f"oom: the launch ended after {time.monotonic() - t:.0f}s (start-up included)")
         last = r.stderr.strip().splitlines()[-1]
         assert last == (f"hpcfl: rank 2 (site 'hospital-b', rank 0 of 1 in site) was killed for memory (signal 9): its memory limit is "
                         f"1.5 GiB (cgroup {cg}); lower train.batch_size or the ranks per node (launch.slots, "

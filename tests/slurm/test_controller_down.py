@@ -32,8 +32,10 @@ def test_every_command_answers_within_its_deadline_when_the_controller_is_down(c
     head, *rest = r.stdout.splitlines()
     assert head.startswith(f"job {job}: SLURM's state is unknown: squeue: ") and "from the run directory" in head, head
     assert rest[0].startswith(f"{run}: finished, 2/2 rounds done"), r.stdout
+    print(f"status RUN_DIR: {took:.1f}s")
     for args in (("status", "99999999999"), ("stop", job), ("cancel", run), ("cancel", job)):
         r, took = timed(*args, *t)
+        print(f"{' '.join(map(str, args))}: {took:.1f}s")
         assert r.returncode == 3 and took < DEADLINE + SLACK, (args, took, r.stderr)
         line = r.stderr.strip()
         assert "\n" not in line and "unknown" not in line and "Traceback" not in line, (args, line)
@@ -41,6 +43,8 @@ def test_every_command_answers_within_its_deadline_when_the_controller_is_down(c
     r, took = timed("submit", "configs/digits-2x2.yaml", f"--set=run.root={tmp_path}", "--set=run.name=after", *t)
     assert r.returncode == 3 and took < DEADLINE + SLACK, (took, r.stderr)
     assert r.stderr.strip().startswith("hpcfl: scontrol show node: "), r.stderr
+    print(f"submit: {took:.1f}s")
     # the default deadline (10 s) holds too, and no command says "unknown to SLURM"
     r, took = timed("status", "99999999999")
     assert r.returncode == 3 and took < 10 + SLACK and "unknown to SLURM" not in r.stderr, (took, r.stderr)
+    print(f"status JOBID, default deadline: {took:.1f}s: {r.stderr.strip()}")
