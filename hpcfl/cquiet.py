@@ -19,6 +19,15 @@ _LOCK = threading.Lock()  # fd 2 is the process's: one capture at a time, or two
 log = logging.getLogger("hpcfl")
 
 
+def _new_lock() -> None:
+    """In a forked child (a DataLoader worker): a lock held by another thread of the parent is never released."""
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
+
+
 @contextlib.contextmanager
 def c_stderr(what: str) -> Iterator[List[str]]:
     """Capture fd 2 around a C call; the list it yields holds, afterwards, the non-empty lines it wrote.
