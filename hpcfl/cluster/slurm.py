@@ -55,6 +55,8 @@ def submit(cfg: Config, config_path: str, overrides: Sequence[str] = (), launche
     try:
         out = _run(["sbatch", "--parsable", f"--output={d.resolve()}/%j.out", str(script)], env=_sbatch_env()).strip()
     except ControllerUnreachable as exc:
+        if not exc.timed_out:  # sbatch said it failed: nothing was submitted
+            raise
         raise ControllerUnreachable(f"{exc}; the job may have been submitted all the same: look with squeue --me "
                                     "before submitting again") from None
     job_id = out.split(";")[0]

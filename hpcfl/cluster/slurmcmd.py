@@ -35,6 +35,7 @@ class ControllerUnreachable(LaunchError):
     """SLURM's controller (or accounting database) did not answer: the job's state is unknown, not absent."""
 
     exit_code = 3
+    timed_out = False  # True: no answer at all within the deadline (the command may have acted all the same)
 
 
 _override: Dict[str, float] = {}
@@ -102,9 +103,11 @@ def call(argv: List[str], timeout: Optional[float] = None, env: Optional[Dict[st
         r = subprocess.run(argv, capture_output=True, text=True, timeout=limit, env=env)
     except subprocess.TimeoutExpired as exc:
         said = _last_line(exc.stderr, exc.stdout)
-        raise ControllerUnreachable(
+        err = ControllerUnreachable(
             f"{shown}: SLURM did not answer within {limit:g}s" + (f" ({said})" if said else "")
-            + f"; its controller is down or overloaded (the deadline: --slurm-timeout or {TIMEOUT_ENV})") from None
+            + f"; its controller is down or overloaded (the deadline: --slurm-timeout or {TIMEOUT_ENV})")
+        err.timed_out = True
+        raise err from None
     if r.returncode != 0 and unreachable(r.stderr):
         raise ControllerUnreachable(f"{shown}: SLURM's controller does not answer: {_last_line(r.stderr)}")
     return r

@@ -104,3 +104,18 @@ def test_sbatch_without_an_answer_says_the_job_may_exist(tmp_path, capsys, fake_
                    "cluster: {sockets_per_node: 1, cores_per_socket: 2, gpus_per_node: 0, aggregator_cores: 0}\n")
     rc, out, err = run_cli(capsys, "submit", cfg, "--slurm-timeout", "0.5")
     assert rc == 3 and "sbatch: SLURM did not answer within 0.5s" in err and "may have been submitted" in err, err
+
+
+def test_sbatch_that_says_it_failed_submitted_nothing(tmp_path, capsys, fake_slurm):
+    (fake_slurm.dir / "sbatch").write_text((fake_slurm.dir / "squeue").read_text())
+    (fake_slurm.dir / "sbatch").chmod(0o755)
+    fake_slurm.set("sbatch", "", rc=1, err="sbatch: error: Batch job submission failed: Zero Bytes were transmitted "
+                                           "or received\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"sites: [{{name: a, ranks: 1}}]\nrun: {{root: {tmp_path}}}\n"
+                   "cluster: {sockets_per_node: 1, cores_per_socket: 2, gpus_per_node: 0, aggregator_cores: 0}\n")
+    fake_slurm.set("scontrol", "", rc=1, err="")
+    rc, out, err = run_cli(capsys, "submit", cfg)
+    assert rc == 3 and err.strip().splitlines()[-1] == (
+        "hpcfl: sbatch: SLURM's controller does not answer: sbatch: error: Batch job submission failed: Zero Bytes "
+        "were transmitted or received"), err
