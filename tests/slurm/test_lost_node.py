@@ -40,6 +40,25 @@ def ending_line(run, since, limit=240):
         time.sleep(1)
 
 
+def resume_when_back(cluster, run, done):  # noqa: F811
+    """The node comes back and the same command is run again (what a requeue does): the run resumes after
+    its last complete round ``done`` and ends with the weights of an uninterrupted run (one node or two
+    give the same sums: test_two_nodes)."""
+    root = cluster[1]
+    back = subprocess.run([str(SCRIPT), "restart-node", N2], capture_output=True, text=True, timeout=180)
+    assert back.returncode == 0, back.stdout + back.stderr
+    restart_controller()  # Slurm 22.05.8's slurmctld crashes on the submission after such a job (test_two_nodes)
+    run = finished_run(cluster, run.name, submit(cluster, run.name, *EXTRA))
+    logs = "".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
+    assert f"resuming after round {done}" in logs, logs[-3000:]
+    straight = hpcfl("launch", CONFIG, *sets(root, "straight", *EXTRA), env=AS_ROOT, timeout=600)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    (ra, a), (rb, b) = final_weights(run), final_weights(root / "straight")
+    assert ra == rb == ROUNDS and a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
 def kill_node(name):
     """Kill every process running in network namespace ``name`` (what a node that loses power does)."""
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=True).stdout.split()
@@ -68,18 +87,4 @@ def test_a_lost_node_ends_the_job_naming_the_node_its_ranks_and_sites(cluster): 
     st = hpcfl("status", run, env=env)
     assert f"node {N2} is lost or unreachable" in st.stdout, st.stdout + st.stderr
     print(f"lost node named after {found:.0f}s; every rank gone after {time.monotonic() - killed:.0f}s")
-    # the node comes back and the same command is run again (what a requeue does): the run resumes after its
-    # last complete round and ends with the weights of an uninterrupted run (one node or two give the same
-    # sums: test_two_nodes)
-    back = subprocess.run([str(SCRIPT), "restart-node", N2], capture_output=True, text=True, timeout=180)
-    assert back.returncode == 0, back.stdout + back.stderr
-    restart_controller()  # Slurm 22.05.8's slurmctld crashes on the submission after such a job (test_two_nodes)
-    run = finished_run(cluster, "lost", submit(cluster, "lost", *EXTRA))
-    logs = "".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
-    assert f"resuming after round {done}" in logs, logs[-3000:]
-    straight = hpcfl("launch", CONFIG, *sets(root, "straight", *EXTRA), env=AS_ROOT, timeout=600)
-    assert straight.returncode == 0, straight.stdout + straight.stderr
-    (ra, a), (rb, b) = final_weights(run), final_weights(root / "straight")
-    assert ra == rb == ROUNDS and a.keys() == b.keys()
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
+    resume_when_back(cluster, run, done)
