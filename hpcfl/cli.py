@@ -36,6 +36,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="start over: the existing run directory is moved aside to <name>.old-<time>")
 
 
+def _add_slurm_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slurm-timeout", type=float, metavar="SECONDS",
+                   help="how long each SLURM command (squeue, sacct, scontrol, sbatch, scancel) may take before the "
+                        "controller is taken for unreachable (exit code 3); default $HPCFL_SLURM_TIMEOUT_S or 10")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hpcfl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -72,22 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--launcher", choices=["srun", "mpirun", "horovodrun"], help="default: cluster.launcher")
     p.add_argument("-o", "--output", help="write the script to this file instead of stdout")
+    _add_slurm_timeout(p)
 
     p = sub.add_parser("submit", help="render the sbatch script and submit it",
                        description="Render the job (see `render`) into runs/<name>/slurm/, submit it with sbatch, "
                                    "record it in runs/<name>/slurm/jobs.json, print the job id and run directory.")
     _add_config_args(p)
     p.add_argument("--launcher", choices=["srun", "mpirun", "horovodrun"], help="default: cluster.launcher")
+    _add_slurm_timeout(p)
 
     p = sub.add_parser("status", help="where a run stands: round, ETA, per-site metrics, live ranks, SLURM state",
                        description="A run directory (local or SLURM run) or a SLURM job id: the run's state, the round "
                                    "in progress and an ETA, every site's last metrics, which ranks are alive "
                                    "(heartbeats, else pids on this host), and a SLURM job's real state with its exit "
-                                   "code and error line. Exits non-zero when there is nothing to report.")
+                                   "code and error line. Exits non-zero when there is nothing to report; 3 when SLURM's "
+                                   "controller does not answer (a run directory's progress is still shown).")
     p.add_argument("target", help="a run directory or a SLURM job id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until the run ends or Ctrl-C")
+    _add_slurm_timeout(p)
 
     p = sub.add_parser("report", help="one self-contained HTML report of one or more runs (plots, tables)",
                        description="Accuracy and loss per site per round (global and locally tuned models), the time "
@@ -99,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="cancel a job (JOBID, or RUN_DIR for its latest job)")
     p.add_argument("target")
+    _add_slurm_timeout(p)
 
     p = sub.add_parser("stop", help="stop a running federation gracefully after the round in progress",
                        description="Ask a running federation (RUN_DIR, or a SLURM job id) to stop: rank 0 finishes "
@@ -106,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same launch command again to resume. (A job's SLURM warning signal does the same, "
                                    "and then requeues the job.)")
     p.add_argument("target")
+    _add_slurm_timeout(p)
 
     p = sub.add_parser("placement", help="print where every rank goes on the job's nodes",
                        description="Hostfile (one node per rank, for srun --distribution=arbitrary), Open MPI rankfile "
@@ -153,6 +165,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     with_config = {"validate": _validate, "render": _render, "placement": _placement, "submit": _submit,
                    "launch": _launch}
     try:
+        if hasattr(args, "slurm_timeout"):  # None: $HPCFL_SLURM_TIMEOUT_S or the default
+            from .cluster.slurmcmd import set_deadline
+
+            set_deadline(args.slurm_timeout)
         if args.command in plain:
             return plain[args.command](args)
         if args.command in with_config:
@@ -160,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return with_config[args.command](cfg, overrides, args)
     except HpcflError as exc:
         print(f"hpcfl: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 3: SLURM's controller did not answer (hpcfl.cluster.slurmcmd)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -199,11 +215,15 @@ def _config_for(args):
     cfg = load_config(args.config, args.overrides)
     overrides = list(args.overrides)
     if args.command in ("render", "submit"):
-        from .cluster.nodecheck import fill_node_shape
+        from .cluster.nodecheck import check_fit, fill_node_shape, read_nodes
 
-        cfg, overrides, line = fill_node_shape(cfg, overrides)
+        # submit: SLURM must answer (ControllerUnreachable otherwise), and the nodes must fit the cluster section
+        nodes = read_nodes() if args.command == "submit" else None
+        cfg, overrides, line = fill_node_shape(cfg, overrides, nodes=nodes)
         if line:
             print(f"hpcfl: {line}", file=sys.stderr)
+        if nodes is not None and nodes[0] is not None:
+            check_fit(cfg, nodes[0])
     return cfg, overrides
 
 
@@ -275,7 +295,7 @@ def _status_or_cancel(args) -> int:
         return S.watch(run_dir, job_id, args.watch, as_json=args.json)
     lines, doc, _ = S.collect(run_dir, job_id)
     print(json.dumps(doc, indent=2) if args.json else "\n".join(lines))
-    return 0
+    return slurm.ControllerUnreachable.exit_code if (doc.get("job") or {}).get("unreachable") else 0
 
 
 def _resolve_target(target: str):
@@ -375,7 +395,12 @@ def _placement(cfg, overrides, args) -> int:
             why = (r.stderr or r.stdout).strip().splitlines() or [f"exit code {r.returncode}"]
             raise LaunchError(f"placement: scontrol show hostnames {nodelist} failed: {why[-1]}")
         names = r.stdout.split()
-    print(placement_text(cfg, names, args.format), end="")
+    text = placement_text(cfg, names, args.format)
+    if os.environ.get("SLURM_JOB_ID"):  # the job's placement step: the node must give what the ranks will ask
+        from .cluster.nodecheck import check_node, node_facts
+
+        check_node(cfg.cluster, node_facts())
+    print(text, end="")
     return 0
 
 

@@ -481,7 +481,8 @@ class ClusterConfig:
 class FailureInjection:
     rank: int = _f(help="world rank that fails", min=0)
     round: int = _f(help="round in which it fails (at its start)", min=1)
-    mode: Literal["raise", "kill", "stop"] = _f("raise", help="raise an exception, SIGKILL the process, or SIGSTOP it (a hung rank)")
+    mode: Literal["raise", "kill", "stop", "oom"] = _f("raise", help="raise an exception, SIGKILL the process, SIGSTOP it (a hung rank), or allocate memory_mb (a leak: killed where a memory limit is lower)")
+    memory_mb: int = _f(4096, help="mode oom: MiB the rank allocates, 64 at a time, to exceed its memory limit (it fails with an error if that is not enough)", min=1)
 
 
 @dataclass(frozen=True)
@@ -499,8 +500,9 @@ class DebugConfig:
 
 @dataclass(frozen=True)
 class FaultConfig:
-    hang_timeout_s: Optional[float] = _f(None, help="a rank that makes no progress this long ends the job, naming it (null = five times the slowest round so far, at least hang_floor_s)", gt=0.0)
-    hang_floor_s: float = _f(300.0, help="the smallest automatic hang timeout, in seconds (covers start-up and the first round)", gt=0.0)
+    hang_timeout_s: Optional[float] = _f(None, help="a rank that makes no progress this long ends the job, naming it (null = automatic: hang_floor_s through start-up and the first round, then five times the slowest later round, at least hang_min_s)", gt=0.0)
+    hang_floor_s: float = _f(300.0, help="the smallest automatic hang timeout, in seconds, through start-up, the first round and the final cross-site evaluation", gt=0.0)
+    hang_min_s: float = _f(60.0, help="once a round after the first has been measured, the automatic hang timeout is five times the slowest such round, at least this many seconds", gt=0.0)
     nonfinite_update: Literal["fail", "skip_site"] = _f("fail", help="a site whose update holds NaN or inf: end the job naming it, or leave it out of that round's aggregate (recorded)")
 
 

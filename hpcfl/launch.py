@@ -85,8 +85,9 @@ _KILLED = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on sig
 
 
 def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int,
-                 world_size: Optional[int] = None) -> str:
-    """One line naming what ended the job: the earliest rank error, else a killed rank."""
+                 world_size: Optional[int] = None, memory: Optional[str] = None) -> str:
+    """One line naming what ended the job: the earliest rank error, else a killed rank (killed for memory,
+    with what to change, when ``memory`` says why the memory ran out: hpcfl.oom.killed_for_memory)."""
     from .rundir import RunPaths
 
     errors = []
@@ -105,6 +106,10 @@ def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int
             who = topology_for(cfg, world_size).role(rank).describe()
         except Exception:  # noqa: BLE001 - a launcher message naming a rank we do not know
             who = f"rank {rank}"
+        if memory and sig == "9":
+            from .oom import ADVICE
+
+            return f"hpcfl: {who} was killed for memory (signal 9): {memory}; {ADVICE}"
         return f"hpcfl: {who} was killed by signal {sig}{f' ({name})' if name else ''}"
     return f"hpcfl: the job failed (mpirun exit code {returncode}); see {RunPaths(run_dir).logs}"
 
@@ -176,6 +181,9 @@ def launch(cfg: Config, config_path: Optional[str], overrides: Sequence[str] = (
         return 0
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    from .oom import OomCounters, killed_for_memory
+
+    oom_before = OomCounters.now()  # the ranks run in this process's memory cgroup
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1)
     seen: List[str] = []
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, seen), daemon=True),
@@ -193,7 +201,8 @@ def launch(cfg: Config, config_path: Optional[str], overrides: Sequence[str] = (
 
     run_dir = RunPaths.of(cfg).path
     if rc != 0:
-        sys.stderr.write(failure_line(cfg, run_dir, "".join(seen), rc, n) + "\n")
+        memory = killed_for_memory(oom_before, OomCounters.now())
+        sys.stderr.write(failure_line(cfg, run_dir, "".join(seen), rc, n, memory) + "\n")
         sys.stderr.flush()
     elif report:
         _report(run_dir, out)

@@ -404,6 +404,7 @@ def _start_rank(world, cfg: Config, rundir, launch: RankLaunch, state: Dict[str,
     state["role"] = role
     beat = Heartbeat(rundir.logs, rank, role.describe(), log_file=log_stream).start()
     state["beat"] = beat
+    _start_reach_probe(rank, beat, rundir)
     pinned = _pin(cfg, rank, launch.pin, [(f"slot{s.index}", s.size) for s in topology.slots])
     log.info("%s starting on %s (pid %d)%s", role.describe(), socket.gethostname(), os.getpid(),
              f"; pinned to CPUs {pinned}" if pinned else "")
@@ -421,11 +422,26 @@ def _start_rank(world, cfg: Config, rundir, launch: RankLaunch, state: Dict[str,
     f = cfg.fault
     if rank == 0:  # rank 0 watches every rank; slot leaders watch rank 0
         watchdog = Watchdog(rundir.logs, range(1, world.Get_size()), f.hang_timeout_s, f.hang_floor_s,
-                            end_job_on_hang(rundir, world, beat), own=beat).start()
+                            end_job_on_hang(rundir, world, beat), own=beat, min_s=f.hang_min_s).start()
     elif role.is_leader:
         watchdog = Watchdog(rundir.logs, [0], f.hang_timeout_s, f.hang_floor_s,
                             end_job_on_hang(rundir, world, beat), own=beat, stale_only=True).start()
     return _Rank(topology, role, beat, clock, comms, threads, local_index, watchdog)
+
+
+def _start_reach_probe(rank: int, beat, rundir) -> None:
+    """Rank 0 listens, the others check every few seconds that they reach it (hpcfl.reach): a node cut off
+    from the network is then named, not taken for a stuck rank on another node."""
+    from .reach import Prober, ProbeServer
+    from .watchdog import beat_path
+
+    try:
+        if rank == 0:
+            beat.state["probe"] = ProbeServer().address
+        else:
+            Prober(beat, beat_path(rundir.logs, 0))
+    except OSError as exc:  # no TCP here: the watchdog judges without it
+        log.info("no reachability probe: %s", exc)
 
 
 def _aggregate(cfg: Config, r: _Rank, rundir, ckpt, start_round: int, infos) -> None:

@@ -12,8 +12,10 @@ so:
   phases where a rank legitimately waits for others, means the rank is stuck.
 
 Rank 0's :class:`Watchdog` reads every rank's beat (slot leaders read rank 0's).
-When a rank makes no progress for ``fault.hang_timeout_s`` (default: five times
-the slowest round so far, and at least ``fault.hang_floor_s``), it names the rank,
+When a rank makes no progress for ``fault.hang_timeout_s`` (default:
+:func:`auto_timeout`: ``fault.hang_floor_s`` through start-up and the first
+round, then five times the slowest round measured after the first, at least
+``fault.hang_min_s``), it names the rank,
 its site and the phase it is stuck in, in one line, asks every rank to write its
 Python stack to its log (faulthandler, through a trigger file every heartbeat
 thread looks for), records the error for ``hpcfl launch``'s failure line, and
@@ -30,13 +32,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 log = logging.getLogger("hpcfl")
 
 DUMP_TRIGGER = "dump-stacks"
 # A heartbeat thread writes every 2 s: silent this long, the process is stopped or frozen.
 FROZEN_S = 6.0
+# Phases that keep the long floor (fault.hang_floor_s) whatever the rounds took: start-up (imports, data),
+# and the end's cross-site evaluation (every site's model on every site's data, in one phase).
+LONG_PHASES = ("start-up", "cross-site evaluation")
 # Phases in which a rank waits for others: no progress there is not its fault.
 WAITING = ("wait for uploads", "wait for evaluations", "upload", "receive global model", "report evaluations",
            "wait for the next plan", "start-up barrier", "done")
@@ -67,6 +72,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._dumped = False
         self.slowest_round_s = 0.0
+        self.round_times: List[float] = []  # this launch's rounds, in order (the watchdog's timeout follows them)
         self._thread = threading.Thread(target=self._run, name="hpcfl-heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
@@ -85,6 +91,7 @@ class Heartbeat:
 
     def round_done(self, round_: int, seconds: float) -> None:
         self.slowest_round_s = max(self.slowest_round_s, seconds)
+        self.round_times.append(float(seconds))
         self.state["slowest_round_s"] = self.slowest_round_s
         self.tick()
 
@@ -124,11 +131,12 @@ class Heartbeat:
 
 def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: float,
             started: Dict[int, float], startup_timeout: Optional[float] = None,
-            stale_only: bool = False) -> Optional[str]:
+            stale_only: bool = False, own_host: Optional[str] = None) -> Optional[str]:
     """Pure: why the job is hung, or None. ``beats``: rank -> its last beat (None if never seen);
     ``started``: rank -> when the watchdog started expecting it. Ranks still starting up (importing
     torch, loading data: seconds to minutes on a loaded node) get ``startup_timeout`` instead.
-    ``stale_only``: judge only whether processes are alive (a slot leader watching rank 0)."""
+    ``stale_only``: judge only whether processes are alive (a slot leader watching rank 0).
+    ``own_host``: the watcher's node; another node whose every rank stopped beating is named as lost."""
     startup_timeout = max(timeout, startup_timeout or timeout)
     stale, stuck, waiting = [], [], []
     for rank, b in sorted(beats.items()):
@@ -139,12 +147,17 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
         phase = str(b.get("phase"))
         if phase in ("done", "failed"):
             continue
-        limit = startup_timeout if phase.startswith("start-up") else timeout
+        limit = startup_timeout if phase.startswith(LONG_PHASES) else timeout
         if now - float(b.get("time", now)) > limit:
             stale.append((rank, b, now - float(b["time"])))
         elif not stale_only and now - float(b.get("progress_time", now)) > limit:
             (waiting if phase in WAITING else stuck).append((rank, b, now - float(b["progress_time"])))
     if (stuck or waiting) and not stale:
+        from .reach import unreachable_node
+
+        cut = unreachable_node(beats, now, timeout, own_host)  # ranks alive, but their node is cut off
+        if cut is not None:
+            return cut
         # a rank stuck in a collective is usually the symptom; a process whose heartbeat has stopped
         # beating (a few intervals) is the cause, even before its own timeout runs out
         frozen = [(r, b, now - float(b["time"])) for r, b in sorted(beats.items())
@@ -152,6 +165,9 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
                   and now - float(b.get("time", now)) > FROZEN_S]
         stale = frozen
     if stale:
+        lost = lost_node(beats, stale, own_host, now)
+        if lost is not None:
+            return lost
         rank, b, age = stale[0]
         if b is None:
             return f"rank {rank} never started its heartbeat in {age:.0f}s (it may be stuck starting up)"
@@ -165,6 +181,45 @@ def verdict(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: flo
         rank, b, age = max(waiting, key=lambda x: x[2])
         return f"every rank has been waiting for {age:.0f}s (e.g. {_who(b, rank)}, phase: {_where(b)}): a deadlock"
     return None
+
+
+def lost_node(beats: Dict[int, Optional[Dict[str, Any]]], stale, own_host: Optional[str],
+              now: float) -> Optional[str]:
+    """Pure: "node X is lost or unreachable ..." when a rank of another node than ``own_host`` is past its
+    timeout and every watched rank of that node (two or more) has stopped beating too (silent for over
+    FROZEN_S: they write every 2 s, so they stopped within seconds of each other): one line naming the
+    node, its ranks and their sites."""
+    import re
+
+    by_host: Dict[str, list] = {}
+    for r, b in beats.items():
+        if b is not None and str(b.get("phase")) not in ("done", "failed") and b.get("host"):
+            by_host.setdefault(str(b["host"]), []).append(r)
+    past = {r for r, b, _ in stale if b is not None}
+    gone = {r for r, b in beats.items() if b is not None and now - float(b.get("time", now)) > FROZEN_S}
+    for host, ranks in sorted(by_host.items()):
+        if host == own_host or len(ranks) < 2 or not set(ranks) <= gone or not set(ranks) & past:
+            continue
+        who = [str(beats[r].get("who") or "") for r in sorted(ranks)]  # type: ignore[union-attr]
+        sites = list(dict.fromkeys(m for w in who for m in re.findall(r"'([^']+)'", w)))
+        age = max(now - float(beats[r]["time"]) for r in ranks)  # type: ignore[index]
+        return (f"node {host} is lost or unreachable: its ranks {', '.join(map(str, sorted(ranks)))}"
+                + (f" (site{'s' if len(sites) > 1 else ''} {', '.join(sites)})" if sites else "")
+                + f" all stopped beating {age:.0f}s ago")
+    return None
+
+
+def auto_timeout(round_times: Sequence[float], floor_s: float, min_s: float, factor: float = 5.0) -> float:
+    """Pure: the automatic hang timeout after ``round_times`` (this launch's rounds, in order).
+
+    Start-up and the first round are slow and unknown (imports, first batches, warm-up): ``floor_s``
+    (and ``factor`` x the first round, if longer). Once a round after the first has been measured,
+    ``factor`` x the slowest of those, at least ``min_s``: a rank stopped in a job of 0.2 s rounds is
+    then found after ``min_s`` (60 s by default), not after the 300 s floor."""
+    later = list(round_times[1:])
+    if not later:
+        return max(floor_s, factor * max(round_times, default=0.0))
+    return max(min_s, factor * max(later))
 
 
 def _who(b: Dict[str, Any], rank: int) -> str:
@@ -185,17 +240,17 @@ class Watchdog:
 
     def __init__(self, logs: Path, ranks: Iterable[int], timeout_s: Optional[float], floor_s: float,
                  on_hang: Callable[[str, Dict[int, Any]], None], own: Optional[Heartbeat] = None,
-                 poll_s: float = 1.0, stale_only: bool = False):
+                 poll_s: float = 1.0, stale_only: bool = False, min_s: Optional[float] = None):
         self.logs, self.ranks, self.stale_only = Path(logs), list(ranks), stale_only
         self.timeout_s, self.floor_s, self.on_hang, self.own, self.poll_s = timeout_s, floor_s, on_hang, own, poll_s
+        self.min_s = floor_s if min_s is None else min_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpcfl-watchdog", daemon=True)
 
     def timeout(self) -> float:
         if self.timeout_s is not None:
             return float(self.timeout_s)
-        slowest = self.own.slowest_round_s if self.own is not None else 0.0
-        return max(self.floor_s, 5.0 * slowest)
+        return auto_timeout(self.own.round_times if self.own is not None else [], self.floor_s, self.min_s)
 
     def start(self) -> "Watchdog":
         self._started = {r: time.time() for r in self.ranks}
@@ -209,7 +264,7 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             beats = {r: read_beat(beat_path(self.logs, r)) for r in self.ranks}
             line = verdict(beats, time.time(), self.timeout(), self._started, startup_timeout=self.floor_s,
-                           stale_only=self.stale_only)
+                           stale_only=self.stale_only, own_host=socket.gethostname())
             if line is not None and not self._stop.is_set():
                 self.on_hang(line, beats)
                 return
@@ -249,8 +304,8 @@ def end_job_on_hang(rundir, world, own: Heartbeat, grace_s: float = 3.0) -> Call
 def _stuck_rank(line: str, beats: Dict[int, Any]) -> int:
     import re
 
-    m = re.match(r"rank (\d+)", line)
+    m = re.match(r"(?:rank|node \S+ is (?:lost or )?unreachable: its ranks?) (\d+)", line)
     return int(m.group(1)) if m else 0
 
 
-__all__ = ["Heartbeat", "Watchdog", "verdict", "end_job_on_hang", "beat_path", "read_beat", "DUMP_TRIGGER", "WAITING"]
+__all__ = ["Heartbeat", "Watchdog", "verdict", "auto_timeout", "end_job_on_hang", "beat_path", "read_beat", "DUMP_TRIGGER", "WAITING"]

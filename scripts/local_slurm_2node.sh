@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real TWO-node SLURM cluster on this one machine, for running hpcfl's rendered multi-node jobs:
-# `scripts/local_slurm_2node.sh start|stop|status|env|restart-controller`. Needs root, iproute2, slurm-wlm and munge
+# `scripts/local_slurm_2node.sh start|stop|status|env|restart-controller|restart-node NODE`. Needs root, iproute2, slurm-wlm and munge
 # (scripts/install.sh installs them with HPCFL_WITH_SLURM=1).
 #
 #   root namespace: slurmctld (port 6917) and munged, bridge hpcfl-br0 10.77.0.254/24
@@ -132,18 +132,33 @@ start() {
   "$(bin munged)" --force --socket="$sock" --key-file="$base/etc/munge.key" --pid-file="$base/run/munged.pid" \
     --log-file="$base/log/munged.log" --seed-file="$base/run/munged.seed"
   "$(bin slurmctld)" -c -f "$conf"  # -c: forget jobs a previous cluster left behind
-  local slurmd n
+  local n
+  for n in "${nodes[@]}"; do start_node "$n"; done
+  wait_up
+}
+
+start_node() {
+  local n="$1" slurmd
   slurmd="$(bin slurmd)"
-  for n in "${nodes[@]}"; do
-    # its own network (the netns), hostname (--uts), and in its own mount namespace its /etc/hosts and a
-    # node-local /tmp (as on a real cluster: the two slurmd's PMIx and Open MPI's session directories,
-    # named by job and step, would collide in one shared /tmp). Not `ip netns exec`: it remounts /sys
-    # without the cgroup filesystem slurmd needs.
-    mkdir -p "$base/tmp/$n"; chmod 1777 "$base/tmp/$n"
-    nsenter --net="/run/netns/$n" unshare --uts --mount --propagation slave -- sh -c \
-      'hostname "$1" && mount --bind "/etc/netns/$1/hosts" /etc/hosts && mount --bind "$4" /tmp \
-       && exec "$2" -f "$3" -N "$1"' sh "$n" "$slurmd" "$conf" "$base/tmp/$n"
-  done
+  # its own network (the netns), hostname (--uts), and in its own mount namespace its /etc/hosts and a
+  # node-local /tmp (as on a real cluster: the two slurmd's PMIx and Open MPI's session directories,
+  # named by job and step, would collide in one shared /tmp). Not `ip netns exec`: it remounts /sys
+  # without the cgroup filesystem slurmd needs.
+  mkdir -p "$base/tmp/$n"; chmod 1777 "$base/tmp/$n"
+  nsenter --net="/run/netns/$n" unshare --uts --mount --propagation slave -- sh -c \
+    'hostname "$1" && mount --bind "/etc/netns/$1/hosts" /etc/hosts && mount --bind "$4" /tmp \
+     && exec "$2" -f "$3" -N "$1"' sh "$n" "$slurmd" "$conf" "$base/tmp/$n"
+}
+
+# A node that was lost (every process in it killed, as tests/slurm/test_lost_node.py does) comes back:
+# its link up, whatever still runs in it killed, its slurmd started again.
+restart_node() {
+  local n="$1" pid
+  [[ " ${nodes[*]} " == *" $n "* ]] || die "restart-node: no node $n (${nodes[*]})" 2
+  ip link set "$n-br" up
+  for pid in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+  rm -f "$base/run/slurmd-$n.pid"
+  start_node "$n"
   wait_up
 }
 
@@ -178,8 +193,9 @@ restart_controller() {
 case "$cmd" in
   start) start ;;
   restart-controller) restart_controller ;;
+  restart-node) restart_node "${2:-}" ;;
   stop) stop ;;
   status) SLURM_CONF="$conf" sinfo -N ;;
   env) env_lines ;;
-  *) echo "usage: $0 start|stop|status|env|restart-controller" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|env|restart-controller|restart-node NODE" >&2; exit 2 ;;
 esac

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +196,10 @@ Runner = Callable[[List[str]], Tuple[int, str, str]]
 
 
 def _run(argv: List[str]) -> Tuple[int, str, str]:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return 1, "", str(exc)
+    """A SLURM query within its deadline (ControllerUnreachable when SLURM does not answer)."""
+    from .slurmcmd import call
+
+    r = call(argv)
     return r.returncode, r.stdout, r.stderr
 
 
@@ -209,30 +208,49 @@ def _describe(shape: Tuple[int, int, int]) -> str:
     return f"{s} socket{'s' if s != 1 else ''} x {c} cores, " + (f"{g} GPU{'s' if g != 1 else ''}" if g else "no GPU")
 
 
-def fill_node_shape(cfg, overrides: Sequence[str] = (), run: Runner = _run, which=shutil.which):
+def read_nodes(run: Runner = _run, which=shutil.which) -> Tuple[Optional[List[Dict[str, str]]], str]:
+    """(the nodes ``scontrol --oneliner show node`` lists, or None; why not). ControllerUnreachable propagates."""
+    if which("scontrol") is None:
+        return None, "there is no SLURM here (scontrol not found)"
+    rc, out, err = run(["scontrol", "--oneliner", "show", "node"])
+    if rc != 0:
+        return None, "scontrol show node: " + (((err or out).strip().splitlines() or [f"exit code {rc}"])[-1])
+    return parse_scontrol_nodes(out), ""
+
+
+def fill_node_shape(cfg, overrides: Sequence[str] = (), run: Runner = _run, which=shutil.which,
+                    nodes: Optional[Tuple[Optional[List[Dict[str, str]]], str]] = None):
     """(cfg, overrides, line): the node shape read from ``scontrol show node`` when the config leaves it out.
 
     "Left out" means that none of cluster.sockets_per_node, cores_per_socket and gpus_per_node
     is set (absent or null): a config that sets any of them describes the node itself, and the
     keys it leaves out take DEFAULT_NODE. The values read are added to ``overrides`` as ``--set
     cluster.KEY=N`` (so the rendered script's ranks place themselves on the same shape), and
-    ``line`` says what was read and from where; without SLURM the defaults stand and ``line``
-    says so. ``line`` is '' when the config describes the node."""
+    ``line`` says what was read and from where; without SLURM (or with its controller down) the
+    defaults stand and ``line`` says so. ``line`` is '' when the config describes the node.
+    ``nodes``: what :func:`read_nodes` returned, when the caller has read them already."""
+    from .slurmcmd import ControllerUnreachable
+
     c = cfg.cluster
     missing = [k for k in SHAPE_KEYS if getattr(c, k) is None]
     if len(missing) < len(SHAPE_KEYS):  # the config describes the node: keys it leaves out take DEFAULT_NODE
         return cfg, list(overrides), ""
     defaults = ", ".join(f"{k}={v}" for k, v in zip(SHAPE_KEYS, DEFAULT_NODE) if k in missing)
     hint = "set cluster.sockets_per_node, cores_per_socket and gpus_per_node to describe the nodes"
-    if which("scontrol") is None:
-        return cfg, list(overrides), f"cluster: the node shape is left out and there is no SLURM here (scontrol not " \
-                                     f"found): using {defaults}; {hint}"
-    rc, out, err = run(["scontrol", "--oneliner", "show", "node"])
-    shape, what = shape_of_nodes(parse_scontrol_nodes(out), c.partition) if rc == 0 else (None, "")
+    if nodes is None:
+        try:
+            nodes = read_nodes(run, which)
+        except ControllerUnreachable as exc:
+            nodes = None, str(exc)
+    listed, why = nodes
+    if listed is None and which("scontrol") is None:
+        return cfg, list(overrides), f"cluster: the node shape is left out and {why}: using {defaults}; {hint}"
+    shape, what = shape_of_nodes(listed, c.partition) if listed is not None else (None, why)
     if shape is None:
-        why = what if rc == 0 else ((err or out).strip().splitlines() or [f"exit code {rc}"])[-1]
+        why = what if listed is not None else why
+        why = why if why.startswith("scontrol") else f"scontrol show node: {why}"
         return cfg, list(overrides), f"cluster: the node shape is left out and SLURM could not tell it " \
-                                     f"(scontrol show node: {why}): using {defaults}; {hint}"
+                                     f"({why}): using {defaults}; {hint}"
     values = {k: v for k, v in zip(SHAPE_KEYS, shape) if k in missing}
     new = dataclasses.replace(cfg, cluster=dataclasses.replace(c, **values))
     sets = [f"cluster.{k}={v}" for k, v in values.items()]
@@ -241,5 +259,65 @@ def fill_node_shape(cfg, overrides: Sequence[str] = (), run: Runner = _run, whic
     return new, [*overrides, *sets], line
 
 
-__all__ = ["NodeFacts", "NodeMismatch", "check_place", "node_facts", "count_gpus", "visible_device_for", "fill_node_shape",
+# -- does the job fit the partition's nodes? (hpcfl submit) ----------------------------------------------
+
+
+def mem_mb(text: str) -> int:
+    """``--mem`` as SLURM reads it, in MiB: 4000, 4000M, 120G, 1T; 0 = the whole node."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)B?\s*", text or "", re.I)
+    if not m:
+        raise ConfigError(f"cluster.mem_per_node: {text!r} is not a memory size (e.g. 4000M, 120G)")
+    n, unit = int(m.group(1)), m.group(2).upper() or "M"
+    return {"K": n // 1024, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
+
+
+def _node_row(n: Dict[str, str]) -> Optional[Dict[str, int]]:
+    try:
+        sockets = int(n["Sockets"]) * int(n.get("Boards", "1") or 1)
+        return {"cpus": int(n.get("CPUTot") or sockets * int(n["CoresPerSocket"]) * int(n.get("ThreadsPerCore", "1"))),
+                "sockets": sockets, "cores": int(n["CoresPerSocket"]), "gpus": parse_gres_gpus(n.get("Gres", "")),
+                "mem": int(n.get("RealMemory") or 0)}
+    except (KeyError, ValueError):
+        return None
+
+
+def check_fit(cfg, nodes: Sequence[Dict[str, str]]) -> None:
+    """Raise NodeMismatch, in one line naming the cluster key and both values, when fewer than
+    ``cluster.nodes`` nodes of the partition (``scontrol show node``) have the CPUs, GPUs and memory
+    the cluster section asks for: found by mpirun inside the job otherwise, in words that name no key
+    (``ORTE_ERROR_LOG: Not found in file rmaps_rank_file.c``)."""
+    c = cfg.cluster
+    where = f"partition {c.partition}" if c.partition else "the cluster"
+    if c.partition:
+        nodes = [n for n in nodes if c.partition in n.get("Partitions", "").split(",")]
+        if not nodes:
+            raise NodeMismatch(f"cluster.partition is {c.partition!r} but SLURM has no node in it (scontrol show node)")
+    rows = [r for r in map(_node_row, nodes) if r is not None]
+    if not rows:
+        return  # nothing readable: SLURM itself will judge the request
+    shape = node_shape(c)
+    S, C, G = shape.sockets_per_node, shape.cores_per_socket, shape.gpus_per_node
+    mem = mem_mb(c.mem_per_node) if c.mem_per_node else 0
+    cores = _is(c, "sockets_per_node", S) if S > max(r["cpus"] for r in rows) else \
+        _is(c, "cores_per_socket", C) + (f" (x {S} sockets_per_node = {S * C} cores)" if S > 1 else "")
+    tests = [("cpus", S * C, cores, "CPUs"), ("gpus", G, _is(c, "gpus_per_node", G), "GPUs"),
+             ("mem", mem, f"cluster.mem_per_node is {c.mem_per_node} ({mem} MiB)", "MiB of RealMemory")]
+    for key, need, what, unit in tests:
+        best = max(r[key] for r in rows)
+        if need > best:
+            raise NodeMismatch(f"{what} but the nodes of {where} have at most {best} {unit} (scontrol show node)")
+    fit = [r for r in rows if r["cpus"] >= S * C and r["gpus"] >= G and r["mem"] >= mem]
+    if len(fit) < c.nodes:
+        raise NodeMismatch(f"cluster.nodes is {c.nodes} but {where} has {len(fit)} node(s) with {S * C} CPUs"
+                           + (f", {G} GPUs" if G else "") + (f", {mem} MiB" if mem else "") + f" (of {len(rows)})")
+
+
+def check_node(cluster, facts: NodeFacts) -> None:
+    """The node a job's placement step runs on, against the cluster section (CPUs, visible GPUs): the
+    job ends with this line before srun/mpirun start ranks that the node cannot place."""
+    check_place(cluster, Place(rank=0, node=0, socket=0, cores=()), facts)
+
+
+__all__ = ["NodeFacts", "NodeMismatch", "check_place", "check_node", "check_fit", "read_nodes", "mem_mb", "node_facts",
+           "count_gpus", "visible_device_for", "fill_node_shape",
            "parse_scontrol_nodes", "parse_gres_gpus", "shape_of_nodes"]

@@ -7,9 +7,9 @@ directory in its comment, so ``hpcfl status JOBID`` finds the progress too.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,37 +18,29 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..config import Config
 from ..errors import LaunchError
 from .render import render_sbatch
+from .slurmcmd import ControllerUnreachable, SlurmClientMissing, call, require_client, said  # noqa: F401 - re-exported
 
 
-class SlurmClientMissing(LaunchError):
-    """A SLURM command is not on PATH: this machine is not a SLURM login node."""
-
-
-def require_client(name: str) -> str:
-    """The path of SLURM client ``name``; SlurmClientMissing ("no SLURM client here: squeue not found ...") if absent."""
-    path = shutil.which(name)
-    if path is None:
-        raise SlurmClientMissing(f"no SLURM client here: {name} not found (install slurm-wlm, or run this on the cluster)")
-    return path
-
-
-def _run(argv: List[str]) -> str:
-    require_client(argv[0])
-    r = subprocess.run(argv, capture_output=True, text=True)
+def _run(argv: List[str], env: Optional[Dict[str, str]] = None) -> str:
+    r = call(argv, env=env)
     if r.returncode != 0:
-        said = (r.stderr or r.stdout).strip()
-        raise LaunchError(f"{' '.join(argv[:2])} failed: {said.splitlines()[-1] if said else f'exit code {r.returncode}'}")
+        raise LaunchError(f"{' '.join(argv[:2])} failed: {said(r)}")
     return r.stdout
 
 
 def _query(argv: List[str]) -> Optional[str]:
-    """stdout of a SLURM query, or None when it fails (an unknown job, accounting switched off)."""
-    require_client(argv[0])
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return None
+    """stdout of a SLURM query, or None when it fails (an unknown job, accounting switched off);
+    ControllerUnreachable when SLURM does not answer."""
+    r = call(argv)
     return r.stdout if r.returncode == 0 else None
+
+
+def _sbatch_env() -> Optional[Dict[str, str]]:
+    """The environment sbatch passes to the job (SLURM exports the submitter's): as root, Open MPI's
+    permission to run as root, which mpirun refuses otherwise (local test clusters run jobs as root)."""
+    if os.geteuid() != 0:
+        return None
+    return {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 def submit(cfg: Config, config_path: str, overrides: Sequence[str] = (), launcher: Optional[str] = None) -> Dict[str, Any]:
@@ -60,7 +52,13 @@ def submit(cfg: Config, config_path: str, overrides: Sequence[str] = (), launche
     d.mkdir(parents=True, exist_ok=True)
     script = d / f"job-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     script.write_text(text)
-    out = _run(["sbatch", "--parsable", f"--output={d.resolve()}/%j.out", str(script)]).strip()
+    try:
+        out = _run(["sbatch", "--parsable", f"--output={d.resolve()}/%j.out", str(script)], env=_sbatch_env()).strip()
+    except ControllerUnreachable as exc:
+        if not exc.timed_out:  # sbatch said it failed: nothing was submitted
+            raise
+        raise ControllerUnreachable(f"{exc}; the job may have been submitted all the same: look with squeue --me "
+                                    "before submitting again") from None
     job_id = out.split(";")[0]
     jobs_path = d / "jobs.json"
     jobs = json.loads(jobs_path.read_text()) if jobs_path.exists() else []
@@ -110,6 +108,10 @@ class JobStatus:
             text += f": {self.error_line}"
             if self.log:
                 text += f" (log: {self.log})"
+        if self.state == "OUT_OF_MEMORY":
+            from ..oom import ADVICE
+
+            text += f"; a rank was killed for memory: {ADVICE}"
         return text
 
 
@@ -166,30 +168,34 @@ def error_line(text: str, limit: int = 400) -> Optional[str]:
 
 def job_status(job_id: str, run_dir: Optional[Path] = None) -> JobStatus:
     """The job's state: squeue while it is queued or running; once it has left, sacct where accounting exists,
-    else ``scontrol show job`` (which remembers a finished job for MinJobAge); the error line from its log."""
+    else ``scontrol show job`` (which remembers a finished job for MinJobAge); the error line from its log.
+
+    ControllerUnreachable (not "unknown") when squeue gets no answer, or when the job has left the queue,
+    scontrol does not know it and sacct could not reach the accounting database: every call has a deadline
+    and the first that finds the controller down ends the search (the others would wait as long)."""
     st = JobStatus(job_id, "UNKNOWN")
-    out = _query(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
+    out = _query(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])  # no answer: raised here, nothing else is asked
     row = (out or "").strip().splitlines()
+    acct_down: Optional[ControllerUnreachable] = None
     if row and row[0].split("|")[0] in ACTIVE:
         state, _, reason = row[0].partition("|")
         st.state, st.source, st.reason = state, "squeue", reason or None
-    else:
-        acct = _query(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,Reason"]) \
-            if shutil.which("sacct") else None
-        got = parse_sacct(acct, job_id) if acct else None
+    elif shutil.which("sacct"):
+        try:
+            got = parse_sacct(_query(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,Reason"])
+                              or "", job_id)
+        except ControllerUnreachable as exc:  # slurmdbd down: scontrol may still know the job
+            got, acct_down = None, exc
         if got:
             st.state, st.exit_code, st.reason = got
             st.source = "sacct"
-    sc = _query(["scontrol", "show", "job", job_id]) if shutil.which("scontrol") else None
-    info = parse_scontrol(sc) if sc else None
-    if info:
-        if st.source is None:
-            st.state, st.exit_code, st.reason, st.source = info["JobState"] or "UNKNOWN", info["ExitCode"], \
-                info["Reason"], "scontrol"
-        st.log = info["StdOut"]
+    _from_scontrol(st, job_id)
     if st.source is None and row and row[0].split("|")[0]:  # squeue still lists it in an end state
         state, _, reason = row[0].partition("|")
         st.state, st.source, st.reason = state, "squeue", reason or None
+    if st.source is None and acct_down is not None:
+        raise ControllerUnreachable(f"job {job_id} has left the queue and the accounting database does not answer "
+                                    f"({acct_down})")
     if st.log is None and run_dir is not None:
         st.log = str(Path(run_dir) / "slurm" / f"{job_id}.out")
     if not st.active and st.log:
@@ -198,6 +204,24 @@ def job_status(job_id: str, run_dir: Optional[Path] = None) -> JobStatus:
         except OSError:
             pass
     return st
+
+
+def _from_scontrol(st: JobStatus, job_id: str) -> None:
+    """The job's log (and its state, if no other source knew it) from ``scontrol show job``."""
+    if not shutil.which("scontrol"):
+        return
+    try:
+        sc = _query(["scontrol", "show", "job", job_id])
+    except ControllerUnreachable:
+        if st.source is None:
+            raise
+        return  # squeue or sacct answered: what they said stands
+    info = parse_scontrol(sc) if sc else None
+    if info:
+        if st.source is None:
+            st.state, st.exit_code, st.reason, st.source = info["JobState"] or "UNKNOWN", info["ExitCode"], \
+                info["Reason"], "scontrol"
+        st.log = info["StdOut"]
 
 
 def run_dir_of_job(job_id: str) -> Optional[Path]:

@@ -211,10 +211,10 @@ def run_status(run_dir: Path, now: Optional[float] = None, host: Optional[str] =
     if data.summary is not None and _mtime(paths.summary) >= this_launch:
         stopped = data.summary.get("stopped_after_round")
         st.state = "stopped" if stopped is not None else "finished"
+    elif st.error:  # a rank recorded what ends the job (this launch's: a launch removes older records)
+        st.state = "failed"  # its heartbeats, and those of ranks being aborted, may look alive a few seconds more
     elif live:
         st.state = "running"
-    elif st.error:
-        st.state = "failed"
     elif not data.config and data.manifest is None and not data.records:
         st.state = "not started"
     elif _mtime(run_dir / "manifest.json") < _mtime(run_dir / "config.yaml") and not st.ranks:
@@ -306,6 +306,11 @@ def collect(run_dir: Optional[Path], job_id: Optional[str]) -> Tuple[List[str], 
             if run_dir is None:
                 raise
             lines.append(f"job {job_id}: {exc}")
+        except slurm.ControllerUnreachable as exc:  # what the run directory shows still answers
+            if run_dir is None:
+                raise
+            lines.append(f"job {job_id}: SLURM's state is unknown: {exc}; from the run directory:")
+            doc["job"] = {"job_id": job_id, "state": "UNKNOWN", "source": None, "unreachable": str(exc)}
         else:
             if not job.known and run_dir is None:
                 raise LaunchError(f"job {job_id}: unknown to SLURM (squeue, sacct and scontrol do not know it)")

@@ -405,6 +405,10 @@ def maybe_fail(cfg: Config, rank: int, round_: int, before: Optional[Callable[[]
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGSTOP)
         return
+    if inj.mode == "oom":
+        _leak(inj.memory_mb)
+        raise RankFailure(f"injected allocation of {inj.memory_mb} MiB at round {round_} exceeded no memory limit "
+                          "(debug.inject_failure.memory_mb)")
     raise RankFailure(f"injected failure at round {round_} (debug.inject_failure)")
 
 
@@ -424,6 +428,16 @@ def maybe_hold(cfg: Config, round_: int, before: Callable[[], None], beat: Calla
     while path.exists() and not stop():
         beat("held (debug.hold)", round_)
         time.sleep(poll_s)
+
+
+def _leak(mb: int) -> list:
+    """Allocate and touch ``mb`` MiB, 64 at a time (numpy: rank 0 has no torch); returned so it stays allocated."""
+    import numpy as np
+
+    held = []
+    for _ in range(-(-mb // 64)):
+        held.append(np.ones(64 << 17, dtype=np.float64))  # 64 MiB, every page written
+    return held
 
 
 __all__ = ["Aggregator", "LayoutExchange", "request_stop", "maybe_fail", "maybe_hold"]

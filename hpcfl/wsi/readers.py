@@ -195,12 +195,16 @@ def open_slide(path, backend: str = "cucim") -> SlideReader:
     if p.is_dir() or os.path.getsize(p) == 0:
         raise SlideError(f"{p}: not a slide file (empty or a directory)")
     cls = CuCIMReader if backend == "cucim" else OpenSlideReader
+    from ..cquiet import c_stderr, said
+
+    printed: List[str] = []
     try:
-        reader = cls(p)
+        with c_stderr(f"{p}: opening with {backend}") as printed:  # libtiff's own complaint goes into our line
+            reader = cls(p)
     except DependencyError:
         raise
     except Exception as exc:  # noqa: BLE001 - cuCIM and OpenSlide raise many types for a bad file
-        raise SlideError(f"{p}: cannot open slide with {backend}: {type(exc).__name__}: {exc}") from None
+        raise SlideError(f"{p}: cannot open slide with {backend}: {type(exc).__name__}: {exc}{said(printed)}") from None
     if reader.level_count < 1:
         raise SlideError(f"{p}: slide has no image levels")
     return reader
