@@ -244,37 +244,37 @@ def test_a_site_without_a_datalist_is_named(tmp_path):
 
 
 # -- tile masks -----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory):
-    from hpcfl.wsi.synth import synthesize_slides
+@pytest.fixture
+def slide(tmp_path):
+    """A slide's path with a 32 x 32 class mask next to it (the slide file itself is never opened here)."""
+    from PIL import Image
 
-    out = tmp_path_factory.mktemp("slides")
-    info = synthesize_slides(out, n_slides=1, size=512, seed=0, progress=False)[0]
-    return info
+    raster = np.random.default_rng(0).integers(0, 5, (32, 32)).astype(np.uint8)
+    path = tmp_path / "slides" / "slide-000.tiff"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    Image.fromarray(raster, mode="L").save(path.with_name("slide-000.mask.png"))
+    return path, raster
 
 
 def test_tile_masks_are_sampled_at_tile_resolution(slide):
-    from PIL import Image
-
     from hpcfl.tasks.segment.masks import load_slide_mask, tile_mask
     from hpcfl.wsi.synth import TISSUE_CLASSES
 
-    raster, down = load_slide_mask(str(slide.path), (512, 512), TISSUE_CLASSES)
-    assert down == 8 and raster.shape == (64, 64)
-    full = np.asarray(Image.open(slide.mask_path))
+    path, full = slide
+    raster, down = load_slide_mask(str(path), (256, 256), TISSUE_CLASSES)
+    assert down == 8 and np.array_equal(raster, full)
     m = tile_mask(raster, down, 128.0, 64.0, 64.0, 16)  # a 64-px square at (128, 64) as 16 x 16: 4 px a sample
     want = full[(64 + np.arange(16) * 4 + 2) // 8][:, (128 + np.arange(16) * 4 + 2) // 8]
     assert m.shape == (16, 16) and np.array_equal(m, want)
 
 
 def _bad_mask(slide, tmp_path, arr):
-    import shutil
-
     from PIL import Image
 
-    p = tmp_path / slide.path.name
-    shutil.copy(slide.path, p)
-    Image.fromarray(arr.astype(np.uint8), mode="L").save(tmp_path / f"{slide.path.stem}.mask.png")
+    p = tmp_path / slide[0].name
+    p.write_bytes(b"")
+    Image.fromarray(arr.astype(np.uint8), mode="L").save(tmp_path / f"{p.stem}.mask.png")
     return p
 
 
@@ -282,32 +282,30 @@ def test_mask_shape_differing_from_the_slide_and_its_tiles_is_named(slide, tmp_p
     from hpcfl.tasks.segment.masks import load_slide_mask
     from hpcfl.wsi.synth import TISSUE_CLASSES
 
-    p = _bad_mask(slide, tmp_path, np.zeros((40, 64)))
+    p = _bad_mask(slide, tmp_path, np.zeros((20, 32)))
     with pytest.raises(DataError) as exc:
-        load_slide_mask(str(p), (512, 512), TISSUE_CLASSES)
-    assert one_line(exc).startswith(f"{tmp_path / 'slide-000.mask.png'}: a 64x40 mask does not match the 512x512 "
+        load_slide_mask(str(p), (256, 256), TISSUE_CLASSES)
+    assert one_line(exc).startswith(f"{tmp_path / 'slide-000.mask.png'}: a 32x20 mask does not match the 256x256 "
                                     "slide at one downsample")
 
 
 def test_mask_value_outside_the_declared_classes_is_named(slide, tmp_path):
     from hpcfl.tasks.segment.masks import load_slide_mask
 
-    arr = np.zeros((64, 64))
+    arr = np.zeros((32, 32))
     arr[3, 3] = 5
     p = _bad_mask(slide, tmp_path, arr)
     with pytest.raises(DataError) as exc:
-        load_slide_mask(str(p), (512, 512), ("stroma", "tumor"))
+        load_slide_mask(str(p), (256, 256), ("stroma", "tumor"))
     assert one_line(exc) == (f"{tmp_path / 'slide-000.mask.png'}: label value 5 is outside the declared classes "
                              "0..2 (background, stroma, tumor)")
 
 
 def test_a_real_slide_without_a_mask_is_named(slide, tmp_path):
-    import shutil
-
     from hpcfl.tasks.segment.masks import load_slide_mask
 
     p = tmp_path / "scan.tiff"
-    shutil.copy(slide.path, p)
+    p.write_bytes(slide[0].read_bytes())
     with pytest.raises(DataError) as exc:
-        load_slide_mask(str(p), (512, 512), ("stroma",))
+        load_slide_mask(str(p), (256, 256), ("stroma",))
     assert one_line(exc).startswith(f"{p}: no class mask for task segment (scan.mask.png")
