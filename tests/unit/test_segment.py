@@ -98,6 +98,7 @@ def seg_cfg(tmp: Path, **extra):
      "segment.patch_size"),
     ({"segment": {"patch_size": [16, 16]}}, "segment.patch_size"),
     ({"segment": {"intensity_range": [1.0, 0.0]}}, "segment.intensity_range"),
+    ({"data": {"name": "tiles", "tiles": {"smart_cache": {"cache_num": 8}}}}, "data.tiles.smart_cache"),
 ])
 def test_segment_config_refusals_name_the_key(tmp_path, change, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -26,6 +26,13 @@ def check_config(cfg) -> None:
     seg, d = cfg.segment, cfg.data
     if d.name not in ("tiles", "volumes"):
         raise ConfigError(f"data.name: task segment reads tiles (with masks) or volumes, not {d.name!r}")
+    if d.name == "tiles":
+        t = d.tiles
+        for key, value, ok in (("decode_device", t.decode_device, "cpu"), ("crops_per_read", t.crops_per_read, 1),
+                               ("loader_workers", t.loader_workers, 0), ("smart_cache", t.smart_cache, None)):
+            if value != ok:
+                raise ConfigError(f"data.tiles.{key}: {value!r} is not used by task segment, whose tiles go through "
+                                  f"MONAI's pipeline (segment.cache, segment.thread_loader); leave it at {ok!r}")
     if d.name == "volumes":
         if len(seg.patch_size) != 3 or min(seg.patch_size) < 4:
             raise ConfigError(f"segment.patch_size: expected [x, y, z] of at least 4 voxels, got {list(seg.patch_size)}")
