@@ -310,3 +310,80 @@ def test_a_real_slide_without_a_mask_is_named(slide, tmp_path):
     with pytest.raises(DataError) as exc:
         load_slide_mask(str(p), (256, 256), ("stroma",))
     assert one_line(exc).startswith(f"{p}: no class mask for task segment (scan.mask.png")
+
+
+# -- the tile pipeline: two small painted slides with masks, tiled -----------------------------------------------
+@pytest.fixture(scope="module")
+def painted_index(tmp_path_factory):
+    """2 slides of 256 px (tissue: pink on the left 3/4, glass on the right), each with a class mask at 1/8
+    (class 1 above the middle, 2 below, 0 on glass), tiled at 32 px, level 0."""
+    from PIL import Image
+
+    from hpcfl.wsi.synth import write_pyramid
+    from hpcfl.wsi.tiling import TilingParams, tile_directory
+
+    d = tmp_path_factory.mktemp("painted")
+    (d / "slides").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        rgb = np.full((256, 256, 3), 240, np.uint8)
+        rgb[:, :192] = (200, 90, 150)
+        rgb[128:, :192] = (120, 60, 160)
+        rgb = np.clip(rgb.astype(int) + rng.integers(-8, 9, rgb.shape), 0, 255).astype(np.uint8)
+        write_pyramid(d / "slides" / f"s{k}.tiff", rgb, tile=64, min_level_size=256)
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:16, :24], mask[16:, :24] = 1, 2
+        Image.fromarray(mask, mode="L").save(d / "slides" / f"s{k}.mask.png")
+    tile_directory(d / "slides", d / "index", TilingParams(level=0, tile_size=32), classes=("pink", "purple"),
+                   progress=False)
+    return d
+
+
+def tiles_cfg(d, **seg):
+    return from_dict({"sites": [{"name": "a"}], "task": "segment", "run": {"root": str(d / "runs")},
+                      "data": {"name": "tiles", "val_fraction": 0.5,
+                               "tiles": {"slides_dir": str(d / "slides"), "index_dir": str(d / "index"),
+                                         "level": 0, "tile_size": 32, "input_size": 16}},
+                      "segment": {"net_args": {"channels": [4, 8], "strides": [2]}, **seg}})
+
+
+def test_tiles_come_with_their_masks_at_tile_resolution(painted_index, tmp_path):
+    import types
+
+    import torch
+
+    from hpcfl.site.data import SiteRank
+    from hpcfl.tasks.segment import SegmentTask
+
+    cfg = tiles_cfg(painted_index)
+    SegmentTask.prepare_data(cfg)  # every slide's mask checked
+    site = types.SimpleNamespace(index=0, name="a", size=1)
+    data = SegmentTask.site_data(cfg, types.SimpleNamespace(sites=cfg.sites), SiteRank(site, 0, 1), tmp_path, {},
+                                 torch.device("cpu"))
+    try:
+        assert (data.num_classes, data.input_shape) == (3, (3, 16, 16))
+        ix = data.index
+        (x, y), = list(data.val_batches(len(data.val_ds)))
+        tiles = [int(d["i"]) for d in data.val_ds.data]
+        assert x.shape == (len(tiles), 3, 16, 16) and y.shape == (len(tiles), 1, 16, 16) and y.dtype == torch.int64
+        for k, i in enumerate(tiles):  # a tile's mask: its slide's mask under it (8 px a mask pixel, 2 px a sample)
+            rows = (int(ix.y[i]) + np.arange(16) * 2 + 1) // 8
+            cols = (int(ix.x[i]) + np.arange(16) * 2 + 1) // 8
+            want = np.where(rows[:, None] < 16, 1, 2) * (cols[None, :] < 24)
+            assert y[k, 0].numpy().tolist() == want.tolist(), i
+            purple = x[k, 0] < 0.6  # red channel: 200/255 pink, 120/255 purple
+            assert (purple.numpy() == (want == 2)).mean() > 0.9
+        a = [b for b in data.epoch_batches(1, 0, 4)]
+        assert len(a) == data.steps_per_epoch(4) and all(torch.equal(p[0], q[0]) for p, q in
+                                                          zip(a, data.epoch_batches(1, 0, 4)))
+    finally:
+        data.close()
+
+
+def test_a_tile_slide_whose_mask_holds_an_undeclared_class_is_named_before_the_sites_start(painted_index):
+    from hpcfl.tasks.segment import SegmentTask
+
+    with pytest.raises(DataError) as exc:
+        SegmentTask.prepare_data(tiles_cfg(painted_index, classes=["pink"]))
+    assert one_line(exc) == (f"{painted_index / 'slides' / 's0.mask.png'}: label value 2 is outside the declared "
+                             "classes 0..1 (background, pink)")

@@ -203,7 +203,8 @@ def hd95_sums(pred: Any, lab: Any, num_classes: int) -> Any:
     c = num_classes
     with warnings.catch_warnings():  # MONAI warns per empty class (counted out below) and of its own deprecations
         warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(one_hot(pred[:, None], c), one_hot(lab[:, None], c), include_background=True,
-                                        percentile=95).double().cpu()
+        # on the host: MONAI's distance transform needs cuCIM/CuPy on a GPU, and one item is little work
+        hd = compute_hausdorff_distance(one_hot(pred[:, None].cpu(), c), one_hot(lab[:, None].cpu(), c),
+                                        include_background=True, percentile=95).double()
     ok = torch.isfinite(hd)
     return torch.cat([torch.where(ok, hd, torch.zeros_like(hd)).sum(0), ok.double().sum(0)])
