@@ -435,6 +435,7 @@ class SegmentConfig:
     thread_loader: bool = _f(True, help="MONAI ThreadDataLoader (random transforms in a background thread) instead of torch's DataLoader")
     cache_on_device: bool = _f(False, help="on a GPU: cached items are moved to the device once (ToDeviced), random transforms run there")
     classes: Tuple[str, ...] = _f((), help="names of the foreground classes (label 1, 2, ...); empty = from the data (the datalist's labels, the tile index's classes)")
+    tile_normalize: bool = _f(True, help="tiles: z-score each tile per colour channel (NormalizeIntensityd): stain strength and hue differ between slides, texture tells the tissues apart")
 
 
 @dataclass(frozen=True)

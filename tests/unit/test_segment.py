@@ -355,7 +355,7 @@ def test_tiles_come_with_their_masks_at_tile_resolution(painted_index, tmp_path)
     from hpcfl.site.data import SiteRank
     from hpcfl.tasks.segment import SegmentTask
 
-    cfg = tiles_cfg(painted_index)
+    cfg = tiles_cfg(painted_index, tile_normalize=False)  # pixels as read (normalized: z-scores per channel)
     SegmentTask.prepare_data(cfg)  # every slide's mask checked
     site = types.SimpleNamespace(index=0, name="a", size=1)
     data = SegmentTask.site_data(cfg, types.SimpleNamespace(sites=cfg.sites), SiteRank(site, 0, 1), tmp_path, {},

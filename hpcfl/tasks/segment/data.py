@@ -237,7 +237,7 @@ class LoadTileMask(Transform):
 
 class TileMaskData(MonaiSiteData):
     def __init__(self, cfg, topology, role, run_dir, device: Any = None):
-        from monai.transforms import EnsureTyped, RandFlipd, RandRotate90d
+        from monai.transforms import EnsureTyped, NormalizeIntensityd, RandFlipd, RandRotate90d
 
         from ...wsi.cache import configure_cache
         from ...wsi.index import shared_index, site_tiles
@@ -256,6 +256,8 @@ class TileMaskData(MonaiSiteData):
         tr, va, _ = site_tiles(self.index, cfg, role.site.index, len(topology.sites))
         keys = ["image", "label"]
         det = [LoadTileMask(self.index, t.input_size, self.classes, t.backend), EnsureTyped(keys=keys)]
+        if cfg.segment.tile_normalize:  # a slide's stain shifts all its tiles' colours (as between hospitals)
+            det.append(NormalizeIntensityd(keys="image", channel_wise=True))
         rand = [RandFlipd(keys=keys, prob=0.5, spatial_axis=0), RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
                 RandRotate90d(keys=keys, prob=0.5, max_k=3)] if t.augment else []
         super().__init__(cfg, role, [{"i": int(i)} for i in tr], [{"i": int(i)} for i in va], det, rand, device)
