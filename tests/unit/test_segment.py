@@ -387,3 +387,32 @@ def test_a_tile_slide_whose_mask_holds_an_undeclared_class_is_named_before_the_s
         SegmentTask.prepare_data(tiles_cfg(painted_index, classes=["pink"]))
     assert one_line(exc) == (f"{painted_index / 'slides' / 's0.mask.png'}: label value 2 is outside the declared "
                              "classes 0..1 (background, pink)")
+
+
+def test_plain_cached_and_smart_pipelines(tmp_path):
+    """The plain pipeline (Dataset + DataLoader) feeds exactly the cached one's patches (random transforms are
+    seeded per item); SmartCacheDataset serves cache_rate of the shard an epoch."""
+    import types
+
+    import torch
+
+    from hpcfl.site.data import SiteRank
+    from hpcfl.tasks.segment import SegmentTask
+
+    site = types.SimpleNamespace(index=0, name="a", size=1)
+    out = {}
+    for kind, loader in (("none", False), ("cache", True), ("smart", True)):
+        cfg = seg_cfg(tmp_path, segment={"patch_size": [8, 8, 8], "net_args": {"channels": [4, 8], "strides": [2]},
+                                         "cache": kind, "thread_loader": loader, "cache_rate": 0.5},
+                      data={"name": "volumes", "volumes": {"root": str(tmp_path / "vol"),
+                                                           "synthesize": {"volumes": 5, "size": [16, 16, 16]}}})
+        SegmentTask.prepare_data(cfg)
+        d = SegmentTask.site_data(cfg, types.SimpleNamespace(sites=[site, None]), SiteRank(site, 0, 1), tmp_path,
+                                  {}, torch.device("cpu"))
+        try:
+            out[kind] = (d.epoch_items, [torch.cat([x for x, _ in d.epoch_batches(1, e, 2)]) for e in (0, 1)])
+        finally:
+            d.close()
+    assert (out["none"][0], out["cache"][0], out["smart"][0]) == (4, 4, 2)  # smart: cache_rate 0.5 of 4 an epoch
+    assert all(torch.equal(a, b) for a, b in zip(out["none"][1], out["cache"][1]))
+    assert out["smart"][1][0].shape == (2 * 2, 1, 8, 8, 8)
