@@ -304,8 +304,25 @@ class TilesConfig:
 
 
 @dataclass(frozen=True)
+class VolumeSynthConfig:
+    volumes: int = _f(8, help="synthetic volumes per site (MONAI's create_test_image_3d: spheres of each class in noise)", min=2)
+    size: Tuple[int, ...] = _f((48, 48, 48), help="[x, y, z] voxels of a synthetic volume")
+    classes: int = _f(2, help="foreground classes of the synthetic labels (1..classes; 0 = background)", min=1, max=8)
+    noise: float = _f(0.4, help="noise_max of create_test_image_3d (uniform noise up to classes * noise, before rescaling)", min=0.0)
+    shift: Tuple[float, ...] = _f((0.0, 0.3, -0.3), help="per-site intensity shift, as between scanners: site i adds shift[i % len]", )
+    seed: int = _f(0, help="seed of the synthetic volumes", min=0)
+
+
+@dataclass(frozen=True)
+class VolumesConfig:
+    root: str = _f("data/volumes", help="folder of the sites' data: <root>/<datalist> per site")
+    datalist: str = _f("{site}/datalist.json", help="each site's MONAI/MMAR decathlon datalist (training/validation lists of {image, label}; paths relative to its folder), relative to root; {site} = the site's name")
+    synthesize: Optional[VolumeSynthConfig] = _f(None, help="write synthetic NIfTI volumes and datalists under root where a site has none")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "synthetic", "tiles"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, or WSI tiles")
+    name: Literal["digits", "synthetic", "tiles", "volumes"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, WSI tiles, or NIfTI volumes (task: segment)")
     val_fraction: float = _f(0.2, help="fraction of each site's data held out for validation", gt=0.0, max=0.9)
     partition: Literal["iid", "dirichlet"] = _f("iid", help="how samples are split over sites")
     dirichlet_alpha: float = _f(0.5, help="label-skew concentration for partition: dirichlet (smaller = more skew)", gt=0.0)
@@ -313,6 +330,7 @@ class DataConfig:
     features: int = _f(64, help="synthetic: features per sample", min=1)
     classes: int = _f(10, help="synthetic: number of classes", min=2)
     tiles: TilesConfig = _f(TilesConfig(), help="whole-slide-image tiles")
+    volumes: VolumesConfig = _f(VolumesConfig(), help="3D volumes, one decathlon datalist per site (task: segment)")
     array_backend: Literal["auto", "numpy", "cupy"] = _f("auto", help="array math: CuPy where a GPU exists (auto), else NumPy; for tile batches auto follows data.tiles.decode_device")
 
 
@@ -396,6 +414,28 @@ class DinoConfig:
     center: Literal["averaged", "kept"] = _f("averaged", help="the centre travels and is averaged, or each site keeps its own")
     crops: DinoCropsConfig = _f(DinoCropsConfig(), help="multi-crop augmentation")
     eval: DinoEvalConfig = _f(DinoEvalConfig(), help="label-free pretraining evaluation: k-NN and linear probe")
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    net: str = _f("UNet", help="a network of monai.networks.nets, by name (UNet, BasicUNet, SegResNet, UNETR, ...)")
+    net_args: Dict[str, Any] = _f({"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1}, help="its keyword arguments; spatial_dims, in_channels and out_channels come from the data unless given")
+    loss: Literal["dice_ce", "dice"] = _f("dice_ce", help="MONAI DiceCELoss or DiceLoss (softmax, one-hot labels)")
+    include_background: bool = _f(False, help="count class 0 in the Dice loss and in mean Dice")
+    patch_size: Tuple[int, ...] = _f((32, 32, 32), help="volumes: training patch [x, y, z] (RandCropByPosNegLabeld) and sliding-window size; tiles train on whole tiles of data.tiles.input_size")
+    samples_per_volume: int = _f(2, help="volumes: patches cut from each volume per step (num_samples of RandCropByPosNegLabeld)", min=1)
+    pos_fraction: float = _f(0.5, help="volumes: fraction of patches centred on foreground", min=0.0, max=1.0)
+    intensity_range: Optional[Tuple[float, ...]] = _f(None, help="volumes: [a_min, a_max] window scaled to [0, 1] and clipped (ScaleIntensityRanged, as for CT); null = z-score per volume (NormalizeIntensityd)")
+    sw_batch_size: int = _f(4, help="windows per forward in sliding-window validation", min=1)
+    sw_overlap: float = _f(0.25, help="overlap of sliding windows", min=0.0, max=0.9)
+    hausdorff: bool = _f(False, help="also report the 95th-percentile Hausdorff distance (per validation item and class, averaged; pixels)")
+    cache: Literal["none", "cache", "smart"] = _f("cache", help="MONAI CacheDataset (deterministic transforms once, random ones every epoch), SmartCacheDataset (replace_rate of the cache renewed each epoch), or a plain Dataset")
+    cache_rate: float = _f(1.0, help="cache: fraction of a rank's items cached (smart: the cache's size)", gt=0.0, max=1.0)
+    replace_rate: float = _f(0.25, help="smart: fraction of the cache replaced every epoch", gt=0.0, max=1.0)
+    thread_loader: bool = _f(True, help="MONAI ThreadDataLoader (random transforms in a background thread) instead of torch's DataLoader")
+    cache_on_device: bool = _f(False, help="on a GPU: cached items are moved to the device once (ToDeviced), random transforms run there")
+    classes: Tuple[str, ...] = _f((), help="names of the foreground classes (label 1, 2, ...); empty = from the data (the datalist's labels, the tile index's classes)")
+    tile_normalize: bool = _f(True, help="tiles: z-score each tile per colour channel (NormalizeIntensityd): stain strength and hue differ between slides, texture tells the tissues apart")
 
 
 @dataclass(frozen=True)
@@ -521,7 +561,7 @@ class ObserveConfig:
 @dataclass(frozen=True)
 class Config:
     sites: Tuple[SiteConfig, ...] = _f(help="the simulated institutions, in rank order (list, or {count, ranks})")
-    task: str = _f("classify", help="what is trained: classify (supervised), dino (self-supervised DINO pretraining), or package.module:Class (a hpcfl.tasks.Task)")
+    task: str = _f("classify", help="what is trained: classify (supervised), dino (self-supervised DINO pretraining), segment (MONAI segmentation, Dice), or package.module:Class (a hpcfl.tasks.Task)")
     task_args: Dict[str, Any] = _f({}, help="keyword settings for a user task (package.module:Class), read by the task as cfg.task_args")
     run: RunConfig = _f(RunConfig(), help="run identity")
     fl: FLConfig = _f(FLConfig(), help="federation")
@@ -537,6 +577,7 @@ class Config:
     fault: FaultConfig = _f(FaultConfig(), help="hung ranks and diverging sites")
     debug: DebugConfig = _f(DebugConfig(), help="fault injection")
     dino: DinoConfig = _f(DinoConfig(), help="task dino: self-supervised DINO pretraining (hpcfl/tasks/dino)")
+    segment: SegmentConfig = _f(SegmentConfig(), help="task segment: MONAI segmentation of tiles or volumes (hpcfl/tasks/segment)")
     observe: ObserveConfig = _f(ObserveConfig(), help="TensorBoard and MLflow logging of the metrics")
 
     @property

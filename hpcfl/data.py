@@ -60,6 +60,8 @@ def load_dataset(cfg) -> Dataset:
         y = rng.integers(0, d.classes, size=d.samples).astype(np.int64)
         x = means[y] + rng.normal(0.0, 1.5, size=(d.samples, d.features)).astype(np.float32)
         return Dataset(x=x, y=y, num_classes=d.classes)
+    if d.name == "volumes":
+        raise ConfigError("data.name: volumes are read by task: segment only")
     raise ConfigError(f"data.name: unknown dataset {d.name!r}")
 
 

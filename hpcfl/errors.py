@@ -30,6 +30,10 @@ class DependencyError(HpcflError):
     """An optional heavy dependency is missing; the message says what to install."""
 
 
+class DataError(HpcflError):
+    """Input data is missing or inconsistent (a datalist entry, a mask, a label value); the message names the file."""
+
+
 class RankFailure(HpcflError):
     """A rank of a running federation failed; raised on purpose to end the job."""
 

@@ -290,6 +290,9 @@ def _prepare(world, config_path: str, overrides: Sequence[str], launch: RankLaun
                                      "shared_memory (the default) or nocache cannot\n")
 
                 prepare_tiles(cfg, progress=False)  # once, before any site rank reads the index
+            from .tasks import task_class
+
+            task_class(cfg.task).prepare_data(cfg)  # e.g. task segment: volumes made or checked, masks checked
             outcome = ("ok", to_dict(cfg), int(ckpt["round"]) + 1 if ckpt else 1)
         except HpcflError as exc:
             setup_error, outcome = exc, ("error", str(exc))

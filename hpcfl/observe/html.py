@@ -82,14 +82,15 @@ def overview(run: RunData, i: int) -> str:
     done = last.get("round", 0)
     rows = [text_cell("run directory") + text_cell(run.path.resolve()),
             text_cell("sites") + text_cell(sites or None),
-            text_cell("data / model") + text_cell(f"{data.get('name')} / {model.get('name')}"),
+            text_cell("data / model") + text_cell(f"{data.get('name')} / {model.get('name')}" if cfg.get("task") != "segment"
+                                                  else f"{data.get('name')} / {(cfg.get('segment') or {}).get('net')}"),
             text_cell("strategy") + text_cell(fl.get("strategy", "fedavg")),
             text_cell("rounds done") + text_cell(f"{done} of {run.rounds_total or '?'}"),
             text_cell("state") + text_cell("finished" if summ and summ.get("stopped_after_round") is None else
                                            f"stopped after round {summ['stopped_after_round']}" if summ else
                                            "running, interrupted or failed (no summary.json)")]
     if last:
-        for key in ("val_accuracy", "val_loss", "local_val_accuracy", "val_auc"):
+        for key in ("val_accuracy", "val_loss", "local_val_accuracy", "val_auc", "val_mean_dice", "local_val_mean_dice"):
             if key in last:
                 rows.append(text_cell(f"final {key}") + num_cell(last[key], key, round=done, run=i, kind="final"))
     best = summ.get("best") or last.get("best")
@@ -103,7 +104,8 @@ def overview(run: RunData, i: int) -> str:
 
 ROUND_COLUMNS = [("sites", None), ("val_accuracy", ".4f"), ("val_loss", ".4f"), ("local_val_accuracy", ".4f"),
                  ("val_auc", ".4f"), ("val_balanced_accuracy", ".4f"), ("dp_epsilon", ".4g"), ("round_s", ".3f"),
-                 ("train_s", ".3f"), ("overhead_s", ".3f")]
+                 ("train_s", ".3f"), ("overhead_s", ".3f"), ("val_mean_dice", ".4f"), ("local_val_mean_dice", ".4f"),
+                 ("val_hd95", ".3f")]
 
 
 def rounds_table(run: RunData, i: int) -> str:
@@ -127,6 +129,7 @@ def rounds_table(run: RunData, i: int) -> str:
 def sites_table(run: RunData, i: int) -> str:
     """Every site, every round: status, the global model's and the locally tuned model's validation metrics."""
     rows = []
+    metric = plots.site_metric(run)
     val_g = {(r.get("round"), r.get("site")): r for r in run.site_records("val", "global")}
     val_l = {(r.get("round"), r.get("site")): r for r in run.site_records("val", "local")}
     train = {(r.get("round"), r.get("site")): r for r in run.site_records("train", "local")}
@@ -135,13 +138,14 @@ def sites_table(run: RunData, i: int) -> str:
         g, loc, tr = val_g[key], val_l.get(key, {}), train.get(key, {})
         where = dict(round=rnd, site=site, run=i)
         rows.append("<tr>" + num_cell(rnd, "round", "d", **where) + text_cell(site) + text_cell(g.get("status"))
-                    + num_cell(g.get("accuracy"), "accuracy", model="global", **where)
+                    + num_cell(g.get(metric), metric, model="global", **where)
                     + num_cell(g.get("loss"), "loss", model="global", **where)
-                    + num_cell(loc.get("accuracy"), "accuracy", model="local", **where)
+                    + num_cell(loc.get(metric), metric, model="local", **where)
                     + num_cell(loc.get("loss"), "loss", model="local", **where)
                     + num_cell(tr.get("loss"), "train_loss", model="local", **where)
                     + num_cell(g.get("samples"), "samples", "d", model="global", **where) + "</tr>")
-    head = ["round", "site", "status", "val acc (global)", "val loss (global)", "val acc (local)",
+    short = {"accuracy": "acc", "mean_dice": "mean Dice"}.get(metric, metric)
+    head = ["round", "site", "status", f"val {short} (global)", "val loss (global)", f"val {short} (local)",
             "val loss (local)", "train loss", "val samples"]
     return '<div class="scroll">' + table(head, rows, "sites", left=3) + "</div>"
 
@@ -152,9 +156,10 @@ def cross_site_table(run: RunData, i: int) -> str:
         return ""
     cols = [s for s in run.sites() if any(s in (m or {}) for m in models.values())]
     rows = []
+    key = plots.cross_site_metric(run)
     for m, per in models.items():
         rows.append("<tr>" + text_cell(f"{m} model") + "".join(
-            num_cell(((per or {}).get(c) or {}).get("accuracy"), "accuracy", model=m, site=c, run=i, kind="cross_site")
+            num_cell(((per or {}).get(c) or {}).get(key), key, model=m, site=c, run=i, kind="cross_site")
             for c in cols) + "</tr>")
     return table(["model \\ data"] + cols, rows, "cross_site")
 
@@ -311,8 +316,9 @@ def draw_figures(runs: Sequence[RunData]) -> Dict[Tuple[str, int], Optional[byte
 def run_section(run: RunData, i: int, figs: Dict[Tuple[str, int], Optional[bytes]]) -> str:
     parts = [f'<h2 id="run-{i}">{esc(run.name)}</h2>', overview(run, i)]
     if run.rounds():
-        parts += ["<h3>Validation accuracy and loss per site per round</h3>",
-                  figure(figs[("accuracy_loss", i)], f"{run.name}: validation accuracy and loss per site per round"),
+        what = plots.site_metric(run).replace("_", " ")
+        parts += [f"<h3>Validation {what} and loss per site per round</h3>",
+                  figure(figs[("accuracy_loss", i)], f"{run.name}: validation {what} and loss per site per round"),
                   "<h3>Per round (federation, all sites)</h3>", rounds_table(run, i),
                   "<h3>Where the time goes</h3>",
                   figure(figs[("time_breakdown", i)], f"{run.name}: time breakdown per round")]
@@ -329,7 +335,8 @@ def run_section(run: RunData, i: int, figs: Dict[Tuple[str, int], Optional[bytes
     else:
         parts.append('<p class="muted">no round finished yet (metrics.jsonl holds no round record)</p>')
     if run.cross_site:
-        parts += ["<h3>Cross-site validation</h3>", figure(figs[("cross_site", i)], f"{run.name}: cross-site accuracy"),
+        parts += ["<h3>Cross-site validation</h3>", figure(figs[("cross_site", i)],
+                                                                   f"{run.name}: cross-site {plots.cross_site_metric(run)}"),
                   cross_site_table(run, i)]
     parts += ["<h3>Rank placement</h3>", placement_table(run), partition_table(run), thumbnails(run)]
     return "\n".join(p for p in parts if p)

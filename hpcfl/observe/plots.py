@@ -71,7 +71,8 @@ def accuracy_loss(run: RunData) -> Optional[bytes]:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, fed_key, label in ((axes[0], "accuracy", "val_accuracy", "validation accuracy"),
+    metric = site_metric(run)
+    for ax, key, fed_key, label in ((axes[0], metric, f"val_{metric}", f"validation {metric.replace('_', ' ')}"),
                                     (axes[1], "loss", "val_loss", "validation loss")):
         for i, site in enumerate(run.sites()):
             for model, ls in (("global", "-"), ("local", "--")):
@@ -171,8 +172,20 @@ def participation(run: RunData) -> Optional[bytes]:
     return _png(fig)
 
 
-def cross_site(run: RunData, metric: str = "accuracy") -> Optional[bytes]:
+def site_metric(run: RunData) -> str:
+    """The per-site metric drawn and tabled next to the loss: mean Dice for segmentation runs, else accuracy."""
+    return "mean_dice" if any("val_mean_dice" in r for r in run.rounds()) else "accuracy"
+
+
+def cross_site_metric(run: RunData) -> str:
+    """The metric cross_site.json is shown by: the task's headline (mean_dice for segment), accuracy for
+    files written before it was recorded."""
+    return str((run.cross_site or {}).get("headline") or "accuracy")
+
+
+def cross_site(run: RunData, metric: str = "") -> Optional[bytes]:
     """cross_site.json as a heatmap: rows = models (global, each site's final local model), columns = data."""
+    metric = metric or cross_site_metric(run)
     doc = run.cross_site or {}
     models = doc.get("models") or {}
     if not models:

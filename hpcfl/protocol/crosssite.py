@@ -44,9 +44,10 @@ class CrossSite:
             rows = by_site(fed.gather(None, root=0)[1:], k)
             table[m] = {names[i]: agg.task.summarize(rows[i].vec.unpack()) for i in range(k)}
         missing = [n for n, h in zip(names, has) if not h]
+        key = agg.task.headline[0] if agg.task.headline else agg.task.metrics[0]
         agg.rundir.write_json("cross_site.json", {"models": table, "no_local_model": missing,
-                                                  "metric_keys": list(agg.task.metrics)})
-        text = _table(table, models, names, agg.task.headline[0] if agg.task.headline else agg.task.metrics[0], missing)
+                                                  "metric_keys": list(agg.task.metrics), "headline": key})
+        text = _table(table, models, names, key, missing)
         log.info("%s", text)
         print(text, flush=True)
 

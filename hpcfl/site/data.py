@@ -277,9 +277,14 @@ def make_site_data(cfg, topology, role, run_dir, shared: Optional[Dict[str, Any]
                    device: Any = None) -> SiteData:
     """The data of one site as one rank sees it. ``shared`` (a dict kept by the caller) lets the
     sites a process simulates share one copy of the dataset."""
+    from ..tasks import task_class
+
+    shared = {} if shared is None else shared
+    own = task_class(cfg.task).site_data(cfg, topology, role, run_dir, shared, device)
+    if own is not None:
+        return own
     if cfg.data.name == "tiles":
         return TileData(cfg, topology, role, run_dir)
-    shared = {} if shared is None else shared
     if "arrays" not in shared:
         shared["arrays"] = SharedArrays(cfg, len(topology.sites), device)
     return ArrayData(cfg, topology, role, shared["arrays"])

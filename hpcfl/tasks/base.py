@@ -129,6 +129,20 @@ class Task(ABC):
         """Refuse settings of this task that per-key bounds cannot catch, at config load (``hpcfl validate``
         and before any rank starts): raise ConfigError naming the key. Must not import torch."""
 
+    # -- data (optional: tasks that read data of their own kind) ------------------------------------
+    @classmethod
+    def prepare_data(cls, cfg: Any) -> None:
+        """At rank 0, before any site rank starts (and once per launch): make or check the data this task
+        reads (e.g. synthesize volumes, check datalists), raising an HpcflError naming the file. Must not
+        import torch."""
+
+    @classmethod
+    def site_data(cls, cfg: Any, topology: Any, role: Any, run_dir: Any, shared: Dict[str, Any],
+                  device: Any) -> Any:
+        """The :class:`hpcfl.site.data.SiteData` of one site as one rank sees it, or None for the data
+        ``data.name`` gives every task (arrays, tiles with their class labels)."""
+        return None
+
     # -- model and exchange -----------------------------------------------------------------------
     @abstractmethod
     def build_model(self, spec: DataSpec) -> Any:
@@ -190,7 +204,8 @@ class Task(ABC):
 
 # -- finding a task -------------------------------------------------------------------------------------
 
-BUILTIN = {"classify": "hpcfl.tasks.classify:ClassifyTask", "dino": "hpcfl.tasks.dino:DinoTask"}
+BUILTIN = {"classify": "hpcfl.tasks.classify:ClassifyTask", "dino": "hpcfl.tasks.dino:DinoTask",
+           "segment": "hpcfl.tasks.segment:SegmentTask"}
 
 
 def task_class(name: str, key: str = "task") -> type:
