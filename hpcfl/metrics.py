@@ -60,8 +60,3 @@ def summarize(vec: np.ndarray, num_classes: int, bins: int) -> Dict[str, object]
         "auc": float(np.mean(finite)) if finite else None,
     }
 
-
-def dice(pred: np.ndarray, target: np.ndarray, eps: float = 1e-7) -> float:
-    """Dice coefficient of two binary masks (for segmentation models; sums add over ranks as 2|A.B| and |A|+|B|)."""
-    p, t = np.asarray(pred, bool), np.asarray(target, bool)
-    return float((2.0 * (p & t).sum() + eps) / (p.sum() + t.sum() + eps))

@@ -79,7 +79,7 @@ def _proc_start(pid: int) -> Optional[str]:
     return stat.rsplit(")", 1)[-1].split()[19]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this host runs (a zombie, killed and not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
@@ -104,7 +104,7 @@ def my_lock_record() -> Dict[str, Any]:
 
 
 def lock_verdict(lock: Dict[str, Any], age_s: float, me: Dict[str, Any],
-                 alive: Callable[[int], bool] = _pid_alive,
+                 alive: Callable[[int], bool] = pid_alive,
                  proc_start: Callable[[int], Optional[str]] = _proc_start,
                  stale_s: float = LOCK_STALE_S) -> Tuple[str, str]:
     """("mine" | "live" | "stale", why) for a lock record, its heartbeat age and this process. Pure but for the probes.

@@ -27,10 +27,6 @@ class Shape:
     cores_per_socket: int
     gpus_per_node: int = 0
 
-    @property
-    def cores_per_node(self) -> int:
-        return self.sockets_per_node * self.cores_per_socket
-
 
 @dataclass(frozen=True)
 class Place:
@@ -39,10 +35,6 @@ class Place:
     socket: int
     cores: Tuple[int, ...]  # core ids within the node
     gpu: Optional[int] = None  # GPU index within the node
-
-    @property
-    def ncores(self) -> int:
-        return len(self.cores)
 
 
 def node_shape(cluster) -> Shape:

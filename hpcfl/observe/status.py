@@ -106,9 +106,9 @@ def read_beats(logs: Path) -> Dict[int, Dict[str, Any]]:
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this host exists and is still hpcfl (a reused pid is someone else)."""
-    from ..rundir import _pid_alive
+    from ..rundir import pid_alive
 
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
