@@ -305,10 +305,11 @@ class TilesConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "synthetic", "tiles"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, or WSI tiles")
+    name: Literal["digits", "synthetic", "tiles", "arrays"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, WSI tiles, or arrays of your own (data.path)")
+    path: str = _f("", help="arrays: directory with x.npy (float32, (N, ...)) and y.npy (labels 0..C-1), memory-mapped and shared by the processes of a node")
     val_fraction: float = _f(0.2, help="fraction of each site's data held out for validation", gt=0.0, max=0.9)
-    partition: Literal["iid", "dirichlet"] = _f("iid", help="how samples are split over sites")
-    dirichlet_alpha: float = _f(0.5, help="label-skew concentration for partition: dirichlet (smaller = more skew)", gt=0.0)
+    partition: Literal["iid", "dirichlet", "quantity"] = _f("iid", help="how samples are split over sites: iid, label skew Dir(dirichlet_alpha) per class, or quantity skew (site sizes Dir(dirichlet_alpha), labels IID); computed per site on demand, so 10,000 sites cost no per-site objects")
+    dirichlet_alpha: float = _f(0.5, help="concentration for partition: dirichlet or quantity (smaller = more skew)", gt=0.0)
     samples: int = _f(4096, help="synthetic: number of samples", min=16)
     features: int = _f(64, help="synthetic: features per sample", min=1)
     classes: int = _f(10, help="synthetic: number of classes", min=2)
@@ -434,6 +435,9 @@ class EvalConfig:
     cross_site: bool = _f(True, help="at the end, every site's final local model and the global model on every site's validation data (cross_site.json)")
     best_metric: str = _f("auto", help="the global model with the best value of this metric is kept as best.npz: val_<a metric of the task> (classify: val_accuracy, val_loss, val_auc, val_balanced_accuracy); auto = the task's first headline metric")
     auc_bins: int = _f(256, help="score histogram bins per class for AUC (summed over ranks and sites exactly; AUC error < 1/bins)", min=16, max=100000)
+    sites_every: int = _f(1, help="evaluate the global model on the sites' validation data every N rounds (and in the last round); the round's val_* metrics are null in the rounds between", min=1)
+    sites_max: int = _f(128, help="sites the global model is evaluated on per evaluation: every site up to this many, above it a seeded sample of this many, drawn afresh each round (the round's val_* are then over the sample)", min=1)
+    cross_site_max: int = _f(16, help="cross-site validation covers every site up to this many sites; above it, a seeded sample of this many (their final local models and the global model on their validation data), and the printed table is summarised per model", min=1)
 
 
 @dataclass(frozen=True)
@@ -448,6 +452,7 @@ class LaunchConfig:
     mpirun_args: Tuple[str, ...] = _f((), help="extra mpirun arguments (argv list)")
     chunk_mb: int = _f(8, help="largest MPI message in MiB: models move in chunks of this size, which bounds the reduction buffers MPI allocates at rank 0", min=1, max=1024)
     slots: int = _f(0, help="process groups that simulate the sites (each trains its sites in turn); 0 = one per site where this machine (or cluster) has a core or GPU per rank, else as many as fit", min=0)
+    assign: Literal["static", "balanced"] = _f("static", help="which slot trains a site: static (each slot a fixed run of sites), or balanced (each round, rank 0 deals the sampled sites to the slots by estimated work, samples x local steps, longest first: with cohort sampling a slot no longer waits on its own unlucky draw); balanced needs sites of one rank count, a mean-based strategy and no private entries")
 
 
 @dataclass(frozen=True)
@@ -738,6 +743,7 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: launch.slots: {cfg.launch.slots} slots cannot simulate {len(cfg.sites)} sites with "
                           f"{rank_counts} different rank count(s); choose between {rank_counts} and {len(cfg.sites)} "
                           "(0 = automatic)")
+    _validate_assign(cfg, src)
     inj = cfg.debug.inject_failure
     if inj is not None and inj.rank >= cfg.world_size:
         raise ConfigError(f"{src}: debug.inject_failure.rank: {inj.rank} is not a rank of this {cfg.world_size}-rank federation")
@@ -746,6 +752,21 @@ def _validate(cfg: Config, src: str) -> None:
 
 
 ROBUST = ("median", "trimmed_mean", "krum")
+
+
+def _validate_assign(cfg: Config, src: str) -> None:
+    """launch.assign: balanced moves sites between slots, so nothing may be tied to a slot."""
+    if cfg.launch.assign != "balanced":
+        return
+    if len({s.ranks for s in cfg.sites}) > 1:
+        raise ConfigError(f"{src}: launch.assign: balanced deals sites to any slot, so every site needs the same "
+                          "number of ranks")
+    if cfg.fl.strategy in ROBUST:
+        raise ConfigError(f"{src}: launch.assign: balanced works with mean-based strategies; {cfg.fl.strategy} "
+                          "gathers each site's update in a fixed slot layout (use launch.assign: static)")
+    if cfg.privacy.exclude_vars:
+        raise ConfigError(f"{src}: launch.assign: balanced cannot keep privacy.exclude_vars entries per site "
+                          "(they stay in the slot that holds them); use launch.assign: static")
 
 
 def _validate_fl(cfg: Config, src: str) -> None:
