@@ -26,9 +26,9 @@ Sides, each with the same 2 cores:
   hpcfl    ``hpcfl launch`` on a config written for the case (data.name: arrays, the slots it picks,
            launch.assign: balanced for cohorts; checkpoints every round as always; no report,
            TensorBoard, locally tuned or cross-site evaluation, which the others do not do).
-  plain    one process, torch on 2 threads: for each round, for each cohort site, load the global
+  plain    one process, torch on 1 thread (--threads): for each round, for each cohort site, load the global
            weights, train, add n_s * (w_s - w); then w += sum / sum(n_s).
-  pfl-1    pfl's SimulatedBackend + FederatedAveraging + PyTorchModel, one process, 2 threads.
+  pfl-1    pfl's SimulatedBackend + FederatedAveraging + PyTorchModel, one process, 1 thread (--threads).
   pfl-2    the same under ``torchrun --nproc_per_node 2`` (1 thread each), with pfl's own
            work-sorted cohort split (user_id_to_weight = training samples).
 pfl runs under .bench-pfl-venv (bench/requirements-pfl.txt), apart from the project's .venv.
@@ -65,6 +65,7 @@ from typing import Any, Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".bench-pfl-venv"
 REQS = ROOT / "bench" / "requirements-pfl.txt"
+THREADS = [1]  # torch threads of the single-process sides (--threads)
 INSTALL_CMD = "python3 -m venv .bench-pfl-venv && .bench-pfl-venv/bin/pip install -r bench/requirements-pfl.txt"
 
 
@@ -234,7 +235,8 @@ def run_hpcfl(case, config: Path, d: Path) -> Dict[str, Any]:
 
 def run_worker(side: str, plan: Path, d: Path) -> Dict[str, Any]:
     out = d / f"{plan.stem}-{side}.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"), OMP_NUM_THREADS="2" if side != "pfl-2" else "1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"), VS_PFL_THREADS=str(THREADS[0]),
+               OMP_NUM_THREADS=str(THREADS[0]) if side != "pfl-2" else "1")
     script = str(ROOT / "bench" / "vs_pfl.py")
     if side == "plain":
         argv = [sys.executable, script, "--plain-worker", str(plan), str(out)]
@@ -288,7 +290,7 @@ def plain_worker(plan_path: str, out: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("VS_PFL_THREADS", "1")))
     plan, x, y, model = _load(plan_path)
     params = list(model.parameters())
     rows = []
@@ -338,7 +340,7 @@ def pfl_worker(plan_path: str, out: str) -> None:
     from pfl.model.pytorch import PyTorchModel
 
     workers = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(2 if workers == 1 else 1)
+    torch.set_num_threads(int(os.environ.get("VS_PFL_THREADS", "1")) if workers == 1 else 1)
     plan, x, y, model = _load(plan_path)
 
     def loss(self, xb, yb, eval=False):  # noqa: A002 - pfl's signature
@@ -454,6 +456,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=100, help="(b), (c): rounds")
     ap.add_argument("--eval-every", type=int, default=10, help="(b), (c): evaluate every N rounds")
     ap.add_argument("--sides", nargs="+", default=["hpcfl", "plain", "pfl-1", "pfl-2"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the single-process sides (plain, "
+                    "pfl-1); 1: hpcfl's ranks and pfl-2's workers run 1 each, and on this loaded 2-core machine "
+                    "a second intra-op thread spun more than it helped these small models")
     ap.add_argument("--tol", type=float, default=0.02, help="largest accuracy difference to the plain loop")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--workdir", type=Path, help="keep data, configs, runs and logs here (default: a temporary directory)")
@@ -464,6 +469,7 @@ def main() -> None:
         return plain_worker(*args.plain_worker)
     if args.pfl_worker:
         return pfl_worker(*args.pfl_worker)
+    THREADS[0] = args.threads
     if args.quick:
         args.ks, args.digit_rounds, args.sites, args.rounds, args.eval_every = [2, 32], 3, 200, 3, 1
     if any(s.startswith("pfl") for s in args.sides):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -680,12 +681,19 @@ def _expand_sites(raw: Any, path: str, src: str) -> Any:
     return raw
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: Any) -> Dict[str, Any]:
+    """A dataclass's resolved field types, once per class: `sites: {count: 10000}` builds 10,000 SiteConfigs,
+    and resolving their string annotations each time took 2 s."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: Any, raw: Any, path: str, src: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{src}: {path or '<top level>'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:

@@ -216,11 +216,15 @@ def auto_slots(sizes: Sequence[int], capacity: int) -> int:
 def slots_for_world(sizes: Sequence[int], world_size: int) -> int:
     """The number of slots a job of ``world_size`` ranks runs (world size grows strictly with slots)."""
     lo, k = len(_groups(sizes)), len(sizes)
-    for s in range(k, lo - 1, -1):
-        if world_size_for(sizes, s) == world_size:
+    a, b = lo, k  # binary search: each try costs O(K), and 10,000 sites would make a linear scan O(K^2)
+    while a <= b:
+        s = (a + b) // 2
+        n = world_size_for(sizes, s)
+        if n == world_size:
             return s
-    fits = sorted({world_size_for(sizes, s) for s in range(lo, k + 1)})
-    shown = ", ".join(map(str, fits[:6])) + (f", ... {fits[-1]}" if len(fits) > 6 else "")
+        a, b = (s + 1, b) if n < world_size else (a, s - 1)
+    fits = [world_size_for(sizes, s) for s in range(lo, min(k, lo + 5) + 1)]
+    shown = ", ".join(map(str, fits)) + (f", ... {world_size_for(sizes, k)}" if k > lo + 5 else "")
     raise TopologyError(f"the job has {world_size} ranks, but the config's {k} sites run on {shown} ranks "
                         f"(1 aggregator + 1..{k} slots); launch with one of those (or use `hpcfl launch`, "
                         "which counts for you)")
