@@ -8,7 +8,7 @@ and seeded, so every rank computes the same split without talking to others.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
