@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -322,10 +323,11 @@ class VolumesConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "synthetic", "tiles", "volumes"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, WSI tiles, or NIfTI volumes (task: segment)")
+    name: Literal["digits", "synthetic", "tiles", "volumes", "arrays"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, WSI tiles, NIfTI volumes (task: segment), or arrays of your own (data.path)")
+    path: str = _f("", help="arrays: directory with x.npy (float32, (N, ...)) and y.npy (labels 0..C-1), memory-mapped and shared by the processes of a node")
     val_fraction: float = _f(0.2, help="fraction of each site's data held out for validation", gt=0.0, max=0.9)
-    partition: Literal["iid", "dirichlet"] = _f("iid", help="how samples are split over sites")
-    dirichlet_alpha: float = _f(0.5, help="label-skew concentration for partition: dirichlet (smaller = more skew)", gt=0.0)
+    partition: Literal["iid", "dirichlet", "quantity"] = _f("iid", help="how samples are split over sites: iid, label skew Dir(dirichlet_alpha) per class, or quantity skew (site sizes Dir(dirichlet_alpha), labels IID); computed per site on demand, so 10,000 sites cost no per-site objects")
+    dirichlet_alpha: float = _f(0.5, help="concentration for partition: dirichlet or quantity (smaller = more skew)", gt=0.0)
     samples: int = _f(4096, help="synthetic: number of samples", min=16)
     features: int = _f(64, help="synthetic: features per sample", min=1)
     classes: int = _f(10, help="synthetic: number of classes", min=2)
@@ -474,6 +476,9 @@ class EvalConfig:
     cross_site: bool = _f(True, help="at the end, every site's final local model and the global model on every site's validation data (cross_site.json)")
     best_metric: str = _f("auto", help="the global model with the best value of this metric is kept as best.npz: val_<a metric of the task> (classify: val_accuracy, val_loss, val_auc, val_balanced_accuracy); auto = the task's first headline metric")
     auc_bins: int = _f(256, help="score histogram bins per class for AUC (summed over ranks and sites exactly; AUC error < 1/bins)", min=16, max=100000)
+    sites_every: int = _f(1, help="evaluate the global model on the sites' validation data every N rounds (and in the last round); the round's val_* metrics are null in the rounds between", min=1)
+    sites_max: int = _f(128, help="sites the global model is evaluated on per evaluation: every site up to this many, above it a seeded sample of this many, drawn afresh each round (the round's val_* are then over the sample)", min=1)
+    cross_site_max: int = _f(16, help="cross-site validation covers every site up to this many sites; above it, a seeded sample of this many (their final local models and the global model on their validation data), and the printed table is summarised per model", min=1)
 
 
 @dataclass(frozen=True)
@@ -488,6 +493,7 @@ class LaunchConfig:
     mpirun_args: Tuple[str, ...] = _f((), help="extra mpirun arguments (argv list)")
     chunk_mb: int = _f(8, help="largest MPI message in MiB: models move in chunks of this size, which bounds the reduction buffers MPI allocates at rank 0", min=1, max=1024)
     slots: int = _f(0, help="process groups that simulate the sites (each trains its sites in turn); 0 = one per site where this machine (or cluster) has a core or GPU per rank, else as many as fit", min=0)
+    assign: Literal["static", "balanced"] = _f("static", help="which slot trains a site: static (each slot a fixed run of sites), or balanced (each round, rank 0 deals the sampled sites to the slots by estimated work, samples x local steps, longest first: with cohort sampling a slot no longer waits on its own unlucky draw); balanced needs sites of one rank count, a mean-based strategy and no private entries")
 
 
 @dataclass(frozen=True)
@@ -725,12 +731,19 @@ def _expand_sites(raw: Any, path: str, src: str) -> Any:
     return raw
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: Any) -> Dict[str, Any]:
+    """A dataclass's resolved field types, once per class: `sites: {count: 10000}` builds 10,000 SiteConfigs,
+    and resolving their string annotations each time took 2 s."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: Any, raw: Any, path: str, src: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{src}: {path or '<top level>'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
@@ -789,6 +802,7 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: launch.slots: {cfg.launch.slots} slots cannot simulate {len(cfg.sites)} sites with "
                           f"{rank_counts} different rank count(s); choose between {rank_counts} and {len(cfg.sites)} "
                           "(0 = automatic)")
+    _validate_assign(cfg, src)
     inj = cfg.debug.inject_failure
     if inj is not None and inj.rank >= cfg.world_size:
         raise ConfigError(f"{src}: debug.inject_failure.rank: {inj.rank} is not a rank of this {cfg.world_size}-rank federation")
@@ -812,6 +826,21 @@ def _validate_gpu_sharing(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: cluster.ranks_per_gpu: {c.ranks_per_gpu} puts ranks of one site on one GPU, and "
                           "Horovod's NCCL refuses two ranks of a process set on one GPU; use site.backend: torch "
                           "(Gloo for such sites), ranks_per_gpu: 1, or train.device: cpu")
+
+
+def _validate_assign(cfg: Config, src: str) -> None:
+    """launch.assign: balanced moves sites between slots, so nothing may be tied to a slot."""
+    if cfg.launch.assign != "balanced":
+        return
+    if len({s.ranks for s in cfg.sites}) > 1:
+        raise ConfigError(f"{src}: launch.assign: balanced deals sites to any slot, so every site needs the same "
+                          "number of ranks")
+    if cfg.fl.strategy in ROBUST:
+        raise ConfigError(f"{src}: launch.assign: balanced works with mean-based strategies; {cfg.fl.strategy} "
+                          "gathers each site's update in a fixed slot layout (use launch.assign: static)")
+    if cfg.privacy.exclude_vars:
+        raise ConfigError(f"{src}: launch.assign: balanced cannot keep privacy.exclude_vars entries per site "
+                          "(they stay in the slot that holds them); use launch.assign: static")
 
 
 def _validate_fl(cfg: Config, src: str) -> None:
@@ -946,7 +975,23 @@ def to_dict(cfg: Any) -> Any:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    d = to_dict(cfg)
+    short = _sites_shorthand(cfg.sites)
+    if short is not None:
+        d["sites"] = short
+    return yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
+
+
+def _sites_shorthand(sites: Sequence[SiteConfig]) -> Optional[Dict[str, int]]:
+    """``{count, ranks}`` for a long list of sites that the shorthand would give back exactly (a run's
+    config.yaml for 10,000 sites was 1.4 MB, and PyYAML took minutes to read it back for the report)."""
+    if len(sites) <= 256 or len({s.ranks for s in sites}) != 1:
+        return None
+    plain = SiteOverrides()
+    if any(s.name != f"site{i + 1}" or s.overrides != plain or s.dropout != 0.0 or s.speed != 1.0
+           for i, s in enumerate(sites)):
+        return None
+    return {"count": len(sites), "ranks": sites[0].ranks}
 
 
 # Keys that may change between a run and its resumption without changing what

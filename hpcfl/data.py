@@ -8,7 +8,7 @@ and seeded, so every rank computes the same split without talking to others.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -62,37 +62,135 @@ def load_dataset(cfg) -> Dataset:
         return Dataset(x=x, y=y, num_classes=d.classes)
     if d.name == "volumes":
         raise ConfigError("data.name: volumes are read by task: segment only")
+    if d.name == "arrays":
+        return _arrays(d.path)
     raise ConfigError(f"data.name: unknown dataset {d.name!r}")
 
 
-def partition(y: np.ndarray, n_sites: int, how: str, seed: int, alpha: float = 0.5,
-              min_per_site: int = 2) -> List[np.ndarray]:
-    """Indices of the samples each site owns (disjoint, covering all samples).
+def _arrays(path: str) -> Dataset:
+    """``data.path``/x.npy (float32, (N, ...)) and y.npy (integer labels 0..C-1), memory-mapped copy-on-write:
+    every process that simulates sites maps the same pages, so a large set is held once per node."""
+    from pathlib import Path
+
+    root = Path(path)
+    try:
+        x = np.load(root / "x.npy", mmap_mode="c")
+        y = np.asarray(np.load(root / "y.npy"), np.int64)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.path: {root}: cannot read x.npy and y.npy ({exc})") from None
+    if x.dtype != np.float32 or x.ndim < 2 or y.shape != (len(x),):
+        raise ConfigError(f"data.path: {root}: x.npy must be float32 (N, ...) and y.npy (N,) labels; got "
+                          f"x {x.dtype} {x.shape}, y {y.shape}")
+    if len(y) == 0 or y.min() < 0:
+        raise ConfigError(f"data.path: {root}/y.npy: labels must be 0..C-1")
+    return Dataset(x=x, y=y, num_classes=int(y.max()) + 1)
+
+
+class Partition:
+    """Which samples each site owns (disjoint, covering all samples), computed per site on demand.
+
+    Sites are data, not objects: the plan is one permutation of the samples and
+    a table of cut points (``iid``, ``quantity``: K + 1 offsets; ``dirichlet``:
+    K + 1 per class), so 10,000 sites cost a few hundred KB and no per-site
+    arrays until a site is asked for (``parts[i]``, its indices, sorted).
 
     ``iid``: a seeded permutation cut into near-equal parts. ``dirichlet``: for
     each class, site shares drawn from Dir(alpha) (label skew, as in the FL
-    literature); redrawn until every site has ``min_per_site`` samples.
+    literature); redrawn until every site has ``min_per_site`` samples, and after
+    ``REDRAWS`` draws (many sites, small alpha) the sites short of it take the
+    samples they lack from the largest sites. ``quantity``: site sizes from
+    Dir(alpha) over the sites on top of ``min_per_site`` each, labels IID.
     """
-    n = len(y)
-    if n < n_sites * min_per_site:
-        raise ConfigError(f"data: {n} samples cannot be split over {n_sites} sites")
-    rng = np.random.default_rng([seed, 11])
-    if how == "iid":
-        return [np.sort(p) for p in np.array_split(rng.permutation(n), n_sites)]
-    if how != "dirichlet":
-        raise ConfigError(f"data.partition: unknown partition {how!r}")
-    classes = np.unique(y)
-    for _ in range(1000):
-        parts: List[List[int]] = [[] for _ in range(n_sites)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(y == c))
+
+    REDRAWS = 1000
+
+    def __init__(self, y: np.ndarray, n_sites: int, how: str, seed: int, alpha: float = 0.5,
+                 min_per_site: int = 2):
+        n = len(y)
+        if n < n_sites * min_per_site:
+            raise ConfigError(f"data: {n} samples cannot be split over {n_sites} sites")
+        if how not in ("iid", "dirichlet", "quantity"):
+            raise ConfigError(f"data.partition: unknown partition {how!r}")
+        self.k, self.how = n_sites, how
+        self.moved: dict = {}  # dirichlet top-up: site -> (indices taken away, indices added)
+        rng = np.random.default_rng([seed, 11])
+        if how == "iid":
+            self.perm = [rng.permutation(n)]
+            base, extra = divmod(n, n_sites)  # np.array_split's cut: the first `extra` parts one longer
+            sizes = np.full(n_sites, base, np.int64)
+            sizes[:extra] += 1
+            self.bounds = [np.concatenate([[0], np.cumsum(sizes)])]
+        elif how == "quantity":
+            self.perm = [rng.permutation(n)]
             shares = rng.dirichlet(np.full(n_sites, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for s, chunk in enumerate(np.split(idx, cuts)):
-                parts[s].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_per_site:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ConfigError(f"data.dirichlet_alpha: {alpha} leaves some of {n_sites} sites without data; raise it")
+            spare = n - n_sites * min_per_site
+            cuts = np.concatenate([[0], (np.cumsum(shares)[:-1] * spare).astype(np.int64), [spare]])
+            self.bounds = [cuts + np.arange(n_sites + 1) * min_per_site]
+        else:
+            self._dirichlet(y, rng, alpha, min_per_site)
+
+    def _dirichlet(self, y: np.ndarray, rng: np.random.Generator, alpha: float, min_per_site: int) -> None:
+        classes = np.unique(y)
+        for attempt in range(self.REDRAWS):
+            self.perm, self.bounds = [], []
+            for c in classes:
+                idx = rng.permutation(np.flatnonzero(y == c))
+                shares = rng.dirichlet(np.full(self.k, alpha))
+                cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
+                self.perm.append(idx)
+                self.bounds.append(np.concatenate([[0], cuts, [len(idx)]]))
+            sizes = self.sizes()
+            if sizes.min() >= min_per_site:
+                return
+            if self.k > 64 and attempt >= 9:  # many sites: redraws would rarely help; top up instead
+                break
+        else:
+            raise ConfigError(f"data.dirichlet_alpha: {alpha} leaves some of {self.k} sites without data; raise it")
+        self._top_up(min_per_site)
+
+    def _top_up(self, min_per_site: int) -> None:
+        """Sites short of ``min_per_site`` samples take them from the largest sites (deterministic)."""
+        sizes = self.sizes()
+        for i in np.flatnonzero(sizes < min_per_site):
+            while sizes[i] < min_per_site:
+                donor = int(np.argmax(sizes))
+                give = self._own(donor)[-1:]
+                self.moved.setdefault(donor, ([], []))[0].extend(give.tolist())
+                self.moved.setdefault(int(i), ([], []))[1].extend(give.tolist())
+                sizes[donor] -= 1
+                sizes[i] += 1
+
+    def __len__(self) -> int:
+        return self.k
+
+    def sizes(self) -> np.ndarray:
+        """Samples per site (K,), without building any site's indices."""
+        out = np.sum([np.diff(b) for b in self.bounds], axis=0).astype(np.int64)
+        for i, (gone, got) in self.moved.items():
+            out[i] += len(got) - len(gone)
+        return out
+
+    def _own(self, i: int) -> np.ndarray:
+        parts = [p[b[i]:b[i + 1]] for p, b in zip(self.perm, self.bounds)]
+        own = np.sort(np.concatenate(parts).astype(np.int64))
+        if i in self.moved:
+            gone, got = self.moved[i]
+            own = np.sort(np.concatenate([np.setdiff1d(own, gone), np.asarray(got, np.int64)]))
+        return own
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.k:
+            raise IndexError(i)
+        return self._own(int(i))
+
+    def __iter__(self):
+        return (self[i] for i in range(self.k))
+
+
+def partition(y: np.ndarray, n_sites: int, how: str, seed: int, alpha: float = 0.5,
+              min_per_site: int = 2) -> Partition:
+    """Indices of the samples each site owns: a lazy :class:`Partition` (index it, or iterate)."""
+    return Partition(y, n_sites, how, seed, alpha, min_per_site)
 
 
 def train_val_split(indices: np.ndarray, val_fraction: float, seed: int, site_index: int,
@@ -124,9 +222,18 @@ def steps_per_epoch(n_train: int, site_size: int, batch_size: int) -> int:
     return max(1, -(-(n_train // site_size) // batch_size))
 
 
+SUMMARY_SITES = 256
+
+
 def partition_summary(cfg, ds: Dataset, names: Sequence[str]) -> dict:
-    """Per-site sample and class counts, recorded in manifest.json."""
+    """Per-site sample and class counts, recorded in manifest.json (above ``SUMMARY_SITES`` sites, the
+    distribution of site sizes instead: a manifest of 10,000 entries helps nobody)."""
     parts = partition(ds.y, len(names), cfg.data.partition, cfg.run.seed, cfg.data.dirichlet_alpha)
+    if len(names) > SUMMARY_SITES:
+        sizes = parts.sizes()
+        return {"dataset": cfg.data.name, "partition": cfg.data.partition, "sites_total": len(names),
+                "samples_per_site": {"min": int(sizes.min()), "median": float(np.median(sizes)),
+                                     "max": int(sizes.max()), "total": int(sizes.sum())}}
     out = {}
     for i, (name, idx) in enumerate(zip(names, parts)):
         tr, va = train_val_split(idx, cfg.data.val_fraction, cfg.run.seed, i)

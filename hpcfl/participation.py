@@ -94,3 +94,25 @@ def plan_round(rng: np.random.Generator, fl, sites, steps: Sequence[int], round_
     raise RankFailure(f"round {round_}: only {n} of {len(sites)} sites returned, fewer than fl.min_sites = "
                       f"{fl.min_sites}" + (f" after {fl.max_retries} retries" if fl.on_too_few == "retry" else "")
                       + f" ({why})")
+
+
+# -- who is evaluated: bounded, whatever the number of sites ------------------------------------------
+
+def eval_sites(ev, seed: int, k: int, round_: int, rounds: int) -> np.ndarray:
+    """Sites whose validation data the global model of ``round_`` is evaluated on (sorted indices).
+
+    Every ``ev.sites_every`` rounds and in the last: every site up to ``ev.sites_max`` sites, above it a
+    seeded sample of that many, drawn afresh each round (every rank draws the same: a pure function).
+    """
+    if round_ % ev.sites_every and round_ != rounds:
+        return np.zeros(0, np.int64)
+    if k <= ev.sites_max:
+        return np.arange(k)
+    return np.sort(np.random.default_rng([seed, 53, round_]).choice(k, ev.sites_max, replace=False))
+
+
+def cross_site_sites(ev, seed: int, k: int) -> np.ndarray:
+    """Sites of cross-site validation (K x K): all up to ``ev.cross_site_max``, else a seeded sample of that many."""
+    if k <= ev.cross_site_max:
+        return np.arange(k)
+    return np.sort(np.random.default_rng([seed, 59]).choice(k, ev.cross_site_max, replace=False))

@@ -12,6 +12,7 @@ PHASES = [
     ("send_s", "send global model (rank 0 -> leaders, MPI)"),
     ("site_bcast_s", "in-slot broadcast (site backend)"),
     ("train_s", "local training (slowest slot, its sites in turn)"),
+    ("straggler_s", "  straggler: slowest slot - mean slot"),
     ("data_s", "  data loading wait"),
     ("compute_s", "  forward/backward/step"),
     ("allreduce_s", "  in-site gradient allreduce"),
@@ -84,7 +85,10 @@ class Progress:
         t = s["time"]
         self.times.append(t)
         w = len(str(self.cfg.fl.rounds))
-        self._print(f"round {s['round']:>{w}}/{self.cfg.fl.rounds}  sites {s['sites_done']}/{s['sites_total']}  "
+        sampled = s.get("sites_sampled", s["sites_total"])
+        sites = (f"sites {s['sites_done']}/{s['sites_total']}" if sampled == s["sites_total"]
+                 else f"sites {s['sites_done']}/{sampled} sampled of {s['sites_total']}")
+        self._print(f"round {s['round']:>{w}}/{self.cfg.fl.rounds}  {sites}  "
                     + self._metrics(s) + "  "
                     + (f"eps {s['dp_epsilon']:.3g}  " if "dp_epsilon" in s else "")
                     + (f"best {s['best']['value']:.4f}@{s['best']['round']}  " if s.get("best") else "")

@@ -352,8 +352,7 @@ def _run(world, config_path: str, overrides: Sequence[str], launch: RankLaunch, 
     # process sets, and would abort another slot's allreduce still in flight.
     quiet_barrier(world)
     if worker is not None:
-        for st in worker.states.values():
-            st.data.close()
+        worker.states.close()
         backend.shutdown()
     r.beat.stop()
     log.info("done")
@@ -476,20 +475,22 @@ def _build_slot(cfg, topology, role, comms, rundir, start_round, local_index, be
     from .device import Stager, cuda_aware_mpi, select_device
     from .site import make_backend
     from .site.data import SiteRank, make_site_data
-    from .site.slot import SiteState, SlotWorker
+    from .site.slot import SiteCache, SiteState, SlotWorker
     from .site.trainer import SiteSettings, SiteTrainer
     from .tasks import DataSpec, make_task
 
     device = select_device(cfg.train.device, local_index)
     shared: Dict[str, Any] = {}
-    states = []
-    for i in role.slot.sites:
-        site = topology.sites[i]
-        beat.phase("start-up: load data", 0, site.name)
+
+    def make_state(site) -> SiteState:
+        beat.phase("load data", 0, site.name)
         who = SiteRank(site, role.rank_in_slot, site.virtual_rank(role.rank_in_slot))
         data = make_site_data(cfg, topology, who, rundir.path, shared, device)
-        states.append(SiteState(site, who, data, SiteSettings.of(cfg, i)))
-    clock.lap(f"load data ({len(states)} site(s))")
+        return SiteState(site, who, data, SiteSettings.of(cfg, site.index))
+
+    states = SiteCache(make_state, max(256, cfg.eval.sites_max + 64))
+    first = states[topology.sites[role.slot.sites[0]]].data
+    clock.lap(f"load data (1 of {len(role.slot.sites)} site(s); the others on first use)")
     beat.phase("start-up: site backend")
     backend = make_backend(cfg.site.backend, topology, role, comms.trainers, device)
     clock.lap(f"start {backend.name}")
@@ -499,7 +500,6 @@ def _build_slot(cfg, topology, role, comms, rundir, start_round, local_index, be
         from .privacy.server import DifferentialPrivacy
 
         strategy = DifferentialPrivacy(strategy, cfg.privacy.dp)  # sites need its upload weight only
-    first = states[0].data
     spec = DataSpec(tuple(first.input_shape), int(first.num_classes))
     trainer = SiteTrainer(cfg, task, spec, backend, device, strategy)
     clock.lap("build model and optimizer")

@@ -216,11 +216,15 @@ def auto_slots(sizes: Sequence[int], capacity: int) -> int:
 def slots_for_world(sizes: Sequence[int], world_size: int) -> int:
     """The number of slots a job of ``world_size`` ranks runs (world size grows strictly with slots)."""
     lo, k = len(_groups(sizes)), len(sizes)
-    for s in range(k, lo - 1, -1):
-        if world_size_for(sizes, s) == world_size:
+    a, b = lo, k  # binary search: each try costs O(K), and 10,000 sites would make a linear scan O(K^2)
+    while a <= b:
+        s = (a + b) // 2
+        n = world_size_for(sizes, s)
+        if n == world_size:
             return s
-    fits = sorted({world_size_for(sizes, s) for s in range(lo, k + 1)})
-    shown = ", ".join(map(str, fits[:6])) + (f", ... {fits[-1]}" if len(fits) > 6 else "")
+        a, b = (s + 1, b) if n < world_size else (a, s - 1)
+    fits = [world_size_for(sizes, s) for s in range(lo, min(k, lo + 5) + 1)]
+    shown = ", ".join(map(str, fits)) + (f", ... {world_size_for(sizes, k)}" if k > lo + 5 else "")
     raise TopologyError(f"the job has {world_size} ranks, but the config's {k} sites run on {shown} ranks "
                         f"(1 aggregator + 1..{k} slots); launch with one of those (or use `hpcfl launch`, "
                         "which counts for you)")
@@ -288,3 +292,21 @@ def comm_colors(role: Role) -> dict:
         "site": role.slot.index if role.slot is not None else UNDEFINED,
         "trainers": 0 if not role.is_aggregator else UNDEFINED,
     }
+
+
+def balance(work: Sequence[float], n_slots: int) -> List[int]:
+    """The slot of each of a round's sites, by estimated work (``launch.assign: balanced``).
+
+    Greedy longest-processing-time first: sites in order of decreasing work (ties: lower index
+    first) each go to the slot with the least work so far (ties: lower slot). Deterministic, so
+    every rank computing it agrees; within 4/3 of the best makespan (Graham 1969).
+    """
+    if n_slots < 1:
+        raise TopologyError(f"launch.assign: {n_slots} slots cannot train a round")
+    load = [0.0] * n_slots
+    out = [0] * len(work)
+    for i in sorted(range(len(work)), key=lambda j: (-float(work[j]), j)):
+        s = min(range(n_slots), key=lambda j: (load[j], j))
+        out[i] = s
+        load[s] += float(work[i])
+    return out

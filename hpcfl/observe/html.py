@@ -75,7 +75,9 @@ def figure(data: Optional[bytes], alt: str) -> str:
 def overview(run: RunData, i: int) -> str:
     cfg = run.config
     fl, data, model = cfg.get("fl") or {}, cfg.get("data") or {}, cfg.get("model") or {}
-    sites = ", ".join(f"{s.get('name')} x{s.get('ranks', 1)}" for s in cfg.get("sites") or [] if isinstance(s, dict))
+    short = cfg.get("sites") if isinstance(cfg.get("sites"), dict) else None  # {count, ranks}
+    sites = (f"{short.get('count')} sites x{short.get('ranks', 1)}" if short else
+             ", ".join(f"{s.get('name')} x{s.get('ranks', 1)}" for s in cfg.get("sites") or [] if isinstance(s, dict)))
     rounds = run.rounds()
     last = rounds[-1] if rounds else {}
     summ = run.summary or {}

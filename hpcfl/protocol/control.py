@@ -19,23 +19,33 @@ from ..participation import DROPOUT, RETURNS, STRAGGLER, Plan
 
 
 class Control:
-    """The per-round message from rank 0: stop flag, DP clip norm, and every site's participation code."""
+    """The per-round message from rank 0: stop flag, DP clip norm, every site's participation code and,
+    with ``launch.assign: balanced``, the slot that trains each sampled site (-1: none)."""
 
-    def __init__(self, k: int, vec: Optional[np.ndarray] = None):
-        self.vec = np.zeros(3 + k) if vec is None else vec
+    def __init__(self, k: int, vec: Optional[np.ndarray] = None, balanced: bool = False):
+        self.k = k
+        self.vec = np.zeros(3 + k * (2 if balanced else 1)) if vec is None else vec
 
     @classmethod
-    def make(cls, plan: Optional[Plan], k: int, clip: float, stop: bool) -> "Control":
-        c = cls(k)
+    def make(cls, plan: Optional[Plan], k: int, clip: float, stop: bool,
+             slots: Optional[np.ndarray] = None) -> "Control":
+        c = cls(k, balanced=slots is not None)
         c.vec[0], c.vec[1], c.vec[2] = float(stop), float(plan.aggregate if plan else 0), clip
         if plan is not None:
-            c.vec[3:] = plan.codes
+            c.vec[3:3 + k] = plan.codes
+        if slots is not None:
+            c.vec[3 + k:] = slots
         return c
 
     stop = property(lambda self: bool(self.vec[0]))
     aggregate = property(lambda self: bool(self.vec[1]))
     clip = property(lambda self: float(self.vec[2]))
-    codes = property(lambda self: self.vec[3:].astype(np.int64))
+    codes = property(lambda self: self.vec[3:3 + self.k].astype(np.int64))
+
+    @property
+    def slot_of(self) -> Optional[np.ndarray]:
+        """balanced: the slot of each site this round (-1: not sampled); static: None."""
+        return self.vec[3 + self.k:].astype(np.int64) if len(self.vec) > 3 + self.k else None
 
     def returns(self) -> np.ndarray:
         return self.codes == RETURNS
@@ -54,8 +64,8 @@ class PlanExchange:
         return ctl
 
     @staticmethod
-    def slot(fed: Optional[Any], slot_comm: Optional[Any], k: int) -> Control:
-        ctl = Control(k)
+    def slot(fed: Optional[Any], slot_comm: Optional[Any], k: int, balanced: bool = False) -> Control:
+        ctl = Control(k, balanced=balanced)
         if fed is not None:  # the leader
             fed.Bcast(ctl.vec, root=0)
         if slot_comm is not None and slot_comm.Get_size() > 1:

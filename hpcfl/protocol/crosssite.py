@@ -27,63 +27,91 @@ def bcast_flat(fed: Any, stager: Any, flat: Any, root: int) -> None:
 
 
 class CrossSite:
+    """Above ``eval.cross_site_max`` sites, the same on a seeded sample of that many sites
+    (:func:`hpcfl.participation.cross_site_sites`): K x K evaluations would dominate the run."""
+
     @staticmethod
     def server(agg) -> None:
-        fed, names, k = agg.comms.federation, agg.names, agg.k
-        has = np.zeros(k, bool)
-        for d in fed.gather(None, root=0)[1:]:
-            for s, h in d.items():
-                has[s] = h
-        fed.Bcast(has.astype(np.float64), root=0)
-        owner = {s.index: 1 + s.slot for s in agg.topology.sites}  # fed rank of the slot that owns a site
-        models = ["global"] + [names[i] for i in range(k) if has[i]]
+        from ..participation import cross_site_sites
+
+        fed, names, k, cfg = agg.comms.federation, agg.names, agg.k, agg.cfg
+        cs = cross_site_sites(cfg.eval, cfg.run.seed, k)
+        owner, newest = np.full(k, -1.0), np.zeros(k)
+        for slot, d in enumerate(fed.gather(None, root=0)[1:]):  # {site: round of its final local model}
+            for s, rnd in d.items():
+                if rnd > newest[s]:  # balanced slots: the slot that trained it last holds it
+                    owner[s], newest[s] = slot, rnd
+        fed.Bcast(owner, root=0)
+        has = owner >= 0
+        cols = [names[i] for i in cs]
+        models = ["global"] + [names[i] for i in cs if has[i]]
         table: Dict[str, Any] = {}
         for m in models:
-            root = 0 if m == "global" else owner[names.index(m)]
-            bcast_array(fed, agg.weights if m == "global" else agg.acc, root=root, chunk_mb=agg.cfg.launch.chunk_mb)
-            rows = by_site(fed.gather(None, root=0)[1:], k)
-            table[m] = {names[i]: agg.task.summarize(rows[i].vec.unpack()) for i in range(k)}
-        missing = [n for n, h in zip(names, has) if not h]
+            root = 0 if m == "global" else 1 + int(owner[names.index(m)])  # the owner's fed rank
+            bcast_array(fed, agg.weights if m == "global" else agg.acc, root=root, chunk_mb=cfg.launch.chunk_mb)
+            rows = by_site(fed.gather(None, root=0)[1:], k, cs)
+            table[m] = {names[i]: agg.task.summarize(rows[i].vec.unpack()) for i in cs}
+        missing = [names[i] for i in cs if not has[i]]
         key = agg.task.headline[0] if agg.task.headline else agg.task.metrics[0]
-        agg.rundir.write_json("cross_site.json", {"models": table, "no_local_model": missing,
-                                                  "metric_keys": list(agg.task.metrics), "headline": key})
-        text = _table(table, models, names, key, missing)
+        out = {"models": table, "no_local_model": missing, "metric_keys": list(agg.task.metrics), "headline": key}
+        if len(cs) < k:
+            out["sampled"] = {"sites": len(cs), "of": k, "eval.cross_site_max": cfg.eval.cross_site_max}
+        agg.rundir.write_json("cross_site.json", out)
+        text = _table(table, models, cols, key, missing) if len(cols) <= 16 else _summary(table, models, cols, key, k)
         log.info("%s", text)
         print(text, flush=True)
 
     @staticmethod
     def slot(worker) -> None:
-        fed, tr, role = worker.comms.federation, worker.trainer, worker.role
+        from ..participation import cross_site_sites
+
+        fed, tr, role, cfg = worker.comms.federation, worker.trainer, worker.role, worker.cfg
         k = len(worker.topology.sites)
         names = worker.topology.names
+        cs = cross_site_sites(cfg.eval, cfg.run.seed, k)
+        owner = np.full(k, -1.0)
         if role.is_leader:
-            fed.gather({s.index: worker.states[s.index].final_local is not None for s in worker.sites}, root=0)
-            flags = np.zeros(k)
-            fed.Bcast(flags, root=0)
-        else:
-            flags = np.zeros(k)
+            fed.gather(dict(worker.final_round), root=0)
+            fed.Bcast(owner, root=0)
         if role.slot.size > 1:
-            worker.comms.site.Bcast(flags, root=0)
+            worker.comms.site.Bcast(owner, root=0)
+        flags = owner >= 0
         flat = tr.model.flat
         global_copy = flat.clone()
-        mine = {s.index for s in worker.sites}
-        my_fed_rank = 1 + role.slot.index
-        for m in ["global"] + [names[i] for i in range(k) if flags[i]]:
+        mine = set(worker.mine)
+        if worker.balanced:  # evaluated round-robin, as in the rounds
+            ours = [worker.topology.sites[i] for i in cs[role.slot.index::len(worker.topology.slots)]]
+        else:
+            ours = [worker.topology.sites[i] for i in cs if i in mine]
+        for m in ["global"] + [names[i] for i in cs if flags[i]]:
             i = None if m == "global" else names.index(m)
             if role.is_leader:
-                root = 0 if i is None else 1 + worker.topology.sites[i].slot
-                if i is not None and i in mine and root == my_fed_rank:
-                    worker.load_host(worker.states[i].final_local)
+                root = 0 if i is None else 1 + int(owner[i])
+                if i is not None and int(owner[i]) == role.slot.index:
+                    worker.load_host(worker.final_local[i])
                 bcast_flat(fed, worker.stager, flat, root)
             tr.backend.broadcast_(flat)
             rows: List[Any] = []
-            for site in worker.sites:
+            for site in ours:
                 if i is None:
                     worker.restore_private(site.index)
-                rows.append(EvalRow(site.index, Packed.of(worker.evaluate(site, worker.cfg.fl.rounds))))
+                rows.append(EvalRow(site.index, Packed.of(worker.evaluate(site, cfg.fl.rounds))))
             if role.is_leader:
                 fed.gather(rows, root=0)
         flat.copy_(global_copy)
+
+
+def _summary(table, models, cols, key: str, k: int) -> str:
+    """A table too wide to print: each model's mean, min and max over the sampled sites' data."""
+    lines = [f"cross-site validation ({key}) on {len(cols)} of {k} sites (eval.cross_site_max): each model on "
+             "their validation data, mean [min, max] (all cells in cross_site.json):"]
+    width = max(len(m) for m in models)
+    for m in models:
+        v = [table[m][c].get(key) for c in cols]
+        v = [x for x in v if isinstance(x, (int, float))]
+        if v:
+            lines.append(f"  {m.ljust(width)}  {np.mean(v):.4f} [{min(v):.4f}, {max(v):.4f}]")
+    return "\n".join(lines)
 
 
 def _table(table, models, names, key: str, missing) -> str:

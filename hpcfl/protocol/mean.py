@@ -75,15 +75,19 @@ class SecureMeanTransport(MeanTransport):
         self.public: List[bytes] = []
         self.enc: Optional[np.ndarray] = None
         self.pairs: Dict[int, Dict[int, bytes]] = {}
+        self.salt: Optional[bytes] = None
 
     def _steps(self) -> List[Tuple[int, int]]:
         return list(chunks(self.size, 8, self.chunk_mb))
 
     # -- key set-up (once per launch): each site's public key, relayed by rank 0 ---------------------------
-    def slot_keys(self, fed: Any, sites: List[int]) -> None:
+    def slot_keys(self, fed: Any, sites: List[int], salt: Optional[bytes] = None) -> None:
+        """Key pairs of ``sites``: fresh, or (``salt``: balanced slots, where any slot may train any site)
+        derived from a secret all slot ranks share and rank 0 does not have."""
         from ..privacy.secagg import Keypair
 
-        self.keys = {s: Keypair.generate() for s in sites}
+        self.salt = salt
+        self.keys = {s: self.key(s) if salt is not None else Keypair.generate() for s in sites}
         fed.gather({s: k.public_bytes() for s, k in self.keys.items()}, root=0)
         self.public = fed.bcast(None, root=0)
 
@@ -108,7 +112,7 @@ class SecureMeanTransport(MeanTransport):
         from ..privacy import secagg
 
         masked, back = self.ctl.masked(), self.ctl.returns()
-        peers = {j: secagg.pair_seed(self.keys[site].private_key, self.public[j], self.round, site, j)
+        peers = {j: secagg.pair_seed(self.key(site).private_key, self.public[j], self.round, site, j)
                  for j in np.flatnonzero(masked) if j != site}
         self.pairs[site] = peers
         n_sites = max(1, int(back.sum()))
@@ -126,6 +130,18 @@ class SecureMeanTransport(MeanTransport):
                     for j, seed in peers.items() if not back[j]], root=0)
         for s, e in self._steps():
             fed.Reduce(self.enc[s:e], None, op=MPI.SUM, root=0)
+
+    def key(self, site: int) -> Any:
+        from ..privacy.secagg import Keypair
+
+        got = self.keys.get(site)
+        if got is not None:
+            return got
+        if self.salt is None:
+            raise KeyError(f"site {site}: no key pair in this slot (static slots hold their own sites' keys)")
+        import hashlib
+
+        return Keypair.from_private_bytes(hashlib.sha256(self.salt + int(site).to_bytes(8, "little")).digest())
 
     def masked_upload(self) -> np.ndarray:
         """What rank 0 receives from this slot (for the test that uploads look random)."""

@@ -113,52 +113,69 @@ def strict(obj: Any) -> Any:
     return obj
 
 
-def by_site(rows: Sequence[Sequence[Any]], k: int) -> List[Any]:
-    """Flatten the per-slot lists of rows gathered at rank 0 into one list indexed by site."""
-    out: List[Any] = [None] * k
+def by_site(rows: Sequence[Sequence[Any]], k: int, expect: Optional[Sequence[int]] = None) -> Dict[int, Any]:
+    """Flatten the per-slot lists of rows gathered at rank 0 into one dict {site index: row}.
+
+    ``expect``: the sites that must have reported (default: all ``k``); a round reports only the sites it
+    sampled or evaluated, so its cost follows the cohort, not the number of sites."""
+    out: Dict[int, Any] = {}
     for slot_rows in rows:
         for row in slot_rows or ():
             out[row.site] = row
-    missing = [i for i, r in enumerate(out) if r is None]
+    want = range(k) if expect is None else expect
+    missing = [int(i) for i in want if int(i) not in out]
     if missing:
         raise RuntimeError(f"no report for sites {missing[:5]} (protocol out of step)")
     return out
 
 
-def round_records(round_: int, names: Sequence[str], train: Sequence[TrainRow], evals: Sequence[EvalRow],
+def _site_records(round_: int, names: Sequence[str], train: Dict[int, TrainRow], evals: Dict[int, EvalRow],
+                  codes: np.ndarray, summarize) -> List[Dict[str, Any]]:
+    """Per site that reported (sampled into the round, or evaluated): split and model."""
+    from ..participation import REASONS, RETURNS
+
+    recs: List[Dict[str, Any]] = []
+    for i in sorted(set(train) | set(evals)):
+        name = names[i]
+        status = "returned" if codes[i] == RETURNS else REASONS[int(codes[i])]
+        if i in evals:
+            recs.append({"kind": "site", "round": round_, "site": name, "split": "val", "model": "global",
+                         "status": status, **summarize(evals[i].vec.unpack())})
+        t = train.get(i)
+        if t is None or not t.trained:
+            continue
+        if t.local_eval is not None:
+            recs.append({"kind": "site", "round": round_, "site": name, "split": "val", "model": "local",
+                         "status": status, **summarize(t.local_eval.unpack())})
+        recs.append({"kind": "site", "round": round_, "site": name, "split": "train", "model": "local",
+                     "loss": _finite(t.loss_sum / max(t.samples, 1)), "samples": int(t.samples),
+                     "steps": int(t.steps), "train_s": float(t.train_s), "update_norm": float(t.update_norm),
+                     **({"finite": False} if not t.finite else {}),
+                     **{k: _finite(v) for k, v in t.task.items()}})
+    return recs
+
+
+def round_records(round_: int, names: Sequence[str], train: Dict[int, TrainRow], evals: Dict[int, EvalRow],
                   slots: Sequence[SlotTimes], server: Dict[str, float], codes: np.ndarray, summarize,
                   metric_names: Sequence[str]) -> List[Dict[str, Any]]:
     """metrics.jsonl records of one round: per site, split and model, then the round summary (last).
 
     ``summarize(vec) -> dict`` is the task's (pure NumPy); ``metric_names`` its scalar metrics,
     recorded in the summary as ``val_<name>`` (and ``local_val_<name>`` for locally tuned models).
+    Only the sites sampled into the round or evaluated in it have records; the summary names the
+    sites that returned and those sampled that did not, and counts the ones not sampled.
     """
-    from ..participation import REASONS, RETURNS
+    from ..participation import NOT_SAMPLED, REASONS, RETURNS
 
-    recs: List[Dict[str, Any]] = []
-    g_vecs = [e.vec.unpack() for e in evals]
-    l_vecs = [unpack(t.local_eval) for t in train]
-    for i, name in enumerate(names):
-        status = "returned" if codes[i] == RETURNS else REASONS[int(codes[i])]
-        recs.append({"kind": "site", "round": round_, "site": name, "split": "val", "model": "global",
-                     "status": status, **summarize(g_vecs[i])})
-        t = train[i]
-        if t.trained:
-            if l_vecs[i] is not None:
-                recs.append({"kind": "site", "round": round_, "site": name, "split": "val", "model": "local",
-                             "status": status, **summarize(l_vecs[i])})
-            recs.append({"kind": "site", "round": round_, "site": name, "split": "train", "model": "local",
-                         "loss": _finite(t.loss_sum / max(t.samples, 1)), "samples": int(t.samples),
-                         "steps": int(t.steps), "train_s": float(t.train_s), "update_norm": float(t.update_norm),
-                         **({"finite": False} if not t.finite else {}),
-                         **{k: _finite(v) for k, v in t.task.items()}})
-    trained = [t for t in train if t.trained]
+    recs = _site_records(round_, names, train, evals, codes, summarize)
+    trained = [t for t in train.values() if t.trained]
     slow = max(trained, key=lambda t: t.train_s) if trained else None  # the slowest site that trained
     slot_train = max((s.train_s for s in slots), default=0.0)  # the slowest slot (its sites in turn)
     time_ = {
         "send_s": server["send_s"],
         "site_bcast_s": max((s.site_bcast_s for s in slots), default=0.0),
         "train_s": slot_train,
+        "straggler_s": slot_train - float(np.mean([s.train_s for s in slots])) if slots else 0.0,
         "site_train_s": slow.train_s if slow else 0.0,
         "data_s": slow.data_s if slow else 0.0,
         "compute_s": slow.compute_s if slow else 0.0,
@@ -170,18 +187,21 @@ def round_records(round_: int, names: Sequence[str], train: Sequence[TrainRow], 
         "wait_upload_s": server["wait_upload_s"],
         "wait_eval_s": server["wait_eval_s"],
     }
-    fed = summarize(np.sum(g_vecs, axis=0))
     back = codes == RETURNS
+    missing = np.flatnonzero((codes != RETURNS) & (codes != NOT_SAMPLED))
     summary: Dict[str, Any] = {
         "kind": "round", "round": round_, "sites_done": int(back.sum()), "sites_total": len(names),
-        "participants": [n for n, c in zip(names, codes) if c == RETURNS],
-        "dropped": {n: REASONS[int(c)] for n, c in zip(names, codes) if c != RETURNS},
+        "sites_sampled": int((codes != NOT_SAMPLED).sum()), "sites_evaluated": len(evals),
+        "participants": [names[i] for i in np.flatnonzero(back)],
+        "dropped": {names[i]: REASONS[int(codes[i])] for i in missing},
+        "not_sampled": int((codes == NOT_SAMPLED).sum()),
     }
+    fed = summarize(np.sum([evals[i].vec.unpack() for i in sorted(evals)], axis=0)) if evals else {}
     for m in metric_names:
         summary[f"val_{m}"] = fed.get(m)
-    summary.update({"num_train": int(sum(t.num_train for t, c in zip(train, codes) if c == RETURNS)),
+    summary.update({"num_train": int(sum(train[i].num_train for i in np.flatnonzero(back))),
                     "timestamp": time.time(), "time": time_})
-    local = [v for v in l_vecs if v is not None]
+    local = [train[i].local_eval.unpack() for i in sorted(train) if train[i].local_eval is not None]
     if local:
         loc = summarize(np.sum(local, axis=0))
         for m in metric_names:

@@ -23,8 +23,9 @@ from ..comm import recv_array
 from ..config import Config, config_hash
 from ..errors import CheckpointError, RankFailure, TopologyError
 from ..model import Entry, layout_signature, same_state, state_views
-from ..participation import NONFINITE, RETURNS, plan_round, sample_size
+from ..participation import NONFINITE, NOT_SAMPLED, RETURNS, eval_sites, plan_round, sample_size
 from ..tasks import task_class
+from ..topology import balance
 from .control import Control, ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
 from .records import by_site, round_records, strict
 from .transports import make_transport
@@ -99,6 +100,7 @@ class Aggregator:
         self._writer: Optional[threading.Thread] = None  # the writes of the round before, in progress
         self._write_error: Optional[BaseException] = None
         self.rng_state = self.rng.bit_generator.state
+        self._config_hash: Optional[str] = None
 
     @property
     def clip(self) -> float:
@@ -129,9 +131,12 @@ class Aggregator:
             recv_array(fed, self.weights, 1, self.cfg.launch.chunk_mb)  # slot 0 leader's seeded init
         self.acc = np.zeros_like(self.weights)  # the one extra model-sized buffer rank 0 needs
         info = by_site(fed.gather(None, root=0)[1:], self.k)
-        self.num_train = np.array([i.num_train for i in info], np.float64)
-        self.steps = np.array([i.steps for i in info], np.int64)
+        self.num_train = np.array([info[i].num_train for i in range(self.k)], np.float64)
+        self.steps = np.array([info[i].steps for i in range(self.k)], np.int64)
         self.eval_size = int(info[0].eval_size)
+        del info
+        batch = np.array([s.overrides.batch_size or self.cfg.train.batch_size for s in self.cfg.sites], np.float64)
+        self.work = self.steps * batch  # a site's samples per round: what balanced slots are dealt by
         self.transport = make_transport(self.cfg, self.strategy, n, self.topology)
         if self.cfg.privacy.secure_aggregation is not None:  # relay public keys; rank 0 never sees a secret
             self.transport.server_keys(fed, self.k)
@@ -149,13 +154,24 @@ class Aggregator:
         return _stop_signal["signum"] is not None or self.rundir.stop_file.exists()
 
     def send_plan(self, round_: int) -> Control:
+        balanced = self.cfg.launch.assign == "balanced"
         if self.stop_requested():
             self.plan = None
-            ctl = Control.make(None, self.k, self.clip, stop=True)
+            ctl = Control.make(None, self.k, self.clip, stop=True, slots=np.full(self.k, -1) if balanced else None)
         else:
             self.plan = plan_round(self.rng, self.cfg.fl, self.cfg.sites, self.steps, round_)
-            ctl = Control.make(self.plan, self.k, self.clip, stop=False)
+            ctl = Control.make(self.plan, self.k, self.clip, stop=False,
+                               slots=self.assign(self.plan) if balanced else None)
         return PlanExchange.server(self.comms.federation, ctl)
+
+    def assign(self, plan) -> np.ndarray:
+        """launch.assign: balanced: the round's sampled sites dealt to the slots by estimated work (samples a
+        site trains on per round: local steps x batch size; 0 for one that will not return), longest first."""
+        sampled = np.flatnonzero(plan.codes != NOT_SAMPLED)
+        work = np.where(plan.codes[sampled] == RETURNS, self.work[sampled], 0.0)
+        out = np.full(self.k, -1, np.int64)
+        out[sampled] = balance(work, len(self.topology.slots))
+        return out
 
     # -- aggregation ----------------------------------------------------------------------------------
     def _aggregate(self, r: int, back: np.ndarray, train) -> Dict[str, Any]:
@@ -173,8 +189,7 @@ class Aggregator:
             if self.dp is not None:
                 unclipped = sum(1 for i in np.flatnonzero(back) if train[i].unclipped)
                 info.update(self.dp.noise_sum_(self.acc, int(back.sum()), unclipped))
-            weights = [self.strategy.upload_weight(n) for n in self.num_train]
-            total = float(sum(w for w, kept in zip(weights, keep) if kept))
+            total = float(sum(self.strategy.upload_weight(self.num_train[i]) for i in np.flatnonzero(keep)))
             t.mean(self.acc, total)
         self.strategy.finalize(self.acc, self.weights, r)
         return info
@@ -253,7 +268,7 @@ class Aggregator:
         cfg, fed, plan = self.cfg, self.comms.federation, self.plan
         self._phase("wait for uploads", r)
         t0 = time.perf_counter()
-        train = by_site(RowsExchange.server(fed), self.k)
+        train = by_site(RowsExchange.server(fed), self.k, np.flatnonzero(ctl.codes != NOT_SAMPLED))
         back = ParticipationExchange.server(fed, self.final_participation(r, ctl, train))
         t1 = time.perf_counter()
         self._phase("aggregate", r)
@@ -264,13 +279,14 @@ class Aggregator:
         t3 = time.perf_counter()
         self._phase("wait for evaluations", r)
         gathered = RowsExchange.server(fed)
-        evals, slots = by_site([g[1] for g in gathered], self.k), [g[0] for g in gathered]
+        evals = by_site([g[1] for g in gathered], self.k, eval_sites(cfg.eval, cfg.run.seed, self.k, r, cfg.fl.rounds))
+        slots = [g[0] for g in gathered]
         t4 = time.perf_counter()
         self.rng_state = self.rng.bit_generator.state  # what round r+1 resumes from: before its plan is drawn
-        nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control(self.k)  # slots start round r+1 now
+        nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control(self.k, balanced=cfg.launch.assign == "balanced")  # slots start round r+1 now
         server = {"wait_upload_s": t1 - t0, "aggregate_s": t2 - t1, "send_s": t3 - t2, "wait_eval_s": t4 - t3}
         codes = plan.codes.copy()
-        codes[(codes == RETURNS) & ~back & np.array([not t.finite for t in train])] = NONFINITE
+        codes[[i for i in np.flatnonzero((codes == RETURNS) & ~back) if not train[i].finite]] = NONFINITE
         records = round_records(r, self.names, train, evals, slots, server, codes, self.task.summarize,
                                 self.task.metrics)
         summary = records[-1]
@@ -323,7 +339,9 @@ class Aggregator:
         if self.dp is not None:
             state.update(self.dp.dp_state())
         # what the round's records and state are now: the caller goes on adding timings to them
-        meta = copy.deepcopy({"config_hash": config_hash(self.cfg), "signature": self.signature,
+        if self._config_hash is None:  # once: it serialises every site's settings (10,000 sites: 2.6 MB)
+            self._config_hash = config_hash(self.cfg)
+        meta = copy.deepcopy({"config_hash": self._config_hash, "signature": self.signature,
                               "rng": self.rng_state, "records": records, "state": state})
         model, strategy = state_views(self.weights, self.entries), self.strategy.state_dict()
         keep = self.cfg.checkpoint.keep

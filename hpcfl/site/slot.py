@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
 from ..atomic import write_atomic
 from ..comm import send_array
 from ..errors import CheckpointError
+from ..participation import NOT_SAMPLED, cross_site_sites, eval_sites
 from ..privacy.filters import filter_update, is_finite, upload_filters
 from ..protocol.control import ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
 from ..protocol.records import EvalRow, Packed, SiteInfo, SlotTimes, TrainRow
@@ -40,8 +42,38 @@ class SiteState:
     rank: SiteRank
     data: Any  # SiteData
     settings: SiteSettings
-    private: Optional[Any] = None  # the values of its private entries (a tensor on the device)
-    final_local: Optional[np.ndarray] = None  # its last locally trained model (host), for cross-site validation
+
+
+class SiteCache:
+    """The sites a slot rank has data for: built on first use from the seeded partition, at most
+    ``capacity`` kept (least recently used goes, its readers closed). Sites are data, not objects:
+    a slot that simulates 5,000 sites holds the few it trains or evaluates now.
+
+    What a site must keep between rounds lives outside it, bounded: its private entries
+    (``SlotWorker.private``: only where its task or ``privacy.exclude_vars`` keeps some, one
+    vector per site that ever trained, also saved with every checkpoint) and its final local
+    model for cross-site validation (``SlotWorker.final_local``: only the sites cross-site
+    validation covers, at most ``eval.cross_site_max``).
+    """
+
+    def __init__(self, make: Callable[[Any], SiteState], capacity: int = 256):
+        self.make, self.capacity = make, max(1, capacity)
+        self.kept: "OrderedDict[int, SiteState]" = OrderedDict()
+
+    def __getitem__(self, site) -> SiteState:
+        st = self.kept.get(site.index)
+        if st is not None:
+            self.kept.move_to_end(site.index)
+            return st
+        st = self.kept[site.index] = self.make(site)
+        while len(self.kept) > self.capacity:
+            self.kept.popitem(last=False)[1].data.close()
+        return st
+
+    def close(self) -> None:
+        for st in self.kept.values():
+            st.data.close()
+        self.kept.clear()
 
 
 def private_names(cfg, task, entries) -> List[str]:
@@ -58,15 +90,18 @@ def private_names(cfg, task, entries) -> List[str]:
 
 
 class SlotWorker:
-    def __init__(self, cfg, topology, role, comms, trainer, states: List[SiteState], start_round: int, run_dir: Path,
+    def __init__(self, cfg, topology, role, comms, trainer, states: SiteCache, start_round: int, run_dir: Path,
                  stager, heartbeat=None):
         self.cfg, self.topology, self.role, self.comms = cfg, topology, role, comms
         self.trainer, self.start_round = trainer, start_round
         self.paths = RunPaths(run_dir)
         self.stager, self.beat = stager, heartbeat
-        self.sites = [s.site for s in states]
-        self.states: Dict[int, SiteState] = {s.site.index: s for s in states}
+        self.sites = [topology.sites[i] for i in role.slot.sites]
+        self.states = states
+        self.private: Dict[int, Any] = {}  # site -> the values of its private entries (a tensor on the device)
+        self.final_local: Dict[int, np.ndarray] = {}  # site -> its last locally trained model (host)
         self.k = len(topology.sites)
+        self.cross_site = set(cross_site_sites(cfg.eval, cfg.run.seed, self.k).tolist()) if cfg.eval.cross_site else set()
         model = trainer.model
         self.strategy = trainer.strategy
         self.private_slices = model.slices(private_names(cfg, trainer.task, model.entries))
@@ -78,6 +113,15 @@ class SlotWorker:
         self.scratch = np.empty(n, np.float32) if lead else None
         self.transport = make_transport(cfg, self._strategy_kind(), n, topology) if lead else None
         self.mine = [s.index for s in self.sites]
+        self.mine_idx = np.asarray(self.mine, np.int64)
+        self.balanced = cfg.launch.assign == "balanced"
+        self.final_round: Dict[int, int] = {}  # site -> the round of its model in final_local
+        if self.balanced and self.private_slices:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"launch.assign: balanced: task {cfg.task!r} keeps entries per site "
+                              f"({len(self.private_slices)} slice(s) it does not exchange), which would stay in one "
+                              "slot; use launch.assign: static")
 
     def _strategy_kind(self):
         return self.strategy
@@ -94,10 +138,10 @@ class SlotWorker:
     def grab_private(self, i: int) -> None:
         if self.private_slices:
             flat = self.trainer.model.flat
-            self.states[i].private = self.trainer.torch.cat([flat[s:e] for s, e in self.private_slices]).clone()
+            self.private[i] = self.trainer.torch.cat([flat[s:e] for s, e in self.private_slices]).clone()
 
     def restore_private(self, i: int) -> None:
-        p = self.states[i].private
+        p = self.private.get(i)
         if p is None:
             return
         flat, o = self.trainer.model.flat, 0
@@ -109,26 +153,27 @@ class SlotWorker:
         return self.paths.site_private(name, round_)
 
     def save_private(self, i: int, round_: int) -> None:
-        st = self.states[i]
-        if st.private is None or not self.role.is_leader:
+        p = self.private.get(i)
+        if p is None or not self.role.is_leader:
             return
-        arr = st.private.cpu().numpy()
-        write_atomic(self._private_path(st.site.name, round_), lambda f: np.save(f, arr), error=CheckpointError,
-                     what=f"site {st.site.name!r}'s private entries of round {round_}")
-        old = self._private_path(st.site.name, round_ - self.cfg.checkpoint.keep * self.cfg.checkpoint.every - 1)
+        name = self.topology.sites[i].name
+        arr = p.cpu().numpy()
+        write_atomic(self._private_path(name, round_), lambda f: np.save(f, arr), error=CheckpointError,
+                     what=f"site {name!r}'s private entries of round {round_}")
+        old = self._private_path(name, round_ - self.cfg.checkpoint.keep * self.cfg.checkpoint.every - 1)
         old.unlink(missing_ok=True)
 
     def load_private(self, i: int) -> None:
-        st = self.states[i]
         if not self.private_slices or self.start_round == 1:
             return
-        p = self._private_path(st.site.name, self.start_round - 1)
+        name = self.topology.sites[i].name
+        p = self._private_path(name, self.start_round - 1)
         try:
             arr = np.load(p)
         except (OSError, ValueError):
-            raise CheckpointError(f"{p}: missing or unreadable: site {st.site.name!r} cannot resume the entries it "
+            raise CheckpointError(f"{p}: missing or unreadable: site {name!r} cannot resume the entries it "
                                   "keeps private (privacy.exclude_vars, or state its task does not exchange)") from None
-        st.private = self.trainer.torch.from_numpy(arr).to(self.trainer.device)
+        self.private[i] = self.trainer.torch.from_numpy(arr).to(self.trainer.device)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def load_host(self, arr: np.ndarray) -> None:
@@ -141,32 +186,48 @@ class SlotWorker:
         return self.stager.to_host(m.flat, out)
 
     def evaluate(self, site, round_: int, extra=()) -> np.ndarray:
-        st = self.states[site.index]
+        st = self.states[site]
         return self.trainer.evaluate(site, round_, st.settings, st.data, extra)
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _setup(self) -> None:
         tr, fed = self.trainer, self.fed
+        salt = self._key_salt() if self.cfg.privacy.secure_aggregation is not None else None  # every slot rank
         if fed is not None:
             LayoutExchange.slot(fed, tr.model)
             fresh = np.zeros(1, np.int8)
             fed.Bcast(fresh, root=0)
             if fresh[0] and self.role.slot.index == 0:  # the seeded initial weights (the same in every slot)
                 send_array(fed, self.host_model(self.scratch), 0, self.cfg.launch.chunk_mb)
-            fed.gather([SiteInfo(s.index, self.states[s.index].data.num_train,
-                                 tr.planned_steps(self.states[s.index].settings, self.states[s.index].data),
-                                 tr.eval_size) for s in self.sites], root=0)
+            fed.gather([self._info(s) for s in self.sites], root=0)
             if self.cfg.privacy.secure_aggregation is not None:
-                self.transport.slot_keys(fed, self.mine)
+                self.transport.slot_keys(fed, self.mine, salt)
         ModelExchange.slot(fed, self.stager, tr.model.flat, tr.backend)
         self.global_.copy_(tr.model.flat)
-        for i in self.mine:
-            self.grab_private(i)
-            self.load_private(i)
+        if self.private_slices:  # every site starts from the seeded model's private entries (or its saved ones)
+            for i in self.mine:
+                self.grab_private(i)
+                self.load_private(i)
+
+    def _key_salt(self) -> Optional[bytes]:
+        """balanced + secure aggregation: any slot may train any site, so a site's key pair is derived from a
+        secret every slot rank shares and rank 0 never sees (drawn by the first slot rank, sent over the
+        slot ranks' communicator, which rank 0 is not part of)."""
+        if not self.balanced:
+            return None
+        import os
+
+        trainers = self.comms.trainers
+        return trainers.bcast(os.urandom(32) if trainers.Get_rank() == 0 else None, root=0)
+
+    def _info(self, site) -> SiteInfo:
+        st = self.states[site]
+        return SiteInfo(site.index, st.data.num_train, self.trainer.planned_steps(st.settings, st.data),
+                        self.trainer.eval_size)
 
     # -- one site's local round ------------------------------------------------------------------------
     def _train_site(self, site, r: int, ctl) -> TrainRow:
-        cfg, tr, st = self.cfg, self.trainer, self.states[site.index]
+        cfg, tr, st = self.cfg, self.trainer, self.states[site]
         flat = tr.model.flat
         flat.copy_(self.global_)
         self.restore_private(site.index)
@@ -186,8 +247,9 @@ class SlotWorker:
         row.loss_sum, row.samples = float(sums[0]), int(sums[1])
         row.task = {k: float(v) / max(row.samples, 1) for k, v in zip(keys, sums[2:])}
         self.grab_private(site.index)
-        if cfg.eval.cross_site:
-            st.final_local = self.host_model(np.empty(tr.model.numel, np.float32)).copy()
+        if site.index in self.cross_site:
+            self.final_local[site.index] = self.host_model(np.empty(tr.model.numel, np.float32)).copy()
+            self.final_round[site.index] = r
         if cfg.eval.locally_tuned:
             self._phase("evaluate local model", r, site.name)
             t = time.perf_counter()
@@ -228,33 +290,52 @@ class SlotWorker:
         np.save(self.paths.local_weights(r, st.rank.rank), self.host_model(np.empty(self.trainer.model.numel, np.float32)))
 
     # -- the loop --------------------------------------------------------------------------------------
+    def round_sites(self, ctl) -> List[Any]:
+        """This slot's sites sampled into the round (those it trains or reports as dropped), in order."""
+        slot_of = ctl.slot_of
+        if slot_of is not None:  # launch.assign: balanced: whatever rank 0 dealt to this slot
+            return [self.topology.sites[i] for i in np.flatnonzero(slot_of == self.role.slot.index)]
+        codes = ctl.codes
+        return [self.topology.sites[i] for i in self.mine_idx[codes[self.mine_idx] != NOT_SAMPLED]]
+
+    def _train_sites(self, r: int, ctl, times: SlotTimes) -> List[TrainRow]:
+        """Train the round's returning sites in turn; a row per sampled site (the cohort, not every site)."""
+        cfg, tr = self.cfg, self.trainer
+        back_planned = ctl.returns()
+        rows: List[TrainRow] = []
+        every = cfg.debug.save_local_weights and not self.balanced
+        sampled = self.sites if every else self.round_sites(ctl)
+        for site in sampled:
+            if back_planned[site.index]:
+                row = self._train_site(site, r, ctl)
+                times.train_s += row.train_s
+                times.eval_s += row.local_eval_s
+                rows.append(row)
+                continue
+            if ctl.codes[site.index] != NOT_SAMPLED:
+                rows.append(TrainRow(site=site.index, num_train=self.states[site].data.num_train))
+            if cfg.debug.save_local_weights:  # what this site holds in a round it sits out
+                tr.model.flat.copy_(self.global_)
+                self.restore_private(site.index)
+                self._save_local_weights(r, self.states[site])
+        if self.private:  # the entries every site keeps, with the checkpoint of this round
+            for i in self.mine:
+                self.save_private(i, r)
+        return rows
+
     def run(self) -> None:
         cfg, role, tr = self.cfg, self.role, self.trainer
         slot_comm = self.comms.site
         self._setup()
-        ctl = PlanExchange.slot(self.fed, slot_comm, self.k)
+        ctl = PlanExchange.slot(self.fed, slot_comm, self.k, self.balanced)
         for r in range(self.start_round, cfg.fl.rounds + 1):
             if ctl.stop:
                 break
             maybe_fail(cfg, role.rank, r)
-            back_planned = ctl.returns()
             if self.transport is not None:
                 self.transport.begin_round(ctl, r)
             times = SlotTimes(slot=role.slot.index)
-            rows: List[TrainRow] = []
-            for site in self.sites:
-                if back_planned[site.index]:
-                    row = self._train_site(site, r, ctl)
-                    times.train_s += row.train_s
-                    times.eval_s += row.local_eval_s
-                else:
-                    row = TrainRow(site=site.index, num_train=self.states[site.index].data.num_train)
-                    if cfg.debug.save_local_weights:  # what this site holds in a round it sits out
-                        tr.model.flat.copy_(self.global_)
-                        self.restore_private(site.index)
-                        self._save_local_weights(r, self.states[site.index])
-                rows.append(row)
-                self.save_private(site.index, r)
+            rows = self._train_sites(r, ctl, times)
             t0 = time.perf_counter()
             if role.is_leader:
                 self._phase("upload", r)
@@ -270,14 +351,14 @@ class SlotWorker:
                 self.stager.to_host(self.global_, self.global_host)
             times.upload_s = t1 - t0
             evals = self._evaluate_global(r, times)
-            log.info("round %d: trained %d of %d sites in %.3fs", r, sum(1 for x in rows if x.trained),
+            log.info("round %d: trained %d of %d sampled sites in %.3fs", r, sum(1 for x in rows if x.trained),
                      len(rows), times.train_s)
             if role.is_leader:
                 self._phase("report evaluations", r)
                 RowsExchange.slot(self.fed, (times, evals))
             if r < cfg.fl.rounds:
                 self._phase("wait for the next plan", r)
-                ctl = PlanExchange.slot(self.fed, slot_comm, self.k)
+                ctl = PlanExchange.slot(self.fed, slot_comm, self.k, self.balanced)
         else:
             if cfg.eval.cross_site:
                 from ..protocol.crosssite import CrossSite
@@ -285,20 +366,30 @@ class SlotWorker:
                 self._phase("cross-site evaluation", cfg.fl.rounds)
                 CrossSite.slot(self)
 
+    def eval_sites(self, r: int) -> List[Any]:
+        """This slot's sites the global model of round ``r`` is evaluated on (eval.sites_every, sites_max)."""
+        chosen = eval_sites(self.cfg.eval, self.cfg.run.seed, self.k, r, self.cfg.fl.rounds)
+        if self.balanced:  # dealt round-robin: an equal share for every slot
+            n = len(self.topology.slots)
+            mine = chosen[self.role.slot.index::n]
+        else:
+            mine = chosen[np.isin(chosen, self.mine_idx)]
+        return [self.topology.sites[i] for i in mine]
+
     def _evaluate_global(self, r: int, times: SlotTimes) -> List[EvalRow]:
-        """The global model on each site's validation data: all sites at once where their models are the
-        same (no private entries), else site by site with each site's own entries restored."""
-        if not self.private_slices and len(self.sites) > 1:
+        """The global model on the validation data of this round's evaluated sites: all at once where their
+        models are the same (no private entries), else site by site with each site's own entries restored."""
+        sites = self.eval_sites(r)
+        if not self.private_slices and len(sites) > 1:
             self._phase("evaluate global model", r)
-            st0 = self.states[self.sites[0].index]
+            states = [self.states[s] for s in sites]
             t = time.perf_counter()
-            vecs = self.trainer.evaluate_many(self.sites, r, st0.settings, [self.states[s.index].data
-                                                                            for s in self.sites])
+            vecs = self.trainer.evaluate_many(sites, r, states[0].settings, [st.data for st in states])
             dt = time.perf_counter() - t
             times.eval_s += dt
-            return [EvalRow(s.index, Packed.of(v), dt / len(self.sites)) for s, v in zip(self.sites, vecs)]
+            return [EvalRow(s.index, Packed.of(v), dt / len(sites)) for s, v in zip(sites, vecs)]
         evals: List[EvalRow] = []
-        for site in self.sites:
+        for site in sites:
             self._phase("evaluate global model", r, site.name)
             self.restore_private(site.index)
             t = time.perf_counter()

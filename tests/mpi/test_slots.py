@@ -39,6 +39,23 @@ def model(run, r):
     return load_checkpoint(run / "checkpoints" / f"round-{r:06d}.npz")["model"]
 
 
+def assert_same_runs(a, b, global_loss_rel=0.0):
+    """Bit-identical weights every round; the same per-site metrics (the global model's validation loss
+    to ``global_loss_rel``)."""
+    for r in (1, 2, 3):
+        wa, wb = model(a, r), model(b, r)
+        for k in wa:
+            assert np.array_equal(wa[k], wb[k]), (r, k)
+    sa, sb = site_metrics(a), site_metrics(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        for field in ("status", "accuracy", "loss", "samples", "steps", "update_norm"):
+            if global_loss_rel and key[2] == "global" and field == "loss":
+                assert sa[key][field] == pytest.approx(sb[key][field], rel=global_loss_rel), key
+            else:
+                assert sa[key].get(field) == sb[key].get(field), (key, field)
+
+
 def test_two_slots_simulate_six_sites_exactly_as_six(tmp_path):
     """FedAdam, sampling, dropout, exclude_vars, secure aggregation and DP: bit-identical weights and metrics."""
     a = launch(tmp_path, "six", *SIX, *EVERYTHING, "launch.slots=6")
@@ -52,15 +69,7 @@ def test_two_slots_simulate_six_sites_exactly_as_six(tmp_path):
     solo = {"backend": "none (1-rank slots)"}  # the backend each slot really used
     assert m2["slots"] == [{"ranks": [1], "sites": ["site1", "site2", "site3"], "backend": solo},
                            {"ranks": [2], "sites": ["site4", "site5", "site6"], "backend": solo}]
-    for r in (1, 2, 3):
-        wa, wb = model(tmp_path / "six", r), model(tmp_path / "two", r)
-        for k in wa:
-            assert np.array_equal(wa[k], wb[k]), (r, k)
-    sa, sb = site_metrics(tmp_path / "six"), site_metrics(tmp_path / "two")
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        for field in ("status", "accuracy", "loss", "samples", "steps", "update_norm"):
-            assert sa[key].get(field) == sb[key].get(field), (key, field)
+    assert_same_runs(tmp_path / "six", tmp_path / "two")
     ra = [x for x in records(tmp_path / "six") if x["kind"] == "round"]
     rb = [x for x in records(tmp_path / "two") if x["kind"] == "round"]
     assert [x["participants"] for x in ra] == [x["participants"] for x in rb]
@@ -123,3 +132,28 @@ def test_kill_and_resume_with_slots_is_bit_identical(tmp_path):
     wa, wc = model(tmp_path / "straight", 4), model(tmp_path / "resumed", 4)
     for k in wa:
         assert np.array_equal(wa[k], wc[k]), k
+
+
+def test_balanced_slots_are_bit_identical_to_one_slot_per_site(tmp_path):
+    """launch.assign: balanced deals each round's sampled sites to 2 slots by work (quantity skew makes the
+    sites' work differ); with secure aggregation the sum is exact, so weights, metrics and cross-site
+    validation match one slot per site bit for bit."""
+    sets = [*SIX, "data.partition=quantity", "data.dirichlet_alpha=0.5", "fl.local_epochs=1",
+            *[e for e in EVERYTHING if "exclude_vars" not in e]]
+    a = launch(tmp_path, "six", *sets, "launch.slots=6")
+    b = launch(tmp_path, "two", *sets, "launch.slots=2", "launch.assign=balanced")
+    assert a.returncode == 0, a.stdout + a.stderr
+    assert b.returncode == 0, b.stdout + b.stderr
+    # a slot evaluates its sites in one pass, where the global model's loss sums batch differently
+    assert_same_runs(tmp_path / "six", tmp_path / "two", global_loss_rel=1e-6)
+    rb = [x for x in records(tmp_path / "two") if x["kind"] == "round"]
+    assert all("straggler_s" in x["time"] for x in rb)
+    sizes = {x["site"]: x["samples"] for x in records(tmp_path / "two") if x["kind"] == "site" and x["split"] == "train"}
+    assert len(set(sizes.values())) > 2  # quantity skew: the sites really differ in work
+    ca = json.loads((tmp_path / "six" / "cross_site.json").read_text())
+    cb = json.loads((tmp_path / "two" / "cross_site.json").read_text())
+    assert ca.keys() == cb.keys() and ca["models"].keys() == cb["models"].keys()
+    for m, row in ca["models"].items():
+        for site, cell in row.items():
+            assert cell["accuracy"] == cb["models"][m][site]["accuracy"], (m, site)
+            assert cell["loss"] == pytest.approx(cb["models"][m][site]["loss"], rel=1e-6), (m, site)

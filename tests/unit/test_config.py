@@ -178,3 +178,24 @@ def test_sites_count_and_set_indexes_are_bounded():
         from_dict({"sites": {"count": 1e9}}, "x.yaml")
     with pytest.raises(ConfigError, match=r"sites.\u00b2: index out of range"):
         from_dict(BASE, "x.yaml", overrides=["sites.\u00b2.ranks=2"])
+
+
+@pytest.mark.parametrize("sets, msg", [
+    (["fl.strategy=median"], "mean-based strategies"),
+    (["privacy.exclude_vars=[1.bias]"], "exclude_vars"),
+    (["sites=[{name: a, ranks: 1}, {name: b, ranks: 2}]"], "same number of ranks"),
+])
+def test_balanced_slots_refuse_what_would_tie_a_site_to_a_slot(sets, msg):
+    with pytest.raises(ConfigError, match=msg):
+        from_dict({"sites": {"count": 6, "ranks": 1}, "launch": {"assign": "balanced"}}, "t.yaml", sets)
+
+
+def test_a_long_plain_site_list_is_written_back_as_the_shorthand():
+    from hpcfl.config import dump_yaml
+
+    cfg = from_dict({"sites": {"count": 300, "ranks": 1}}, "t.yaml")
+    text = dump_yaml(cfg)
+    assert "count: 300" in text and "site17" not in text
+    assert from_dict(parse_yaml(text, "t"), "t").sites == cfg.sites
+    odd = from_dict({"sites": {"count": 300, "ranks": 1}}, "t.yaml", ["sites.3.dropout=0.5"])
+    assert "site17" in dump_yaml(odd)  # not what the shorthand gives: written in full

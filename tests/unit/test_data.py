@@ -59,3 +59,24 @@ def test_digits_are_real():
 def test_too_few_samples():
     with pytest.raises(ConfigError, match="cannot be split"):
         partition(np.zeros(3), 4, "iid", seed=0)
+
+
+def test_partition_is_lazy_per_site_and_scales_to_ten_thousand_sites():
+    y = np.random.default_rng(1).integers(0, 10, 50_000)
+    for how in ("iid", "quantity", "dirichlet"):
+        p = partition(y, 10_000, how, seed=5, alpha=0.3)
+        sizes = p.sizes()
+        assert len(p) == 10_000 and sizes.sum() == 50_000 and sizes.min() >= 2, how
+        assert all(len(p[i]) == sizes[i] for i in (0, 17, 9_999))
+        assert np.array_equal(p[123], partition(y, 10_000, how, seed=5, alpha=0.3)[123])  # seeded, any process
+        assert covers_disjointly(list(p), 50_000), how
+        # no per-site arrays are kept: the plan is a permutation and cut points
+        assert sum(a.nbytes for a in p.perm) + sum(b.nbytes for b in p.bounds) < 50_000 * 8 + 11 * 10_001 * 8
+    q = partition(y, 1_000, "quantity", seed=0, alpha=0.3).sizes()
+    assert q.max() > 5 * np.median(q)  # quantity skew: a few large sites, many small ones
+
+
+def test_dirichlet_with_too_many_sites_tops_up_the_smallest():
+    y = np.random.default_rng(2).integers(0, 10, 3_000)
+    p = partition(y, 1_000, "dirichlet", seed=0, alpha=0.1)  # redraws alone would never give every site 2
+    assert p.moved and p.sizes().min() == 2 and covers_disjointly(list(p), 3_000)

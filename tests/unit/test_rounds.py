@@ -133,3 +133,53 @@ def test_rendered_jobs_stop_gracefully_on_the_warning_signal_and_requeue():
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
     off = render_sbatch(from_dict({"sites": {"count": 2}, "cluster": {"signal_s": 0, "requeue": False}}), "c.yaml")
     assert "--signal" not in off and " &" not in off and "requeue" not in off.split("set -euo")[1]
+
+
+def test_evaluated_sites_are_bounded_seeded_and_every_n_rounds():
+    from types import SimpleNamespace
+
+    from hpcfl.participation import cross_site_sites, eval_sites
+
+    ev = SimpleNamespace(sites_every=5, sites_max=64, cross_site_max=16)
+    assert list(eval_sites(ev, 0, 10, 5, 100)) == list(range(10))  # few sites: all of them
+    assert len(eval_sites(ev, 0, 10, 3, 100)) == 0  # between evaluations
+    assert len(eval_sites(ev, 0, 10, 7, 7)) == 10  # the last round always
+    big = eval_sites(ev, 0, 10_000, 10, 100)
+    assert len(big) == 64 and np.all(np.diff(big) > 0) and np.array_equal(big, eval_sites(ev, 0, 10_000, 10, 100))
+    assert not np.array_equal(big, eval_sites(ev, 0, 10_000, 15, 100))  # a fresh sample each time
+    assert list(cross_site_sites(ev, 0, 16)) == list(range(16))
+    cs = cross_site_sites(ev, 0, 128)
+    assert len(cs) == 16 and np.array_equal(cs, cross_site_sites(ev, 0, 128))
+
+
+def test_a_round_of_a_large_federation_records_only_its_cohort_and_names_only_the_dropped():
+    import io
+    from types import SimpleNamespace
+
+    from hpcfl.protocol.records import EvalRow, Packed, SlotTimes, TrainRow, round_records
+    from hpcfl.report import Progress
+
+    k = 500
+    names = [f"site{i + 1}" for i in range(k)]
+    codes = np.full(k, NOT_SAMPLED)
+    codes[[3, 10, 99]] = RETURNS
+    codes[42] = DROPOUT
+    train = {i: TrainRow(site=i, trained=True, num_train=10, steps=2, train_s=0.1, samples=10) for i in (3, 10, 99)}
+    train[42] = TrainRow(site=42, num_train=7)
+    evals = {i: EvalRow(i, Packed.of(np.array([1.0, 2.0]))) for i in (3, 42, 400)}
+    slots = [SlotTimes(slot=0, train_s=0.3), SlotTimes(slot=1, train_s=0.1)]
+    server = dict(send_s=0.0, aggregate_s=0.0, wait_upload_s=0.0, wait_eval_s=0.0)
+    recs = round_records(4, names, train, evals, slots, server, codes, lambda v: {"accuracy": v[0] / v[1]},
+                         ["accuracy"])
+    summary = recs[-1]
+    assert summary["dropped"] == {"site43": "dropout"} and summary["not_sampled"] == 496
+    assert summary["participants"] == ["site4", "site11", "site100"] and summary["sites_sampled"] == 4
+    assert summary["num_train"] == 30 and summary["val_accuracy"] == 0.5
+    assert abs(summary["time"]["straggler_s"] - 0.1) < 1e-12  # slowest slot 0.3 - mean 0.2
+    assert {r["site"] for r in recs[:-1]} == {"site4", "site11", "site100", "site43", "site401"}
+    p = object.__new__(Progress)
+    p.cfg, p.out, p.times, p.headline = SimpleNamespace(fl=SimpleNamespace(rounds=10)), io.StringIO(), [], ("accuracy",)
+    summary["time"].update(round_s=1.0, overhead_s=0.5)
+    p._line(summary)
+    line = p.out.getvalue()
+    assert "sites 3/4 sampled of 500" in line and "dropped: site43 (dropout)" in line and "not_sampled" not in line

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from hpcfl.errors import TopologyError
@@ -113,3 +114,20 @@ def test_slots_follow_from_the_world_size():
     assert slots_for_world(sizes, 65) == 64
     t = build_topology(3, [(f"s{i}", 1) for i in range(64)])
     assert [len(s.sites) for s in t.slots] == [32, 32]
+
+
+def test_balanced_assignment_is_longest_first_and_deterministic():
+    from hpcfl.topology import balance
+
+    # LPT: 7 -> slot 0, 5 -> slot 1, 4 -> slot 1 (5 < 7), 3 -> slot 0 (7 < 9), 1 -> slot 1 (9 < 10)
+    assert balance([3, 7, 1, 5, 4], 2) == [0, 0, 1, 1, 1]
+    work = np.random.default_rng(0).integers(1, 100, 50)
+    slots = balance(work, 3)
+    assert slots == balance(work, 3)  # every rank computes the same
+    load = np.bincount(slots, weights=work, minlength=3)
+    assert load.max() - load.min() <= work.max()  # greedy: no slot over the others by more than one site
+    contiguous = [np.sum(p) for p in np.array_split(work, 3)]
+    assert load.max() <= max(contiguous)
+    assert balance([2.0, 2.0, 2.0, 2.0], 2) == [0, 1, 0, 1]  # ties: lower index first, lower slot first
+    with pytest.raises(TopologyError):
+        balance([1.0], 0)
