@@ -279,6 +279,10 @@ def make_site_data(cfg, topology, role, run_dir, shared: Optional[Dict[str, Any]
     sites a process simulates share one copy of the dataset."""
     if cfg.data.name == "tiles":
         return TileData(cfg, topology, role, run_dir)
+    if cfg.data.name == "features":
+        from ..features.bags import BagData
+
+        return BagData(cfg, topology, role)
     shared = {} if shared is None else shared
     if "arrays" not in shared:
         shared["arrays"] = SharedArrays(cfg, len(topology.sites), device)

@@ -187,10 +187,23 @@ class Task(ABC):
     def summarize(self, vec: np.ndarray) -> Dict[str, Any]:
         """Metrics from a sums vector (of one site, or summed over sites). Pure NumPy: runs on rank 0."""
 
+    # -- after training ---------------------------------------------------------------------------------
+    def encoder(self, module: Any) -> Any:
+        """A callable mapping a batch of inputs, as the data gives them, to one feature vector per input
+        (``hpcfl features``). Default: the model up to its last linear layer (the input of that layer)."""
+        from .encode import Penultimate
+
+        return Penultimate(module)
+
+    def end_of_run(self, module: Any, data: Any, ctx: StepContext, run_dir: Any) -> None:
+        """Once, after the last round, on every rank of a site, with the final global model (and the
+        site's own entries) loaded: write what the task keeps of it (e.g. MIL's attention maps)."""
+
 
 # -- finding a task -------------------------------------------------------------------------------------
 
-BUILTIN = {"classify": "hpcfl.tasks.classify:ClassifyTask", "dino": "hpcfl.tasks.dino:DinoTask"}
+BUILTIN = {"classify": "hpcfl.tasks.classify:ClassifyTask", "dino": "hpcfl.tasks.dino:DinoTask",
+           "mil": "hpcfl.tasks.mil:MilTask"}
 
 
 def task_class(name: str, key: str = "task") -> type:
