@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slides", type=int, default=8, help="number of slides (default 8)")
     p.add_argument("--size", type=int, default=4096, help="level-0 side in pixels (default 4096)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hospitals", type=int, default=0,
+                   help="> 0: slide labels (tumour focus or none) from this many hospitals with their own stain "
+                        "shift and tumour share, written to labels.csv (slide_id,label,site)")
 
     p = sub.add_parser("tile", help="tile slides into a Feather index (one file per slide) with thumbnails",
                        description="Tissue detection (Otsu on HSV saturation at a low-resolution level), a tile grid, "
@@ -191,8 +194,15 @@ def _synth(args) -> int:
     check_arg("synth-slides --size", args.size, "data.tiles.synthesize.size")
     check_arg("synth-slides --seed", args.seed, "data.tiles.synthesize.seed")
     _check_out_dir("synth-slides", args.out_dir)
-    infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed)
-    print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json)")
+    check_arg("synth-slides --hospitals", args.hospitals, "data.tiles.synthesize.hospitals")
+    plan = None
+    if args.hospitals:
+        from .wsi.synth import LabelPlan
+
+        plan = LabelPlan(args.hospitals)
+    infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed, labels=plan)
+    print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json"
+          f"{', slide labels labels.csv' if plan else ''})")
     return 0
 
 

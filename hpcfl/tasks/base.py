@@ -19,6 +19,8 @@ Life cycle in a site process (one process may simulate several sites in turn)::
             task.after_step(module, ctx)       # e.g. DINO: teacher EMA, centre update
         vec = task.evaluate(module, data, ctx) # metric SUMS over this rank's share; summed over the site
     metrics = task.summarize(sum of vectors)   # at rank 0 (plain NumPy: rank 0 never imports torch)
+    after the last round: task.end_of_run(module, data, ctx, run_dir)   # e.g. MIL's attention maps
+    later, `hpcfl features`: task.encoder(module) maps inputs to feature vectors
 
 Rules a task must follow:
 * ``loss`` never reads labels unless the task is supervised (DINO must not: its
