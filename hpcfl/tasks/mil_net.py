@@ -11,24 +11,54 @@ import torch.nn as nn
 ATTENTION_DIR = "attention"
 
 
+class RunningStandardize(nn.Module):
+    """(x - mean) / std per feature with running statistics in training AND evaluation (unlike BatchNorm,
+    whose training-time statistics of a batch of one or two slides are each slide's own): the statistics
+    are a momentum average of the valid tiles' (the first batch sets them), float buffers, so FedAvg averages
+    them over sites with the weights and every site's model standardizes alike."""
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and len(x) > 1:
+            with torch.no_grad():
+                m = 1.0 if float(self.seen) == 0 else self.momentum
+                self.mean.mul_(1 - m).add_(x.mean(0), alpha=m)
+                self.var.mul_(1 - m).add_(x.var(0), alpha=m)
+                self.seen.add_(1)
+        return (x - self.mean) / torch.sqrt(self.var + self.eps)
+
+
 class GatedAttentionMIL(nn.Module):
     """Tiles (B, N, dim) with ``lengths`` (B,) valid tiles per bag -> (logits (B, classes), attention (B, N)).
 
-    LayerNorm on the input features (encoders differ in scale), a ReLU embedding, gated attention
-    softmaxed over each bag's valid tiles, the attention-weighted mean embedding, a linear classifier."""
+    The input features are standardized per feature (:class:`RunningStandardize`): encoder features carry
+    large per-feature offsets (a DINO CNN's: mean 0.6, spread 0.09), and with them MIL did not learn
+    (slide AUC 0.66 with a per-tile LayerNorm, 0.81 with BatchNorm over one bag, 0.99 with features
+    standardized over all training tiles, on bench/pathology.py's data, centrally). Then a ReLU embedding,
+    gated attention softmaxed over each bag's valid tiles, the attention-weighted mean embedding and a
+    linear classifier."""
 
     def __init__(self, dim: int, hidden: int, attention: int, classes: int, dropout: float = 0.25):
         super().__init__()
-        self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.norm = RunningStandardize(dim)
+        self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.attention_v = nn.Linear(hidden, attention)
         self.attention_u = nn.Linear(hidden, attention)
         self.attention_w = nn.Linear(attention, 1)
         self.classifier = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):
-        h = self.embed(x)
-        a = self.attention_w(torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))).squeeze(-1)
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        z = torch.zeros_like(x)
+        z[valid] = self.norm(x[valid])  # statistics of real tiles only, never of the padding
+        h = self.embed(z)
+        a = self.attention_w(torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))).squeeze(-1)
         a = torch.softmax(a.masked_fill(~valid, float("-inf")), dim=1)
         return self.classifier((a.unsqueeze(-1) * h).sum(1)), a
 
