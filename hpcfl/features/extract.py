@@ -236,12 +236,12 @@ def _manifest(rm: RunModel, idx_dir: Path, out: Path, every: Sequence[Dict[str, 
     tiles = sum(s["tiles"] for s in every)
     busy = max((s["seconds"] for s in every), default=0.0)
     for s in every:
-        s["tiles_per_s"] = s["tiles"] / s["seconds"] if s["seconds"] > 0 else None
+        s["tiles_per_s"] = s["tiles"] / s["seconds"] if s["seconds"] > 0 and s["tiles"] else None
     man = {"run": str(rm.run_dir.resolve()), "round": rm.round, "checkpoint": rm.checkpoint,
            "weights_sha256": rm.digest, "encoder": rm.cfg.task, "index": str(idx_dir.resolve()),
            "slides": n_slides, "slides_embedded": sum(s["slides"] for s in every), "tiles_embedded": tiles,
            "ranks": len(every), "embed_s": busy, "wall_s": wall,
-           "tiles_per_s": tiles / busy if busy > 0 else None, "per_rank": list(every)}
+           "tiles_per_s": tiles / busy if busy > 0 and tiles else None, "per_rank": list(every)}
     write_atomic(out / MANIFEST, json.dumps(man, indent=2) + "\n")
     return man
 

@@ -19,7 +19,7 @@ from hpcfl.wsi.tiling import TilingParams, tile_directory
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("feat")
-    synthesize_slides(d / "slides", 4, 1024, 0, labels=LabelPlan(), progress=False)
+    synthesize_slides(d / "slides", 4, 768, 0, labels=LabelPlan(), progress=False)
     tile_directory(d / "slides", d / "index", TilingParams(level=0, tile_size=128, stride=128, backend="openslide"),
                    progress=False)
     return d / "index"
