@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slides", type=int, default=8, help="number of slides (default 8)")
     p.add_argument("--size", type=int, default=4096, help="level-0 side in pixels (default 4096)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hospitals", type=int, default=0,
+                   help="> 0: slide labels (tumour focus or none) from this many hospitals with their own stain "
+                        "shift and tumour share, written to labels.csv (slide_id,label,site)")
 
     p = sub.add_parser("tile", help="tile slides into a Feather index (one file per slide) with thumbnails",
                        description="Tissue detection (Otsu on HSV saturation at a low-resolution level), a tile grid, "
@@ -149,7 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["cucim", "openslide"], default="cucim")
     p.add_argument("--classes", default="", help="comma-separated class names for mask values 1, 2, ... "
                                                  "(default: from slides.json)")
+    _add_features_parser(sub)
     return parser
+
+
+def _add_features_parser(sub) -> None:
+    p = sub.add_parser("features", help="a run's global model over every tile of every slide: one feature file per slide",
+                       description="The run's encoder (DINO's teacher, or any task's model up to its last linear "
+                                   "layer) with its best (or last) weights embeds every tissue tile of the index; "
+                                   "each site's ranks embed only the site's slides. Slides whose file has the same "
+                                   "model are skipped; another model's files are refused (--redo replaces them). "
+                                   "Outside mpirun/srun it starts itself under mpirun on --np ranks.")
+    p.add_argument("run_dir", help="run directory of the encoder's federation")
+    p.add_argument("--out", required=True, help="feature directory (one <slide>.npz per slide, features.json)")
+    p.add_argument("--index", default=None, help="tile index (default: the run's data.tiles.index_dir)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--batch-size", type=int, default=256, help="tiles per forward pass (default 256)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--redo", action="store_true", help="replace features made by another model")
+    p.add_argument("--np", type=int, default=0, help="ranks (default: the run's site ranks; 1 = this process)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -161,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     plain = {"run": _run, "synth-slides": _synth, "tile": _tile, "status": _status_or_cancel,
-             "cancel": _status_or_cancel, "stop": _status_or_cancel, "report": _report}
+             "cancel": _status_or_cancel, "stop": _status_or_cancel, "report": _report, "features": _features}
     with_config = {"validate": _validate, "render": _render, "placement": _placement, "submit": _submit,
                    "launch": _launch}
     try:
@@ -189,9 +210,46 @@ def _synth(args) -> int:
     check_arg("synth-slides --size", args.size, "data.tiles.synthesize.size")
     check_arg("synth-slides --seed", args.seed, "data.tiles.synthesize.seed")
     _check_out_dir("synth-slides", args.out_dir)
-    infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed)
-    print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json)")
+    check_arg("synth-slides --hospitals", args.hospitals, "data.tiles.synthesize.hospitals")
+    plan = None
+    if args.hospitals:
+        from .wsi.synth import LabelPlan
+
+        plan = LabelPlan(args.hospitals)
+    infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed, labels=plan)
+    print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json"
+          f"{', slide labels labels.csv' if plan else ''})")
     return 0
+
+
+def _features(args) -> int:
+    from .features.extract import extract, features_under_mpirun, under_launcher
+
+    if args.batch_size < 1 or args.np < 0:
+        raise _usage("features: --batch-size must be >= 1 and --np >= 0")
+    if not under_launcher():
+        rc = features_under_mpirun(args.run_dir, _features_tail(args), args.np)
+        if rc is not None:
+            return rc
+    man = extract(args.run_dir, args.out, args.index, args.checkpoint, args.batch_size, args.dtype, args.redo)
+    if man is not None:
+        rate = man["tiles_per_s"]
+        print(f"features: {man['slides_embedded']} of {man['slides']} slides embedded ({man['tiles_embedded']} tiles"
+              f"{f', {rate:.0f} tiles/s' if rate else ''}) on {man['ranks']} rank(s), "
+              f"{man['slides'] - man['slides_embedded']} already done by this model; {args.out} (features.json)")
+    return 0
+
+
+def _features_tail(args) -> List[str]:
+    tail = [args.run_dir, "--out", args.out, "--checkpoint", args.checkpoint, "--batch-size", str(args.batch_size),
+            "--dtype", args.dtype]
+    return tail + (["--index", args.index] if args.index else []) + (["--redo"] if args.redo else [])
+
+
+def _usage(message: str):
+    from .errors import ConfigError
+
+    return ConfigError(message)
 
 
 def _report(args) -> int:
@@ -265,6 +323,12 @@ def _submit(cfg, overrides, args) -> int:
 
 def _launch(cfg, overrides, args) -> int:
     from .launch import launch
+
+    if cfg.pipeline is not None:
+        from .pipeline import run_pipeline
+
+        return run_pipeline(cfg, args.config, args.overrides, restart=args.restart, dry_run=args.dry_run,
+                            report=not args.no_report)
 
     return launch(cfg, args.config, args.overrides, resume=args.resume, restart=args.restart,
                   dry_run=args.dry_run, report=not args.no_report)

@@ -269,6 +269,9 @@ class SynthConfig:
     slides: int = _f(8, help="number of synthetic slides", min=2)
     size: int = _f(4096, help="side of a synthetic slide in level-0 pixels", min=512)
     seed: int = _f(0, help="seed of the synthetic slides", min=0)
+    hospitals: int = _f(0, help="> 0: slides with slide-level labels (tumour focus or none) from this many hospitals, each with its own stain shift and share of tumour slides; written to labels.csv (slide_id,label,site) for data.tiles.labels / data.bags.labels", min=0, max=26)
+    prevalence: Tuple[float, ...] = _f((0.35, 0.65), help="hospitals: share of tumour slides per hospital (cycled)")
+    stain_shift: float = _f(0.1, help="hospitals: spread of each hospital's stain direction and strength shift", min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,8 @@ class TilesConfig:
     stride: int = _f(0, help="grid stride at `level` (0 = tile_size)", min=0)
     input_size: int = _f(64, help="side of the model's input: tiles are resized (or cropped) to it", min=8)
     backend: Literal["cucim", "openslide"] = _f("cucim", help="slide reader")
-    partition: Literal["slide", "dirichlet", "quantity"] = _f("slide", help="how slides are split over sites: round-robin, label skew Dir(data.dirichlet_alpha), quantity skew")
+    partition: Literal["slide", "dirichlet", "quantity", "labels"] = _f("slide", help="how slides are split over sites: round-robin, label skew Dir(data.dirichlet_alpha), quantity skew, or the site column of `labels`")
+    labels: str = _f("", help="slide labels CSV (slide_id,label[,site]); needed by partition: labels")
     cache: CacheConfig = _f(CacheConfig(), help="cuCIM tile cache")
     loader_workers: int = _f(0, help="DataLoader worker processes per rank", min=0)
     augment: bool = _f(True, help="random flips and 90-degree rotations, per item seed, applied to whole batches")
@@ -322,8 +326,16 @@ class VolumesConfig:
 
 
 @dataclass(frozen=True)
+class FeatureBagsConfig:
+    dir: str = _f("data/features", help="tile features, one file per slide (written by `hpcfl features`)")
+    labels: str = _f("", help="slide labels CSV: slide_id,label[,site] (required)")
+    partition: Literal["slide", "labels"] = _f("labels", help="which site owns a slide: the CSV's site column (labels), or a seeded round-robin (slide)")
+    max_tiles: int = _f(512, help="training: at most this many tiles of a slide per step (a seeded sample; evaluation sees all)", min=1)
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "synthetic", "tiles", "volumes", "arrays"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, WSI tiles, NIfTI volumes (task: segment), or arrays of your own (data.path)")
+    name: Literal["digits", "synthetic", "tiles", "volumes", "arrays", "features"] = _f("digits", help="dataset: scikit-learn's bundled digits, synthetic Gaussian classes, WSI tiles, NIfTI volumes (task: segment), arrays of your own (data.path), or per-slide tile features (bags, for task: mil)")
     path: str = _f("", help="arrays: directory with x.npy (float32, (N, ...)) and y.npy (labels 0..C-1), memory-mapped and shared by the processes of a node")
     val_fraction: float = _f(0.2, help="fraction of each site's data held out for validation", gt=0.0, max=0.9)
     partition: Literal["iid", "dirichlet", "quantity"] = _f("iid", help="how samples are split over sites: iid, label skew Dir(dirichlet_alpha) per class, or quantity skew (site sizes Dir(dirichlet_alpha), labels IID); computed per site on demand, so 10,000 sites cost no per-site objects")
@@ -333,6 +345,7 @@ class DataConfig:
     classes: int = _f(10, help="synthetic: number of classes", min=2)
     tiles: TilesConfig = _f(TilesConfig(), help="whole-slide-image tiles")
     volumes: VolumesConfig = _f(VolumesConfig(), help="3D volumes, one decathlon datalist per site (task: segment)")
+    bags: FeatureBagsConfig = _f(FeatureBagsConfig(), help="task mil: per-slide tile features (one bag per slide) and slide labels")
     array_backend: Literal["auto", "numpy", "cupy"] = _f("auto", help="array math: CuPy where a GPU exists (auto), else NumPy; for tile batches auto follows data.tiles.decode_device")
 
 
@@ -438,6 +451,24 @@ class SegmentConfig:
     cache_on_device: bool = _f(False, help="on a GPU: cached items are moved to the device once (ToDeviced), random transforms run there")
     classes: Tuple[str, ...] = _f((), help="names of the foreground classes (label 1, 2, ...); empty = from the data (the datalist's labels, the tile index's classes)")
     tile_normalize: bool = _f(True, help="tiles: z-score each tile per colour channel (NormalizeIntensityd): stain strength and hue differ between slides, texture tells the tissues apart")
+
+
+@dataclass(frozen=True)
+class MilConfig:
+    hidden: int = _f(128, help="width of the tile embedding before attention", min=1)
+    attention: int = _f(64, help="width of the gated attention's hidden layer", min=1)
+    dropout: float = _f(0.25, help="dropout on tile embeddings in training", min=0.0, max=0.9)
+    attention_maps: bool = _f(True, help="at the end, each site writes the final global model's attention per tile of its validation slides to <run>/attention/ (heatmaps in the report)")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: Tuple[str, ...] = _f(("pretrain", "features", "mil"), help="stages `hpcfl launch` runs, in this order: pretrain (the `pretrain` config's federation), features (`hpcfl features` of its run into data.bags.dir), mil (this config)")
+    pretrain: str = _f("", help="config of the encoder's federation (e.g. configs/pathology-dino.yaml; relative to the working directory, as data paths are)")
+    pretrain_set: Tuple[str, ...] = _f((), help="--set overrides of the pretrain stage")
+    checkpoint: Literal["best", "last"] = _f("best", help="features: the pretrain run's best.npz or its last checkpoint")
+    batch_size: int = _f(256, help="features: tiles per forward pass", min=1)
+    ranks: int = _f(0, help="features: processes (0 = the pretrain config's site ranks)", min=0)
 
 
 @dataclass(frozen=True)
@@ -567,7 +598,7 @@ class ObserveConfig:
 @dataclass(frozen=True)
 class Config:
     sites: Tuple[SiteConfig, ...] = _f(help="the simulated institutions, in rank order (list, or {count, ranks})")
-    task: str = _f("classify", help="what is trained: classify (supervised), dino (self-supervised DINO pretraining), segment (MONAI segmentation, Dice), or package.module:Class (a hpcfl.tasks.Task)")
+    task: str = _f("classify", help="what is trained: classify (supervised), dino (self-supervised DINO pretraining), segment (MONAI segmentation, Dice), mil (attention MIL on slide labels over tile features), or package.module:Class (a hpcfl.tasks.Task)")
     task_args: Dict[str, Any] = _f({}, help="keyword settings for a user task (package.module:Class), read by the task as cfg.task_args")
     run: RunConfig = _f(RunConfig(), help="run identity")
     fl: FLConfig = _f(FLConfig(), help="federation")
@@ -584,6 +615,8 @@ class Config:
     debug: DebugConfig = _f(DebugConfig(), help="fault injection")
     dino: DinoConfig = _f(DinoConfig(), help="task dino: self-supervised DINO pretraining (hpcfl/tasks/dino)")
     segment: SegmentConfig = _f(SegmentConfig(), help="task segment: MONAI segmentation of tiles or volumes (hpcfl/tasks/segment)")
+    mil: MilConfig = _f(MilConfig(), help="task mil: gated attention MIL on slide labels (hpcfl/tasks/mil.py)")
+    pipeline: Optional[PipelineConfig] = _f(None, help="stages `hpcfl launch` runs before this config's federation (configs/pathology.yaml)")
     observe: ObserveConfig = _f(ObserveConfig(), help="TensorBoard and MLflow logging of the metrics")
 
     @property
@@ -785,6 +818,8 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: run.name: {cfg.run.name!r} must be letters, digits, '-', '_' or '.'")
     _validate_fl(cfg, src)
     _validate_gpu_sharing(cfg, src)
+    if cfg.data.tiles.partition == "labels" and not cfg.data.tiles.labels:
+        raise ConfigError(f"{src}: data.tiles.labels: partition: labels needs a slide labels CSV with a site column")
     from .tasks.base import BUILTIN
 
     if cfg.task not in BUILTIN and ":" not in cfg.task:
@@ -997,7 +1032,7 @@ def _sites_shorthand(sites: Sequence[SiteConfig]) -> Optional[Dict[str, int]]:
 # Keys that may change between a run and its resumption without changing what
 # the completed rounds mean: more rounds, where the run lives, how it is launched.
 _HASH_EXCLUDED = {("fl", "rounds"), ("run", "name"), ("run", "root"), ("launch",), ("debug",), ("checkpoint",), ("eval",),
-                  ("cluster",), ("observe",), ("fault",)}
+                  ("cluster",), ("observe",), ("fault",), ("pipeline",)}
 
 
 def trajectory_dict(cfg: Any) -> dict:

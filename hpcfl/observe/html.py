@@ -340,6 +340,9 @@ def run_section(run: RunData, i: int, figs: Dict[Tuple[str, int], Optional[bytes
         parts += ["<h3>Cross-site validation</h3>", figure(figs[("cross_site", i)],
                                                                    f"{run.name}: cross-site {plots.cross_site_metric(run)}"),
                   cross_site_table(run, i)]
+    from .heatmaps import attention_section
+
+    parts.append(attention_section(run.path, esc, img))
     parts += ["<h3>Rank placement</h3>", placement_table(run), partition_table(run), thumbnails(run)]
     return "\n".join(p for p in parts if p)
 

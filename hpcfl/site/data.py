@@ -285,6 +285,10 @@ def make_site_data(cfg, topology, role, run_dir, shared: Optional[Dict[str, Any]
         return own
     if cfg.data.name == "tiles":
         return TileData(cfg, topology, role, run_dir)
+    if cfg.data.name == "features":
+        from ..features.bags import BagData
+
+        return BagData(cfg, topology, role)
     if "arrays" not in shared:
         shared["arrays"] = SharedArrays(cfg, len(topology.sites), device)
     return ArrayData(cfg, topology, role, shared["arrays"])

@@ -365,6 +365,24 @@ class SlotWorker:
 
                 self._phase("cross-site evaluation", cfg.fl.rounds)
                 CrossSite.slot(self)
+            self._end_of_run()
+
+    def _end_of_run(self) -> None:
+        """The task's last word on the final global model (e.g. MIL's attention maps), site by site, with
+        each site's own entries; nothing for tasks that do not override Task.end_of_run."""
+        from ..tasks.base import Task
+
+        tr = self.trainer
+        if type(tr.task).end_of_run is Task.end_of_run:
+            return
+        self._phase("end of run", self.cfg.fl.rounds)
+        tr.model.flat.copy_(self.global_)
+        tr.model.module.eval()
+        for site in self.sites:
+            st = self.states[site.index]
+            self.restore_private(site.index)
+            tr.task.end_of_run(tr.model.module, st.data, tr.context(site, self.cfg.fl.rounds, st.settings, st.data),
+                               self.paths.path)
 
     def eval_sites(self, r: int) -> List[Any]:
         """This slot's sites the global model of round ``r`` is evaluated on (eval.sites_every, sites_max)."""

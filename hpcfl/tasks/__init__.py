@@ -2,6 +2,7 @@
 
 * ``classify`` (default): supervised classification, cross-entropy, accuracy/AUC;
 * ``dino``: DINO self-supervised pretraining (Caron et al. 2021) with k-NN and linear-probe evaluation;
+* ``mil``: gated attention MIL on slide labels over tile features (Ilse et al. 2018), pooled slide AUC;
 * ``package.module:Class``: a user's own :class:`Task` subclass.
 
 Importing this package never imports torch (rank 0 summarizes metrics without it).

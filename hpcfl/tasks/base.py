@@ -19,6 +19,8 @@ Life cycle in a site process (one process may simulate several sites in turn)::
             task.after_step(module, ctx)       # e.g. DINO: teacher EMA, centre update
         vec = task.evaluate(module, data, ctx) # metric SUMS over this rank's share; summed over the site
     metrics = task.summarize(sum of vectors)   # at rank 0 (plain NumPy: rank 0 never imports torch)
+    after the last round: task.end_of_run(module, data, ctx, run_dir)   # e.g. MIL's attention maps
+    later, `hpcfl features`: task.encoder(module) maps inputs to feature vectors
 
 Rules a task must follow:
 * ``loss`` never reads labels unless the task is supervised (DINO must not: its
@@ -201,11 +203,23 @@ class Task(ABC):
     def summarize(self, vec: np.ndarray) -> Dict[str, Any]:
         """Metrics from a sums vector (of one site, or summed over sites). Pure NumPy: runs on rank 0."""
 
+    # -- after training ---------------------------------------------------------------------------------
+    def encoder(self, module: Any) -> Any:
+        """A callable mapping a batch of inputs, as the data gives them, to one feature vector per input
+        (``hpcfl features``). Default: the model up to its last linear layer (the input of that layer)."""
+        from .encode import Penultimate
+
+        return Penultimate(module)
+
+    def end_of_run(self, module: Any, data: Any, ctx: StepContext, run_dir: Any) -> None:
+        """Once, after the last round, on every rank of a site, with the final global model (and the
+        site's own entries) loaded: write what the task keeps of it (e.g. MIL's attention maps)."""
+
 
 # -- finding a task -------------------------------------------------------------------------------------
 
 BUILTIN = {"classify": "hpcfl.tasks.classify:ClassifyTask", "dino": "hpcfl.tasks.dino:DinoTask",
-           "segment": "hpcfl.tasks.segment:SegmentTask"}
+           "segment": "hpcfl.tasks.segment:SegmentTask", "mil": "hpcfl.tasks.mil:MilTask"}
 
 
 def task_class(name: str, key: str = "task") -> type:

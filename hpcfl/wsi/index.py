@@ -42,8 +42,9 @@ class TileIndex:
         return counts.reshape(len(self.slide_ids), c).argmax(axis=1)
 
 
-def load_index(index_dir, tile_label: str = "tissue") -> TileIndex:
-    """Tiles of one label that have a class, from every slide's Feather file (memory-mapped)."""
+def load_index(index_dir, tile_label: str = "tissue", require_class: bool = True) -> TileIndex:
+    """Tiles of one label that have a class (any class with ``require_class=False``: a slide without
+    annotations has class -1 everywhere), from every slide's Feather file (memory-mapped)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.feather as feather
@@ -61,7 +62,9 @@ def load_index(index_dir, tile_label: str = "tissue") -> TileIndex:
                                    columns=["x", "y", "level", "size", "tile_label", "class_id"])
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError(f"{f}: cannot read tile index: {exc}") from None
-        keep = pc.and_(pc.equal(t["tile_label"].cast(pa.string()), tile_label), pc.greater_equal(t["class_id"], 0))
+        keep = pc.equal(t["tile_label"].cast(pa.string()), tile_label)
+        if require_class:
+            keep = pc.and_(keep, pc.greater_equal(t["class_id"], 0))
         t = t.filter(keep)
         if t.num_rows == 0:
             continue
@@ -69,7 +72,7 @@ def load_index(index_dir, tile_label: str = "tissue") -> TileIndex:
         paths.append(s["path"])
         parts.append((len(slide_ids) - 1, t))
     if not parts:
-        raise ConfigError(f"{d}: no '{tile_label}' tiles with a class in the index")
+        raise ConfigError(f"{d}: no '{tile_label}' tiles{' with a class' if require_class else ''} in the index")
     col = lambda name, dt: np.concatenate([t[name].to_numpy().astype(dt, copy=False) for _, t in parts])
     return TileIndex(
         classes=list(meta["classes"]), slide_ids=slide_ids, slide_paths=paths,
@@ -135,9 +138,16 @@ def partition_slides(n_slides: int, n_sites: int, how: str, seed: int, alpha: fl
 
 
 def slide_partition(index: TileIndex, cfg, n_sites: int) -> List[np.ndarray]:
-    """Which slides each site owns, for this config."""
+    """Which slides each site owns, for this config (``partition: labels``: the site column of
+    ``data.tiles.labels``, as the hospitals of a real consortium own their slides)."""
+    if cfg.data.tiles.partition == "labels":
+        from .labels import owned_by_site, read_labels
+
+        names = [s.name for s in cfg.sites][:n_sites]
+        return owned_by_site(read_labels(cfg.data.tiles.labels, index.slide_ids, names), index.slide_ids, names)
+    skew = cfg.data.tiles.partition == "dirichlet"  # the only rule that looks at classes
     return partition_slides(len(index.slide_ids), n_sites, cfg.data.tiles.partition, cfg.run.seed,
-                            cfg.data.dirichlet_alpha, index.slide_majority_class())
+                            cfg.data.dirichlet_alpha, index.slide_majority_class() if skew else ())
 
 
 def site_tiles(index: TileIndex, cfg, site_index: int, n_sites: int,

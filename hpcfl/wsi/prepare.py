@@ -30,21 +30,38 @@ def stale_synthesis(slides_dir: Path, want) -> str:
         got = json.loads(meta.read_text())
         slides = got["slides"]
         have = (len(slides), int(slides[0]["width"]) if slides else 0, int(got["seed"]))
+        labels = got.get("labels")
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return ""
-    if have == (want.slides, want.size, want.seed):
+    plan = label_plan(want)
+    asked = None if plan is None else {"hospitals": plan.hospitals, "prevalence": list(plan.prevalence),
+                                       "stain_shift": plan.stain_shift, "file": "labels.csv"}
+    if have == (want.slides, want.size, want.seed) and labels == asked:
         return ""
-    return f"{have[0]} synthesized slides of {have[1]} px, seed {have[2]}"
+    kind = f" labelled ({labels.get('hospitals')} hospitals)" if isinstance(labels, dict) else ""
+    return f"{have[0]}{kind} synthesized slides of {have[1]} px, seed {have[2]}"
+
+
+def label_plan(s):
+    """The LabelPlan of data.tiles.synthesize (None: slides without slide labels)."""
+    if not getattr(s, "hospitals", 0):
+        return None
+    from .synth import LabelPlan
+
+    return LabelPlan(s.hospitals, tuple(s.prevalence), s.stain_shift)
 
 
 def _drop_synthesis(slides_dir: Path) -> None:
     """Remove the slides (and masks) that slides.json lists, then slides.json: nothing else in the folder."""
     meta = slides_dir / "slides.json"
-    for s in json.loads(meta.read_text())["slides"]:
+    got = json.loads(meta.read_text())
+    for s in got["slides"]:
         for key in ("file", "mask"):
             name = s.get(key)
             if isinstance(name, str) and "/" not in name:
                 (slides_dir / name).unlink(missing_ok=True)
+    if isinstance(got.get("labels"), dict):
+        (slides_dir / "labels.csv").unlink(missing_ok=True)
     meta.unlink()
 
 
@@ -68,7 +85,7 @@ def prepare_tiles(cfg, progress: bool = True) -> Path:
         from .synth import synthesize_slides
 
         s = t.synthesize
-        synthesize_slides(slides_dir, n_slides=s.slides, size=s.size, seed=s.seed)
+        synthesize_slides(slides_dir, n_slides=s.slides, size=s.size, seed=s.seed, labels=label_plan(s))
     params = tiling_params(cfg)
     meta = index_dir / "index.json"
     slides = sorted(str(p.resolve()) for p in list_slides(slides_dir))

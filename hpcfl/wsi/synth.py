@@ -180,11 +180,12 @@ def _tissue_field(rng: np.random.Generator, hl: int, wl: int) -> np.ndarray:
 
 
 def _class_regions(rng: np.random.Generator, tissue: np.ndarray, required: Sequence[int],
-                   pool: Sequence[int]) -> np.ndarray:
+                   pool: Sequence[int], fill: Sequence[int] = ()) -> np.ndarray:
     """One-hot (len(TISSUE_CLASSES), hl, wl) of warped-Voronoi class regions, smoothed for soft boundaries.
 
     The largest tissue cells go to the required classes, then one to each other pooled class,
-    so the planned classes are present whatever the random geometry.
+    so the planned classes are present whatever the random geometry. Cells beyond those draw from
+    ``fill`` (default: the pool), so a class kept out of it (a rare tumour focus) stays one small cell.
     """
     hl, wl = tissue.shape
     inside = np.flatnonzero(tissue > 0)
@@ -208,8 +209,9 @@ def _class_regions(rng: np.random.Generator, tissue: np.ndarray, required: Seque
     order = np.argsort(-area, kind="stable")
     first = list(dict.fromkeys(list(required) + list(pool)))
     cls = np.empty(len(seeds), int)
+    fill = list(fill) or list(pool)
     for rank, c in enumerate(order):
-        cls[c] = first[rank] if rank < len(first) else pool[int(rng.integers(len(pool)))]
+        cls[c] = first[rank] if rank < len(first) else fill[int(rng.integers(len(fill)))]
     onehot = np.zeros((len(TISSUE_CLASSES), hl, wl), np.float32)
     onehot[cls[cell], yy.astype(int), xx.astype(int)] = 1.0
     return ndi.gaussian_filter(onehot, (0, 1.0, 1.0), mode="nearest")
@@ -319,12 +321,16 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: Sequence[int],
-            mask_downsample: int) -> Tuple[np.ndarray, np.ndarray]:
-    """One slide: RGB uint8 (size, size, 3) and its class mask at 1/mask_downsample."""
+            mask_downsample: int, fill: Sequence[int] = (),
+            stain_shift: Tuple[np.ndarray, np.ndarray, float] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """One slide: RGB uint8 (size, size, 3) and its class mask at 1/mask_downsample.
+
+    ``stain_shift``: (haematoxylin offset, eosin offset, strength factor) of the slide's hospital,
+    added to the per-slide stain after it is drawn (so the random stream is the same)."""
     h = w = size
     hl, wl = -(-h // _GRID), -(-w // _GRID)
     dist = _tissue_field(rng, hl, wl)
-    soft = _class_regions(rng, dist, required, pool)
+    soft = _class_regions(rng, dist, required, pool, fill)
     labels = np.where(dist > 0, np.argmax(soft, axis=0) + 1, MASK_BACKGROUND).astype(np.uint8)
 
     # Per-slide stain: vectors and strengths drift between "hospitals"; glass tone too.
@@ -332,6 +338,9 @@ def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: 
     v_e = _unit(_E_VECTOR + rng.normal(0, 0.07, 3).clip(-0.15, 0.15))
     s_h, s_e = np.exp(rng.normal(0, 0.28, 2).clip(-0.6, 0.6))
     glass = 242.0 * np.exp(-rng.uniform(0.0, 0.025, 3))
+    if stain_shift is not None:
+        v_h, v_e = _unit(v_h + stain_shift[0]), _unit(v_e + stain_shift[1])
+        s_h, s_e = s_h * stain_shift[2], s_e * stain_shift[2]
 
     # Ground substance on the coarse grid, with slow variation in each stain.
     c_h = np.zeros((hl, wl), np.float32)
@@ -455,14 +464,68 @@ def _write_png(path: Path, mask: np.ndarray) -> None:
             tmp.unlink()
 
 
+@dataclass(frozen=True)
+class LabelPlan:
+    """Slide labels for weakly supervised learning (``task: mil``): a slide is ``tumour`` when it holds a
+    tumour focus (one of its smaller class regions, a minority of its tiles) and ``normal`` when it holds
+    none, so no single tile's texture average decides it and a model must find the focus. Slide i comes
+    from hospital ``i % hospitals``; each hospital has its own share of tumour slides (``prevalence``,
+    cycled) and its own stain shift (haematoxylin/eosin direction and strength), as between real labs."""
+
+    hospitals: int = 2
+    prevalence: Tuple[float, ...] = (0.35, 0.65)
+    stain_shift: float = 0.1
+
+    def hospital_name(self, h: int) -> str:
+        return f"hospital-{chr(ord('a') + h)}" if h < 26 else f"hospital-{h}"
+
+    def assign(self, seed: int, n_slides: int) -> List[Tuple[int, bool]]:
+        """(hospital, tumour?) per slide: each hospital gets round(prevalence * its slides) tumour slides
+        (at least one of each label where it has two slides or more), placed by a seeded shuffle."""
+        out: List[Tuple[int, bool]] = [(i % self.hospitals, False) for i in range(n_slides)]
+        for h in range(self.hospitals):
+            mine = list(range(h, n_slides, self.hospitals))
+            p = self.prevalence[h % len(self.prevalence)]
+            k = int(round(p * len(mine)))
+            if len(mine) >= 2:
+                k = min(max(k, 1), len(mine) - 1)
+            for i in np.random.default_rng([seed, 1 << 29, h]).permutation(mine)[:k]:
+                out[int(i)] = (h, True)
+        return out
+
+    def shift(self, seed: int, h: int) -> Tuple[np.ndarray, np.ndarray, float]:
+        rng = np.random.default_rng([seed, 1 << 28, h])
+        s = self.stain_shift
+        return rng.normal(0, s, 3), rng.normal(0, s, 3), float(np.exp(rng.normal(0, s)))
+
+
+def _labelled_plan(i: int, tumour: bool) -> Tuple[List[int], List[int], List[int]]:
+    """(required, pool, fill) of slide i: every non-tumour class (rotating which two are required, the two
+    largest regions), and tumour only on tumour slides, as the third largest region (a minority of the
+    tissue, 10-25%); further regions never draw tumour."""
+    normal = [_STROMA, _LYMPH, _NECROSIS]
+    required = [normal[i % 3], normal[(i + 1) % 3]]
+    pool = required + ([_TUMOR] if tumour else []) + [normal[(i + 2) % 3]]
+    return required, pool, normal
+
+
+def write_labels_csv(path: Path, rows: Sequence[Tuple[str, str, str]]) -> None:
+    """``slide_id,label,site`` (the format ``data.bags.labels`` reads), written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("slide_id,label,site\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    os.replace(tmp, path)
+
+
 def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 0, tile: int = 256,
-                      mask_downsample: int = 8, progress: bool = True) -> List[SlideInfo]:
+                      mask_downsample: int = 8, progress: bool = True,
+                      labels: "LabelPlan | None" = None) -> List[SlideInfo]:
     """Write ``slide-000.tiff`` ... with ``slide-000.mask.png`` masks and a ``slides.json`` manifest.
 
     Masks are uint8 at 1/mask_downsample (0 = background, i + 1 = TISSUE_CLASSES[i]). A slide's image
     depends only on (seed, slide index, size), so a rerun, or a run with more slides, reproduces it
     bit for bit. Existing files of the same names are replaced. ``progress``: a bar on a terminal,
-    plain lines on stderr otherwise (hpcfl.observe.console).
+    plain lines on stderr otherwise (hpcfl.observe.console). ``labels``: slides with slide-level labels
+    from several hospitals (:class:`LabelPlan`), also written to ``labels.csv``.
     """
     if n_slides < 1 or size < 4 * _GRID or mask_downsample < 1 or seed < 0:
         raise ValueError(f"need n_slides >= 1, size >= {4 * _GRID}, mask_downsample >= 1, seed >= 0 "
@@ -470,13 +533,18 @@ def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = _class_plan(np.random.default_rng([seed, 1 << 30]), n_slides)
+    assigned = labels.assign(seed, n_slides) if labels is not None else []
     infos: List[SlideInfo] = []
     if progress:
         from ..observe.console import progress_iter
 
         plan = progress_iter(plan, "synthesizing slides", "slide")
     for i, (required, pool) in enumerate(plan):
-        rgb, mask = _render(np.random.default_rng([seed, i]), size, required, pool, mask_downsample)
+        fill, shift = (), None
+        if labels is not None:
+            required, pool, fill = _labelled_plan(i, assigned[i][1])
+            shift = labels.shift(seed, assigned[i][0])
+        rgb, mask = _render(np.random.default_rng([seed, i]), size, required, pool, mask_downsample, fill, shift)
         slide_id = f"slide-{i:03d}"
         path, mask_path = out / f"{slide_id}.tiff", out / f"{slide_id}.mask.png"
         write_pyramid(path, rgb, tile=tile)
@@ -488,6 +556,11 @@ def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 
         "slides": [{"slide_id": s.slide_id, "file": s.path.name, "mask": s.mask_path.name, "width": s.width,
                     "height": s.height, "classes_present": list(s.classes_present)} for s in infos],
     }
+    if labels is not None:
+        manifest["labels"] = {"hospitals": labels.hospitals, "prevalence": list(labels.prevalence),
+                              "stain_shift": labels.stain_shift, "file": "labels.csv"}
+        write_labels_csv(out / "labels.csv", [(s.slide_id, "tumour" if t else "normal", labels.hospital_name(h))
+                                              for s, (h, t) in zip(infos, assigned)])
     tmp = out / f".slides.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / "slides.json")

@@ -150,3 +150,19 @@ def encoder_scores(encoder, dim: int, num_classes: int, data, group, device, e, 
     _, probe_correct = score(probe, y, num_classes)
     return np.concatenate([counts, knn_correct, probe_correct])
 
+
+
+class Encoded(torch.nn.Module):
+    """A frozen encoder on tiles as the data gives them (in [0, 1]): resized to ``size`` unless 0 and
+    normalised exactly as :func:`encoder_scores` prepares them (``hpcfl features``)."""
+
+    def __init__(self, backbone, dim: int, size: int = 0):
+        super().__init__()
+        self.backbone, self.dim, self.size = backbone, dim, size
+
+    def forward(self, x):
+        from .augment import normalize
+        from .networks import resize
+
+        x = x.float()
+        return self.backbone(normalize(resize(x, self.size) if self.size and self.size != x.shape[-1] else x))

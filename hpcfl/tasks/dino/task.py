@@ -139,6 +139,14 @@ class DinoTask(Task):
     def summarize(self, vec: np.ndarray) -> Dict[str, Any]:
         return summarize_scores(vec)
 
+    def encoder(self, module: Any) -> Any:
+        """The teacher's encoder (the student's where each site keeps its own teacher: the global model
+        then holds only the student), on tiles normalised and resized as the evaluation feeds them."""
+        from .evaluate import Encoded
+
+        net = module.student if self.d.exchange == "student" else module.teacher
+        return Encoded(net.backbone, module.feature_dim, self.d.eval.size)
+
 
 def _float_state(net) -> List[Any]:
     """Parameters and float buffers, in a fixed order (student and teacher have the same layout)."""
