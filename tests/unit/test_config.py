@@ -199,3 +199,15 @@ def test_a_long_plain_site_list_is_written_back_as_the_shorthand():
     assert from_dict(parse_yaml(text, "t"), "t").sites == cfg.sites
     odd = from_dict({"sites": {"count": 300, "ranks": 1}}, "t.yaml", ["sites.3.dropout=0.5"])
     assert "site17" in dump_yaml(odd)  # not what the shorthand gives: written in full
+
+
+def test_no_config_section_declares_a_key_twice():
+    """Python keeps the last of two annotations of one name in a class body, silently: a second
+    DataConfig.features (a section) once replaced the synthetic data's int features."""
+    import ast
+    import hpcfl.config as C
+
+    tree = ast.parse(open(C.__file__).read())
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        names = [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+        assert len(names) == len(set(names)), (cls.name, sorted(n for n in names if names.count(n) > 1))
