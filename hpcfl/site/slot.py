@@ -379,7 +379,7 @@ class SlotWorker:
         tr.model.flat.copy_(self.global_)
         tr.model.module.eval()
         for site in self.sites:
-            st = self.states[site.index]
+            st = self.states[site]
             self.restore_private(site.index)
             tr.task.end_of_run(tr.model.module, st.data, tr.context(site, self.cfg.fl.rounds, st.settings, st.data),
                                self.paths.path)
