@@ -71,7 +71,11 @@ def unreachable_node(beats: Dict[int, Optional[Dict[str, Any]]], now: float, tim
                      own_host: Optional[str]) -> Optional[str]:
     """Pure: "node X cannot reach rank 0's node ..." when every watched rank of a node other than
     ``own_host`` beats (alive) but has not reached rank 0 for more than ``timeout`` seconds (each must
-    have reached it once: where the port is blocked from the start, nothing is judged)."""
+    have reached it once: where the port is blocked from the start, nothing is judged). A node whose ranks
+    were killed stops reaching rank 0 a little before its heartbeats look stale: it is not named here (its
+    ranks no longer beat), but by the watchdog as lost."""
+    from .watchdog import FROZEN_S
+
     by_host: Dict[str, list] = {}
     for r, b in beats.items():
         if b is not None and str(b.get("phase")) not in ("done", "failed") and b.get("host"):
@@ -82,6 +86,8 @@ def unreachable_node(beats: Dict[int, Optional[Dict[str, Any]]], now: float, tim
         ages = [now - float(b["reached_rank0"]) for _, b in rows if isinstance(b.get("reached_rank0"), (int, float))]
         if len(ages) < len(rows) or min(ages) <= timeout:
             continue
+        if any(now - float(b.get("time", now)) > FROZEN_S for _, b in rows):
+            continue  # a rank there stopped beating: a lost node or a dead rank, not a cut-off one (watchdog)
         ranks = sorted(r for r, _ in rows)
         where = f"rank 0's node {own_host}" if own_host else "rank 0's node"
         sites = list(dict.fromkeys(m for _, b in rows for m in re.findall(r"'([^']+)'", str(b.get("who") or ""))))
