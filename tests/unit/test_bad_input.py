@@ -217,6 +217,9 @@ CASES = [
     Case("cancel-empty-dir", ["cancel", "{t}/empty-run"], "empty-run", files={"empty-run/.keep": ""}, owner="H2"),
     Case("cancel-no-scancel", ["cancel", "987654"], "not found", env=NO_SLURM, owner="H2"),
     # -- report (hpcfl/observe)
+    Case("features-missing-run", ["features", "{t}/nope", "--out", "{t}/feats"], "nope"),
+    Case("features-not-a-run", ["features", "{t}/empty-run", "--out", "{t}/feats"], "empty-run",
+         files={"empty-run/.keep": ""}),
     Case("report-missing-dir", ["report", "{t}/nope"], "nope", owner="observe"),
     Case("report-empty-dir", ["report", "{t}/empty-run"], "empty-run", files={"empty-run/.keep": ""}, owner="observe"),
     Case("report-o-missing-dir", ["report", RUN_DIR, "-o", "{t}/nope/r.html"], "nope", owner="observe",
