@@ -9,6 +9,16 @@ Importing this package never imports torch (rank 0 summarizes metrics without it
 """
 from __future__ import annotations
 
-from .base import BUILTIN, DataSpec, SiteGroup, StepContext, Task, make_task, matching, task_class
+from typing import Any
 
 __all__ = ["BUILTIN", "DataSpec", "SiteGroup", "StepContext", "Task", "make_task", "matching", "task_class"]
+
+
+def __getattr__(name: str) -> Any:
+    """The names of :mod:`.base`, loaded on first use: the config schema imports the tasks' sections
+    (hpcfl/tasks/*/config.py) through this package, and must not load the tasks themselves."""
+    if name in __all__:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -84,11 +84,9 @@ class MilTask(Task):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.data.name != "features":
-            raise ConfigError(f"task: mil learns from slide feature bags: set data.name: features "
-                              f"(got {cfg.data.name!r})")
-        if not cfg.data.bags.labels:
-            raise ConfigError("data.bags.labels: task: mil needs a slide labels CSV (slide_id,label[,site])")
+        from .mil_config import check
+
+        check(cfg)
 
     def _layout(self) -> Tuple[int, int]:
         """(slides, classes) of the federation, from the labels and the feature directory (any rank)."""

@@ -205,9 +205,27 @@ def test_no_config_section_declares_a_key_twice():
     """Python keeps the last of two annotations of one name in a class body, silently: a second
     DataConfig.features (a section) once replaced the synthetic data's int features."""
     import ast
+    import dataclasses
+    import sys
+
     import hpcfl.config as C
 
-    tree = ast.parse(open(C.__file__).read())
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        names = [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
-        assert len(names) == len(set(names)), (cls.name, sorted(n for n in names if names.count(n) > 1))
+    modules = {sys.modules[c.__module__] for c in vars(C).values() if dataclasses.is_dataclass(c)}
+    assert len(modules) >= 5  # the schema and the sections beside their owners (tasks, wsi)
+    for mod in modules:
+        tree = ast.parse(open(mod.__file__).read())
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            names = [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+            assert len(names) == len(set(names)), (cls.name, sorted(n for n in names if names.count(n) > 1))
+
+
+def test_the_schema_names_what_the_code_implements():
+    """The schema lists strategy and task names without importing aggregation/ or tasks/ (layers): the lists
+    must stay those the code implements."""
+    from hpcfl.aggregation import STRATEGIES
+    from hpcfl.config import STRATEGIES as NAMED
+    from hpcfl.config import TASK_CHECKS
+    from hpcfl.tasks import BUILTIN
+
+    assert NAMED == STRATEGIES
+    assert list(TASK_CHECKS) == list(BUILTIN)

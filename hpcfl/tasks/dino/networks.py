@@ -191,7 +191,7 @@ def resize(x, size: int):
 def classifier(num_features: int, num_classes: int, **args: Any) -> nn.Module:
     """Factory for ``model.name``: ``model.args`` are DinoConfig keys (backbone, width, depth, ...)
     and ``size``, the side tiles are resized to (default 0: as given)."""
-    from ...config import DinoConfig
+    from .config import DinoConfig
 
     args = dict(args)
     size = int(args.pop("size", 0))

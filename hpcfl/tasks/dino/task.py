@@ -18,27 +18,9 @@ import numpy as np
 
 from ...errors import ConfigError
 from ..base import DataSpec, StepContext, Task
+from .config import check as check_config
 
 # torch is imported inside the methods: rank 0 builds the task to summarize metrics and never imports it.
-
-
-def check_config(d) -> None:
-    """Combinations the schema's per-key bounds cannot catch, refused with the key named."""
-    c = d.crops
-    for key, pair, hi in (("global_scale", c.global_scale, 1.0), ("local_scale", c.local_scale, 1.0),
-                          ("blur_sigma", c.blur_sigma, None)):
-        if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (hi is not None and pair[1] > hi):
-            bound = f" <= {hi}" if hi is not None else ""
-            raise ConfigError(f"dino.crops.{key}: expected [min, max] with 0 < min <= max{bound}, got {list(pair)}")
-    if len(c.blur_prob) != 3 or not all(0 <= p <= 1 for p in c.blur_prob):
-        raise ConfigError(f"dino.crops.blur_prob: expected 3 probabilities [first global, second global, local], "
-                          f"got {list(c.blur_prob)}")
-    if d.backbone == "vit":
-        if d.width % d.heads:
-            raise ConfigError(f"dino.heads: {d.heads} does not divide dino.width ({d.width})")
-        for key, side in (("global_size", c.global_size), ("local_size", c.local_size)):
-            if side % d.patch_size:
-                raise ConfigError(f"dino.crops.{key}: {side} is not a multiple of dino.patch_size ({d.patch_size})")
 
 
 class DinoTask(Task):

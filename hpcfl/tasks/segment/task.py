@@ -19,45 +19,7 @@ import numpy as np
 from ...errors import ConfigError
 from ..base import DataSpec, StepContext, Task
 from . import metrics as SM
-
-
-def check_config(cfg) -> None:
-    """What per-key bounds cannot catch, refused at load with the key named (no torch here)."""
-    seg, d = cfg.segment, cfg.data
-    if d.name not in ("tiles", "volumes"):
-        raise ConfigError(f"data.name: task segment reads tiles (with masks) or volumes, not {d.name!r}")
-    if d.name == "tiles":
-        t = d.tiles
-        for key, value, ok in (("decode_device", t.decode_device, "cpu"), ("crops_per_read", t.crops_per_read, 1),
-                               ("loader_workers", t.loader_workers, 0), ("smart_cache", t.smart_cache, None)):
-            if value != ok:
-                raise ConfigError(f"data.tiles.{key}: {value!r} is not used by task segment, whose tiles go through "
-                                  f"MONAI's pipeline (segment.cache, segment.thread_loader); leave it at {ok!r}")
-    if d.name == "volumes":
-        if len(seg.patch_size) != 3 or min(seg.patch_size) < 4:
-            raise ConfigError(f"segment.patch_size: expected [x, y, z] of at least 4 voxels, got {list(seg.patch_size)}")
-        syn = d.volumes.synthesize
-        if syn is not None:
-            if len(syn.size) != 3 or min(syn.size) < 16:
-                raise ConfigError(f"data.volumes.synthesize.size: expected [x, y, z] of at least 16 voxels, got "
-                                  f"{list(syn.size)}")
-            if len(syn.shift) == 0:
-                raise ConfigError("data.volumes.synthesize.shift: give at least one shift (0 = none)")
-    if seg.intensity_range is not None and (len(seg.intensity_range) != 2
-                                            or not seg.intensity_range[0] < seg.intensity_range[1]):
-        raise ConfigError(f"segment.intensity_range: expected [a_min, a_max] with a_min < a_max, got "
-                          f"{list(seg.intensity_range)}")
-    strides = seg.net_args.get("strides")
-    if d.name == "volumes" and isinstance(strides, (list, tuple)) and strides:
-        step = int(np.prod([s if isinstance(s, int) else max(s) for s in strides]))
-        bad = [p for p in seg.patch_size if p % step]
-        if bad:
-            raise ConfigError(f"segment.patch_size: {list(seg.patch_size)} must be multiples of {step} (the product "
-                              f"of segment.net_args.strides) so the network's skip connections line up")
-    for key in ("spatial_dims", "in_channels", "out_channels"):
-        v = seg.net_args.get(key)
-        if v is not None and not isinstance(v, int):
-            raise ConfigError(f"segment.net_args.{key}: expected an integer, got {v!r}")
+from .config import check as check_config
 
 
 def build_net(seg, spec: DataSpec) -> Any:
