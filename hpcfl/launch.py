@@ -91,7 +91,7 @@ def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int
     from .rundir import RunPaths
 
     errors = []
-    for p in RunPaths(run_dir).logs.glob("rank-*.error.json"):
+    for p in RunPaths(run_dir).error_files():
         try:
             errors.append(json.loads(p.read_text()))
         except (OSError, json.JSONDecodeError):

@@ -453,7 +453,7 @@ def _aggregate(cfg: Config, r: _Rank, rundir, ckpt, start_round: int, infos) -> 
 
     topology = r.topology
     part = next((p for _, p in infos if p is not None), None)
-    rundir.write_json("manifest.json", {
+    rundir.write_json(rundir.manifest, {
         "run": cfg.run.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from_round": start_round - 1, "world_size": topology.world_size, "sites": len(topology.sites),
         "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name for i in s.sites],
@@ -465,7 +465,7 @@ def _aggregate(cfg: Config, r: _Rank, rundir, ckpt, start_round: int, infos) -> 
     summary = agg.run(progress, r.beat)
     summary["startup_s"] = dict(r.clock.laps)
     summary["aggregator_imported_torch"] = "torch" in sys.modules  # it must not: start-up time and memory
-    rundir.write_json("summary.json", summary)
+    rundir.write_json(rundir.summary, summary)
     rundir.close()
 
 

@@ -16,11 +16,11 @@ rank has exited cleanly, submitit's handler runs: checkpoint() and requeue.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from ..config import load_config
 from ..errors import ConfigError, LaunchError, require
+from ..rundir.paths import RunPaths
 
 
 def _checkpointable():
@@ -87,7 +87,7 @@ def submit(config_path: str, overrides: Sequence[str] = (), executor: str = "aut
     """
     submitit = require("submitit", "pip install submitit")
     cfg = load_config(config_path, overrides)
-    folder = folder or str(Path(cfg.run.root) / cfg.run.name / "submitit")
+    folder = folder or str(RunPaths.of(cfg).submitit)
     ex = submitit.AutoExecutor(folder=folder, cluster=None if executor == "auto" else executor)
     c = cfg.cluster
     if ex.cluster == "slurm":

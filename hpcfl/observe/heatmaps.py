@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..rundir.paths import RunPaths
+
 HEAT_SIDE = 320  # longest side of an embedded heatmap
 
 
@@ -59,7 +61,7 @@ def read_maps(run_dir: Path) -> List[Tuple[Dict[str, Any], Optional[Dict[str, np
     from ..errors import HpcflError
 
     out = []
-    for f in sorted((Path(run_dir) / "attention").glob("*.npz")):
+    for f in sorted(RunPaths(run_dir).attention.glob("*.npz")):
         try:
             meta, arrays = read_npz(f)
             out.append((meta, arrays, ""))

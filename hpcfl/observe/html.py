@@ -20,10 +20,10 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..rundir.paths import RunPaths
 from . import plots
 from .rundata import RunData, RunDirError, load_run
 
-REPORT_NAME = "report.html"
 THUMB_SIDE = 420  # tiling thumbnails are embedded at this longest side
 
 CSS = """
@@ -384,7 +384,7 @@ def write_report(run_dirs: Sequence[Any], output: Optional[Any] = None) -> Path:
     """Read the run directories, write the HTML report (default ``<first run>/report.html``), return its path."""
     from ..atomic import write_atomic
 
-    out = Path(output) if output else Path(run_dirs[0]) / REPORT_NAME
+    out = Path(output) if output else RunPaths(run_dirs[0]).report
     if output is not None and out.is_dir():
         raise RunDirError(f"{out}: is a directory (give the report's file name with -o)")
     if output is not None and not out.parent.is_dir():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 from ..errors import require
+from ..rundir.paths import RunPaths
 from .scalars import Scalar
 
 INSTALL = "pip install mlflow-skinny (or set observe.mlflow: null)"
@@ -40,7 +41,7 @@ class MlflowLogger:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
-        self.state_path = Path(run_dir) / "mlflow.json"
+        self.state_path = RunPaths(run_dir).mlflow_state
         self.run_id = self._resumed_run(tracking_uri)
         if self.run_id is None:
             run = self.client.create_run(exp_id, run_name=run_name, tags={"hpcfl.run_dir": str(Path(run_dir).resolve())})

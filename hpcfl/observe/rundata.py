@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import HpcflError
-
-FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "cross_site.json")
+from ..rundir.paths import READ_FILES as FILES
+from ..rundir.paths import RunPaths
 
 
 class RunDirError(HpcflError):
@@ -127,13 +127,14 @@ def load_run(path: Path, require_something: bool = True) -> RunData:
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"{path}: no such run directory")
-    if require_something and not any((path / f).exists() for f in FILES + ("slurm/jobs.json",)):
+    paths = RunPaths(path)
+    if require_something and not any(p.exists() for p in [path / f for f in FILES] + [paths.slurm_jobs]):
         raise RunDirError(f"{path}: not a run directory (none of {', '.join(FILES)}): nothing to report")
     return RunData(
         path=path,
-        config=read_yaml(path / "config.yaml") or {},
-        manifest=read_json(path / "manifest.json"),
-        records=read_metrics(path / "metrics.jsonl"),
-        summary=read_json(path / "summary.json"),
-        cross_site=read_json(path / "cross_site.json"),
+        config=read_yaml(paths.config) or {},
+        manifest=read_json(paths.manifest),
+        records=read_metrics(paths.metrics_path),
+        summary=read_json(paths.summary),
+        cross_site=read_json(paths.cross_site),
     )

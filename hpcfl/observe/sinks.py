@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from ..rundir.paths import RunPaths
 from .scalars import cross_site_scalars, record_scalars
 
-TB_DIR = "tb"
 
 
 class Observers:
@@ -49,7 +49,7 @@ class Observers:
 
     def finish(self, run_dir: Optional[Path] = None, status: str = "FINISHED") -> None:
         """cross_site.json (if the run wrote one) at the last round's step, then close every sink."""
-        doc = _read_json(Path(run_dir) / "cross_site.json") if run_dir is not None else None
+        doc = _read_json(RunPaths(run_dir).cross_site) if run_dir is not None else None
         if doc and self.last_round is not None:
             scalars = cross_site_scalars(doc)
             self._each("writing", lambda sink: sink.write(self.last_round, scalars, None))
@@ -77,7 +77,7 @@ def observers_for(cfg, run_dir: Path, start_round: int = 1, warn: Optional[Calla
     if obs.tensorboard:
         from .tensorboard import TensorBoardWriter
 
-        sinks["tensorboard"] = TensorBoardWriter(Path(run_dir) / TB_DIR, start_round)
+        sinks["tensorboard"] = TensorBoardWriter(RunPaths(run_dir).tb, start_round)
     if obs.mlflow is not None:
         from .mlflow_log import MlflowLogger, tracking_uri_for
 

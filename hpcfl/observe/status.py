@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..rundir import RunPaths
+from ..rundir.paths import BEAT_GLOB, ERROR_GLOB
 from .rundata import RunData, load_run
 
 STALE_S = 10.0  # a heartbeat older than this: the rank is dead or stuck
@@ -93,7 +94,7 @@ def _mtime(p: Path) -> float:
 def read_beats(logs: Path) -> Dict[int, Dict[str, Any]]:
     """Heartbeats by rank; a file that cannot be read now (being replaced) is skipped, not fatal."""
     out: Dict[int, Dict[str, Any]] = {}
-    for p in sorted(Path(logs).glob("rank-*.beat")):
+    for p in sorted(Path(logs).glob(BEAT_GLOB)):
         try:
             beat = json.loads(p.read_text())
             rank = int(beat.get("rank", p.stem.split("-")[1]))
@@ -153,7 +154,7 @@ def rank_states(manifest: Optional[Dict[str, Any]], beats: Dict[int, Dict[str, A
 
 def _error_line(logs: Path) -> Optional[str]:
     errors = []
-    for p in Path(logs).glob("rank-*.error.json"):
+    for p in Path(logs).glob(ERROR_GLOB):
         try:
             e = json.loads(p.read_text())
         except (OSError, ValueError):
@@ -217,7 +218,7 @@ def run_status(run_dir: Path, now: Optional[float] = None, host: Optional[str] =
         st.state = "running"
     elif not data.config and data.manifest is None and not data.records:
         st.state = "not started"
-    elif _mtime(run_dir / "manifest.json") < _mtime(run_dir / "config.yaml") and not st.ranks:
+    elif _mtime(paths.manifest) < _mtime(paths.config) and not st.ranks:
         st.state = "starting"
         st.note = "manifest.json is not written yet: the ranks are starting (or the launch failed before)"
     elif st.ranks and all(r.state == "unknown" for r in st.ranks):

@@ -135,9 +135,9 @@ def test_damaged_metrics_lines_are_dropped(tmp_path):
 def write_lock(rd, **fields):
     import socket
 
-    from hpcfl.rundir import _proc_start
+    from hpcfl.rundir import proc_start
 
-    rec = {"host": socket.gethostname(), "pid": os.getppid(), "proc_start": _proc_start(os.getppid()),
+    rec = {"host": socket.gethostname(), "pid": os.getppid(), "proc_start": proc_start(os.getppid()),
            "started_at": "2026-12-01 10:00:00", **fields}
     rd.path.mkdir(parents=True, exist_ok=True)
     rd.lock_path.write_text(json.dumps(rec))
@@ -209,7 +209,7 @@ def test_lock_verdicts():
 
 
 def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
-    import hpcfl.rundir as R
+    import hpcfl.rundir.lock as R
 
     monkeypatch.setattr(R, "LOCK_HEARTBEAT_S", 0.05)
     rd = fresh(tmp_path)
