@@ -65,6 +65,17 @@ def _drop_synthesis(slides_dir: Path) -> None:
     meta.unlink()
 
 
+def prepare_for_run(cfg) -> Path:
+    """Rank 0 of a run, before any site rank starts: the tile index every site reads, built once (quietly),
+    and a warning for a tile cache that can serve wrong tiles."""
+    t = cfg.data.tiles
+    if t.backend == "cucim" and t.cache.type == "per_process":
+        sys.stderr.write("hpcfl: warning: data.tiles.cache.type: per_process can serve another slide's "
+                         "tile at the same position with cuCIM 26.10 (rapidsai/cucim#1108); "
+                         "shared_memory (the default) or nocache cannot\n")
+    return prepare_tiles(cfg, progress=False)
+
+
 def prepare_tiles(cfg, progress: bool = True) -> Path:
     t = cfg.data.tiles
     slides_dir, index_dir = Path(t.slides_dir), Path(t.index_dir)

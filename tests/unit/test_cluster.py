@@ -343,18 +343,18 @@ def test_the_placement_s_gpu_is_honoured_when_the_launcher_lists_several():
 def test_a_rank_pins_its_placement_s_gpu_out_of_the_launcher_s_list(monkeypatch):
     """Fails where a rank keeps CUDA_VISIBLE_DEVICES=0,...,7 and then picks a GPU round-robin by its index on the
     node: with ranks_per_gpu 2, rank 2 was placed on GPU 0 (next to its cores) but would train on GPU 1."""
-    from hpcfl import runtime
     from hpcfl.cluster import render
     from hpcfl.cluster.placement import Place
+    from hpcfl.runtime.startup import pin_rank
 
     cfg = from_dict({"sites": {"count": 2, "ranks": 2}, "site": {"backend": "torch"}})
     monkeypatch.setattr(render, "my_place", lambda cfg, rank, mode, groups: (
         Place(rank=rank, node=0, socket=0, cores=(), gpu=(rank - 1) // 2), None))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
-    runtime._pin(cfg, 2, "local", [])
+    pin_rank(cfg, 2, "local", [])
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
-    runtime._pin(cfg, 3, "local", [])
+    pin_rank(cfg, 3, "local", [])
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 
