@@ -47,7 +47,7 @@ def launch(config, overrides=(), *args, **kwargs) -> int:
 
 def submit(config_path, overrides=(), executor="auto", folder=None):
     """Submit the federation with submitit (SLURM where it exists, else locally); returns the submitit Job."""
-    from .cluster.submitit_api import submit as _submit
+    from .launch.submitit import submit as _submit
 
     return _submit(config_path, overrides, executor, folder)
 

@@ -15,7 +15,7 @@ def test_submitit_local_executor(tmp_path):
 
 
 def test_uneven_ranks_per_node_are_refused_for_submitit_slurm():
-    from hpcfl.cluster.submitit_api import submit
+    from hpcfl.launch.submitit import submit
     from hpcfl.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"cluster.nodes: submitit puts the same number of ranks on every node"):

@@ -65,7 +65,7 @@ class FederationTask(_checkpointable()):
 
             run_rank(self.config_path, self.overrides)
         else:
-            from ..launch import launch
+            from .local import launch
 
             rc = launch(cfg, self.config_path, self.overrides)
             if rc != 0:

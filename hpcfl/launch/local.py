@@ -18,15 +18,15 @@ import threading
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .config import Config
-from .errors import ConfigError, LaunchError
-from .topology import topology_for
+from ..config import Config
+from ..errors import ConfigError, LaunchError
+from ..topology import topology_for
 
 
 def rank_argv(config_path: str, overrides: Sequence[str] = (), resume: bool = False, restart: bool = False,
               python: Optional[str] = None, pin: str = "none") -> List[str]:
     """What each rank runs, under any launcher (the launch decisions travel as typed flags: RankLaunch)."""
-    from .runtime import RankLaunch
+    from ..runtime import RankLaunch
 
     argv = [python or sys.executable, "-m", "hpcfl", "run", str(config_path)]
     for o in overrides:
@@ -37,7 +37,7 @@ def rank_argv(config_path: str, overrides: Sequence[str] = (), resume: bool = Fa
 def local_capacity(cfg: Config, cores: int) -> int:
     """Site ranks this machine runs one to a core (or to a GPU share, where site ranks train on GPUs)."""
     if cfg.train.device != "cpu":
-        from .cluster.nodecheck import count_gpus
+        from ..cluster.nodecheck import count_gpus
 
         gpus, _ = count_gpus()
         if gpus:
@@ -47,13 +47,13 @@ def local_capacity(cfg: Config, cores: int) -> int:
 
 def choose_slots(cfg: Config, capacity: int) -> int:
     """``launch.slots``, or one slot per site where ``capacity`` holds every site rank, else as many as fit."""
-    from .topology import auto_slots
+    from ..topology import auto_slots
 
     return cfg.launch.slots or auto_slots([s.ranks for s in cfg.sites], capacity)
 
 
 def describe_slots(cfg: Config, slots: int) -> str:
-    from .topology import topology_for
+    from ..topology import topology_for
 
     t = topology_for(cfg, slots=slots)
     k = len(t.sites)
@@ -88,7 +88,7 @@ def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int
                  world_size: Optional[int] = None, memory: Optional[str] = None) -> str:
     """One line naming what ended the job: the earliest rank error, else a killed rank (killed for memory,
     with what to change, when ``memory`` says why the memory ran out: hpcfl.oom.killed_for_memory)."""
-    from .rundir import RunPaths
+    from ..rundir import RunPaths
 
     errors = []
     for p in RunPaths(run_dir).error_files():
@@ -107,7 +107,7 @@ def failure_line(cfg: Config, run_dir: Path, mpirun_output: str, returncode: int
         except Exception:  # noqa: BLE001 - a launcher message naming a rank we do not know
             who = f"rank {rank}"
         if memory and sig == "9":
-            from .oom import ADVICE
+            from ..oom import ADVICE
 
             return f"hpcfl: {who} was killed for memory (signal 9): {memory}; {ADVICE}"
         return f"hpcfl: {who} was killed by signal {sig}{f' ({name})' if name else ''}"
@@ -128,7 +128,7 @@ def resolve(config: Union[str, Path, Config, Mapping[str, Any]],
     """(config, the file the ranks read or None, their overrides) for a YAML path, a Config or a dict.
 
     A config built or changed in Python has no file: :func:`launch` writes it to the run directory."""
-    from .config import from_dict, load_config, to_dict
+    from ..config import from_dict, load_config, to_dict
 
     if isinstance(config, (str, os.PathLike)):
         return load_config(config, overrides), str(config), list(overrides)
@@ -144,9 +144,9 @@ def resolve(config: Union[str, Path, Config, Mapping[str, Any]],
 
 def _written(cfg: Config) -> str:
     """The file that holds a config launched from Python: the ranks read it like any YAML file."""
-    from .atomic import write_atomic
-    from .config import dump_yaml
-    from .rundir import RunPaths
+    from ..atomic import write_atomic
+    from ..config import dump_yaml
+    from ..rundir import RunPaths
 
     path = RunPaths.of(cfg).launch_config
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,12 +161,12 @@ def launch(cfg: Config, config_path: Optional[str], overrides: Sequence[str] = (
     if shutil.which(cfg.launch.mpirun) is None:
         raise LaunchError(f"launch.mpirun: {cfg.launch.mpirun!r} not found on PATH; install Open MPI "
                           "(bash scripts/install.sh does) or set launch.mpirun")
-    from .rundir import RunDir
+    from ..rundir import RunDir
 
     RunDir(cfg).check(resume=resume, restart=restart)  # refuse a bad resume before starting any rank
     if config_path is None:
         config_path, overrides = _written(cfg), ()
-    from .topology import world_size_for
+    from ..topology import world_size_for
 
     cores = len(os.sched_getaffinity(0))
     slots = choose_slots(cfg, local_capacity(cfg, cores))
@@ -181,7 +181,7 @@ def launch(cfg: Config, config_path: Optional[str], overrides: Sequence[str] = (
         return 0
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    from .oom import OomCounters, killed_for_memory
+    from ..oom import OomCounters, killed_for_memory
 
     oom_before = OomCounters.now()  # the ranks run in this process's memory cgroup
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1)
@@ -197,7 +197,7 @@ def launch(cfg: Config, config_path: Optional[str], overrides: Sequence[str] = (
         rc = proc.wait()
     for t in pumps:
         t.join(timeout=5)
-    from .rundir import RunPaths
+    from ..rundir import RunPaths
 
     run_dir = RunPaths.of(cfg).path
     if rc != 0:
@@ -212,7 +212,7 @@ def launch(cfg: Config, config_path: Optional[str], overrides: Sequence[str] = (
 def _report(run_dir: Path, out) -> None:
     """The run's HTML report (hpcfl report), written at the end of a successful launch."""
     try:
-        from .observe import write_report
+        from ..observe import write_report
 
         path = write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - the run succeeded and its results are on disk: never fail it here
