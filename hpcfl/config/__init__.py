@@ -8,7 +8,8 @@ are rejected with a "did you mean"; every error names the file and key path.
 The package, by job (docs/architecture.md):
 
 - :mod:`.loader`: the hardened YAML loader (size, depth and alias limits, duplicate keys);
-- :mod:`.fields`: how a key is declared (:func:`setting`) and the "did you mean" of errors;
+- :mod:`hpcfl.fields`: how a key is declared (:func:`setting`) and the "did you mean" of errors (outside this
+  package, so that a section beside its owner imports it without loading the schema);
 - :mod:`.schema`: the sections and :class:`Config`; a task's or the tile pipeline's section lives beside its
   owner (hpcfl/tasks/dino/config.py, hpcfl/tasks/segment/config.py, hpcfl/tasks/mil_config.py,
   hpcfl/wsi/config.py) and is registered in the schema;
@@ -27,7 +28,7 @@ from ..tasks.segment.config import SegmentConfig, VolumesConfig, VolumeSynthConf
 from ..wsi.config import CacheConfig, SmartCacheConfig, SynthConfig, TilesConfig
 from .checks import ROBUST, TASK_CHECKS, validate
 from .convert import MAX_SITES, build, check_arg, dump_yaml, expand_sites, to_dict
-from .fields import join, setting, suggest
+from ..fields import join, setting, suggest
 from .load import from_dict, load_config
 from .loader import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, parse_yaml, read_config_text
 from .overrides import apply_override, migrate

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..tasks.dino.config import check as _check_dino
 from ..tasks.mil_config import check as _check_mil
 from ..tasks.segment.config import check as _check_segment
-from .fields import suggest
+from ..fields import suggest
 from .schema import Config
 
 # The built-in tasks (hpcfl.tasks.base.BUILTIN names their classes; a unit test keeps the two equal) and the

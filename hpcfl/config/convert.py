@@ -12,7 +12,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence
 import yaml
 
 from ..errors import ConfigError
-from .fields import join, suggest
+from ..fields import join, suggest
 from .schema import Config, SiteConfig, SiteOverrides
 
 

@@ -7,7 +7,7 @@ import typing
 from typing import Any, Literal
 
 from .convert import to_dict
-from .fields import join
+from ..fields import join
 from .schema import Config
 
 

@@ -2,7 +2,7 @@
 
 The sections of a task and of the tile pipeline live beside their owners (hpcfl/tasks/dino/config.py,
 hpcfl/tasks/segment/config.py, hpcfl/tasks/mil_config.py, hpcfl/wsi/config.py) and are registered here as
-fields of :class:`Config`; those modules import only :mod:`hpcfl.config.fields`, so the schema never imports
+fields of :class:`Config`; those modules import only :mod:`hpcfl.fields`, so the schema never imports
 the code that reads it.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ..tasks.dino.config import DinoConfig
 from ..tasks.mil_config import MilConfig
 from ..tasks.segment.config import SegmentConfig, VolumesConfig
 from ..wsi.config import TilesConfig
-from .fields import setting as _f
+from ..fields import setting as _f
 
 # The aggregation rules a config may name (hpcfl.aggregation.STRATEGIES implements them; a unit test keeps
 # the two equal): the schema names them without importing the aggregation package.

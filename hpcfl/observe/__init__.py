@@ -35,7 +35,7 @@ def run_status(run_dir: Path) -> Any:
 
 
 def progress_iter(items: Sequence, desc: str, unit: str, stream=None):
-    from .console import progress_iter as _f
+    from ..console import progress_iter as _f
 
     return _f(items, desc, unit, stream)
 

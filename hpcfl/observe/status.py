@@ -337,7 +337,7 @@ def watch(run_dir: Optional[Path], job_id: Optional[str], every_s: float, out=No
     ``--- HH:MM:SS`` header, without control characters; with ``as_json`` one JSON object per line."""
     import sys
 
-    from .console import is_terminal
+    from ..console import is_terminal
 
     out = out if out is not None else sys.stdout
     tty = is_terminal(out) and not as_json

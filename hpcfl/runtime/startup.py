@@ -300,7 +300,7 @@ def build_slot(cfg, topology, role, comms, rundir, start_round, local_index, bea
     """This rank's device, backend, data of every site its slot simulates, trainer and slot worker."""
     from ..aggregation import strategy_for
     from ..device import Stager, cuda_aware_mpi, select_device
-    from ..site import make_backend
+    from ..site.backend import make_backend
     from ..site.data import SiteRank, make_site_data
     from ..site.slot import SiteCache, SiteState, SlotWorker
     from ..site.trainer import SiteSettings, SiteTrainer

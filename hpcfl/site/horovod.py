@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError, require
-from . import SiteBackend
+from .backend import SiteBackend
 
 
 def refuse_shared_gpus(topology, trainers_comm, device: Any) -> None:

@@ -20,7 +20,7 @@ import os
 import socket
 from typing import Any, Dict, List, Tuple
 
-from . import SiteBackend
+from .backend import SiteBackend
 
 
 def _free_port() -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..model import FlatModel
 from ..tasks.base import DataSpec, StepContext, Task
-from . import SiteBackend
+from .backend import SiteBackend
 from .optim import FlatOptimizer, clip_grad_norm_
 
 

@@ -1,13 +1,13 @@
 """``task: mil``'s config section (``mil``) and the checks its per-key bounds cannot express.
 
-It imports only :mod:`hpcfl.config.fields` and the errors, so the schema (hpcfl.config) includes it without
+It imports only :mod:`hpcfl.fields` and the errors, so the schema (hpcfl.config) includes it without
 importing the task: it belongs to the config layer (docs/architecture.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.fields import setting as _f
+from ..fields import setting as _f
 from ..errors import ConfigError
 
 

@@ -1,6 +1,6 @@
 """The tile pipeline's config section (``data.tiles``), kept beside the code that reads it.
 
-It imports only :mod:`hpcfl.config.fields`, so the schema (hpcfl.config) can include it without importing
+It imports only :mod:`hpcfl.fields`, so the schema (hpcfl.config) can include it without importing
 the tile pipeline itself: it belongs to the config layer (docs/architecture.md).
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
-from ..config.fields import setting as _f
+from ..fields import setting as _f
 
 
 @dataclass(frozen=True)

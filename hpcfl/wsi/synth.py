@@ -524,7 +524,7 @@ def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 
     Masks are uint8 at 1/mask_downsample (0 = background, i + 1 = TISSUE_CLASSES[i]). A slide's image
     depends only on (seed, slide index, size), so a rerun, or a run with more slides, reproduces it
     bit for bit. Existing files of the same names are replaced. ``progress``: a bar on a terminal,
-    plain lines on stderr otherwise (hpcfl.observe.console). ``labels``: slides with slide-level labels
+    plain lines on stderr otherwise (hpcfl.console). ``labels``: slides with slide-level labels
     from several hospitals (:class:`LabelPlan`), also written to ``labels.csv``.
     """
     if n_slides < 1 or size < 4 * _GRID or mask_downsample < 1 or seed < 0:
@@ -536,7 +536,7 @@ def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 
     assigned = labels.assign(seed, n_slides) if labels is not None else []
     infos: List[SlideInfo] = []
     if progress:
-        from ..observe.console import progress_iter
+        from ..console import progress_iter
 
         plan = progress_iter(plan, "synthesizing slides", "slide")
     for i, (required, pool) in enumerate(plan):

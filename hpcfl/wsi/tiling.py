@@ -364,9 +364,9 @@ def tile_directory(slides_dir: Path, out_dir: Path, params: TilingParams, classe
 
 
 def _progress(items, enabled: bool):
-    """A bar on a terminal, plain lines in a log file (hpcfl.observe.console)."""
+    """A bar on a terminal, plain lines in a log file (hpcfl.console)."""
     if not enabled:
         return items
-    from ..observe.console import progress_iter
+    from ..console import progress_iter
 
     return progress_iter(items, "tiling", "slide", sys.stderr)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from hpcfl.config import from_dict
-from hpcfl.observe.console import plain_lines, progress_iter
+from hpcfl.console import plain_lines, progress_iter
 from hpcfl.observe.scalars import cross_site_scalars, flatten, record_scalars, rounds_scalars
 from hpcfl.observe.sinks import Observers, observers_for
 

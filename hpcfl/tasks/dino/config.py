@@ -1,6 +1,6 @@
 """``task: dino``'s config section (``dino``) and the checks its per-key bounds cannot express.
 
-It imports only :mod:`hpcfl.config.fields` and the errors, so the schema (hpcfl.config) includes it without
+It imports only :mod:`hpcfl.fields` and the errors, so the schema (hpcfl.config) includes it without
 importing the task (torch): it belongs to the config layer (docs/architecture.md).
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Tuple
 
-from ...config.fields import setting as _f
+from ...fields import setting as _f
 from ...errors import ConfigError
 
 

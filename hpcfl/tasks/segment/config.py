@@ -1,7 +1,7 @@
 """``task: segment``'s config section (``segment``, and ``data.volumes`` that only it reads) and the checks
 its per-key bounds cannot express.
 
-It imports only :mod:`hpcfl.config.fields` and the errors, so the schema (hpcfl.config) includes it without
+It imports only :mod:`hpcfl.fields` and the errors, so the schema (hpcfl.config) includes it without
 importing the task: it belongs to the config layer (docs/architecture.md).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Dict, Literal, Optional, Tuple
 
 import numpy as np
 
-from ...config.fields import setting as _f
+from ...fields import setting as _f
 from ...errors import ConfigError
 
 
