@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Per-round protocol overhead of hpcfl, next to its physical lower bound, in one run.
 
-For MLPs of about 1M, 10M and 25M parameters and federations of 2 and 4 sites
-(one rank each), run a real federation under mpirun where local training is
+For MLPs of about 1M, 10M and 25M parameters and federations of 2, 4 and 8 sites
+(``--sizes``, ``--sites``; one rank each), run a real federation under mpirun where local training is
 one tiny step, and measure per round (rounds after the first):
 
   overhead = round wall time at rank 0 - slowest site's local training

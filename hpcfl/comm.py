@@ -20,7 +20,7 @@ from .topology import UNDEFINED, Role, comm_colors
 class Comms:
     world: Any
     federation: Optional[Any]  # rank 0 + site leaders; rank 0 is its root
-    site: Optional[Any]  # this site's ranks; leader is rank 0
+    site: Optional[Any]  # this rank's slot (the ranks that train its sites one after another); leader is rank 0
     trainers: Optional[Any]  # every site rank (Horovod's communicator)
 
 

@@ -18,23 +18,6 @@ def vector_size(num_classes: int, bins: int) -> int:
     return 3 + 2 * num_classes + 2 * num_classes * bins
 
 
-def accumulate(vec: np.ndarray, probs: np.ndarray, labels: np.ndarray, loss_sum: float, bins: int) -> None:
-    """Add one batch (class probabilities (n, C), integer labels (n,)) into ``vec`` in place."""
-    n, c = probs.shape
-    pred = probs.argmax(1)
-    vec[0] += loss_sum
-    vec[1] += float((pred == labels).sum())
-    vec[2] += n
-    vec[3:3 + c] += np.bincount(labels[pred == labels], minlength=c)[:c]
-    vec[3 + c:3 + 2 * c] += np.bincount(labels, minlength=c)[:c]
-    b = np.clip((probs * bins).astype(np.int64), 0, bins - 1)  # (n, C) bin of each class score
-    pos = (labels[:, None] == np.arange(c)[None, :])
-    idx = np.arange(c)[None, :] * bins + b  # flat (class, bin)
-    hist = vec[3 + 2 * c:].reshape(2, c * bins)
-    hist[0] += np.bincount(idx[pos], minlength=c * bins)
-    hist[1] += np.bincount(idx[~pos], minlength=c * bins)
-
-
 def binned_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     """ROC AUC from score histograms (ascending bins); ties within a bin count one half. NaN if a side is empty."""
     p, q = float(pos.sum()), float(neg.sum())

@@ -121,12 +121,6 @@ class Topology:
     def names(self) -> List[str]:
         return [s.name for s in self.sites]
 
-    def site_by_name(self, name: str) -> Site:
-        for s in self.sites:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
     def slot_sites(self, slot: Slot) -> Tuple[Site, ...]:
         return tuple(self.sites[i] for i in slot.sites)
 

@@ -119,12 +119,32 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
                   launcher: Optional[str] = None) -> str:
     """The sbatch script (text) for a config; raises ConfigError if the request cannot fit."""
     c = cfg.cluster
-    shape = cluster_shape(cfg)
     launcher = launcher or c.launcher
     slots = cluster_slots(cfg)
     places = cluster_places(cfg, slot_groups(cfg, slots))
-    per_node = ranks_per_node(places, c.nodes)
     n = len(places)
+    lines = _sbatch_header(cfg, config_path, overrides, launcher, slots, ranks_per_node(places, c.nodes), n)
+    lines += ["", "set -euo pipefail"]
+    lines += [f"module load {m}" for m in c.modules]
+    lines += list(c.setup)
+    lines += [
+        "export OMP_NUM_THREADS=1  # ranks set their torch threads to their cores",
+        'nodes="$(mktemp)"; placement="$(mktemp)"; trap \'rm -f "$nodes" "$placement"\' EXIT',
+        'scontrol show hostnames "$SLURM_JOB_NODELIST" > "$nodes"',
+    ]
+    lines += _launch_lines(cfg, config_path, overrides, launcher, n)
+    if c.signal_s:
+        launch = lines.pop() + " &"
+        trap, rest = _graceful_stop(f"{cfg.run.root}/{cfg.run.name}", c.requeue)
+        lines += [trap, launch, *rest]
+    return "\n".join(lines) + "\n"
+
+
+def _sbatch_header(cfg: Config, config_path: str, overrides: Sequence[str], launcher: str, slots,
+                   per_node: List[int], n: int) -> List[str]:
+    """The comment that says what the script runs, and its #SBATCH lines (``n`` ranks)."""
+    c = cfg.cluster
+    shape = cluster_shape(cfg)
     name = cfg.run.name
     lines = [
         "#!/bin/bash",
@@ -154,43 +174,36 @@ def render_sbatch(cfg: Config, config_path: str, overrides: Sequence[str] = (),
         lines.append("#SBATCH --requeue  # a requeued job resumes after its last complete round")
     if c.signal_s:
         lines.append(f"#SBATCH --signal=B:USR1@{c.signal_s}  # warning before the time limit: checkpoint, then requeue")
-    lines += ["", "set -euo pipefail"]
-    lines += [f"module load {m}" for m in c.modules]
-    lines += list(c.setup)
+    return lines
+
+
+def _launch_lines(cfg: Config, config_path: str, overrides: Sequence[str], launcher: str, n: int) -> List[str]:
+    """Where each rank goes (``hpcfl placement``), then the launcher's command; the last line starts the ranks."""
+    c = cfg.cluster
     cfg_args = [config_path, *[a for o in overrides for a in ("--set", o)]]
-    lines += [
-        "export OMP_NUM_THREADS=1  # ranks set their torch threads to their cores",
-        'nodes="$(mktemp)"; placement="$(mktemp)"; trap \'rm -f "$nodes" "$placement"\' EXIT',
-        'scontrol show hostnames "$SLURM_JOB_NODELIST" > "$nodes"',
-    ]
     run = rank_command(cfg, config_path, overrides)
-    run_dir = f"{cfg.run.root}/{name}"
     where = lambda fmt: hpcfl_command(cfg, ["placement", *cfg_args, "--nodes-file"]) + f' "$nodes" --format {fmt} > "$placement"'
     if launcher == "srun":
-        lines += [
+        return [
             where("hostfile"),
             'export SLURM_HOSTFILE="$placement"  # one line per rank: the node of its place',
             _q(["srun", f"--mpi={c.srun_mpi}", f"--ntasks={n}", "--distribution=arbitrary", "--cpu-bind=none",
-                *(["--gpu-bind=none"] if shape.gpus_per_node else []), "--kill-on-bad-exit=1"]) + " \\\n    " + run,
+                *(["--gpu-bind=none"] if cluster_shape(cfg).gpus_per_node else []), "--kill-on-bad-exit=1"])
+            + " \\\n    " + run,
         ]
-    elif launcher == "mpirun":
-        lines += [
+    if launcher == "mpirun":
+        return [
             where("rankfile"),
             _q(["mpirun", "-np", str(n), "--report-bindings", *(["--oversubscribe"] if c.oversubscribe else []),
                 "-x", "OMP_NUM_THREADS"])
             + ' --rankfile "$placement" \\\n    ' + run,
         ]
-    else:  # horovodrun: hosts and slot counts from the placement; ranks pin themselves
-        lines += [
-            where("hosts"),
-            _q(["horovodrun", "-np", str(n), "--mpi"]) + ' -H "$(cat "$placement")" \\\n    '
-            + _q(["--binding-args=--bind-to none"]) + " " + run,
-        ]
-    if c.signal_s:
-        launch = lines.pop() + " &"
-        trap, rest = _graceful_stop(run_dir, c.requeue)
-        lines += [trap, launch, *rest]
-    return "\n".join(lines) + "\n"
+    # horovodrun: hosts and slot counts from the placement; ranks pin themselves
+    return [
+        where("hosts"),
+        _q(["horovodrun", "-np", str(n), "--mpi"]) + ' -H "$(cat "$placement")" \\\n    '
+        + _q(["--binding-args=--bind-to none"]) + " " + run,
+    ]
 
 
 def _graceful_stop(run_dir: str, requeue: bool):

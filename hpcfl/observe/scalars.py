@@ -17,7 +17,7 @@ TensorBoard overlays series of one tag, so each site is its own series
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 # Fields that say where a record belongs, not what was measured.
 IDENTITY = ("kind", "round", "site", "split", "model", "status")
@@ -62,15 +62,6 @@ def record_scalars(rec: Dict[str, Any]) -> List[Scalar]:
             out.append((site_series(rec["site"]), "participation", 1.0 if rec["status"] == "returned" else 0.0))
         return out
     return [("", tag, v) for tag, v in flatten(fields, str(kind) if kind else "")]
-
-
-def rounds_scalars(records: Iterable[Dict[str, Any]]) -> List[Tuple[int, Scalar]]:
-    """(step, scalar) for every record that has a round."""
-    out: List[Tuple[int, Scalar]] = []
-    for rec in records:
-        if "round" in rec:
-            out.extend((int(rec["round"]), s) for s in record_scalars(rec))
-    return out
 
 
 def cross_site_scalars(doc: Dict[str, Any]) -> List[Scalar]:

@@ -67,26 +67,3 @@ class TensorBoardWriter:
         for w in self._writers.values():
             w.close()
         self._writers.clear()
-
-
-def read_scalars(logdir: Path) -> Dict[tuple, Dict[int, float]]:
-    """{(series, tag): {step: value}} read back with TensorBoard's EventAccumulator, as TensorBoard shows them.
-
-    A step seen twice (a resumed run's rounds that were not purged) raises ValueError: TensorBoard would
-    draw both values."""
-    require("tensorboard", INSTALL)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    logdir = Path(logdir)
-    out: Dict[tuple, Dict[int, float]] = {}
-    dirs = sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
-    for d in dirs:
-        series = "" if d == logdir else d.relative_to(logdir).as_posix()
-        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            events = acc.Scalars(tag)
-            out[(series, tag)] = {e.step: e.value for e in events}
-            if len(out[(series, tag)]) != len(events):
-                raise ValueError(f"{d}: {tag}: a step written twice: {[e.step for e in events]}")
-    return out

@@ -65,11 +65,6 @@ class SiteGroup(ABC):
     def allreduce_sum_(self, tensor: Any) -> None:
         """In place: the elementwise sum over the group's ranks."""
 
-    def allreduce_mean_(self, tensor: Any) -> None:
-        self.allreduce_sum_(tensor)
-        if self.size > 1:
-            tensor.div_(self.size)
-
     @abstractmethod
     def allgather(self, tensor: Any) -> Any:
         """Concatenate every rank's tensor along dim 0 (first dims may differ), in rank order."""

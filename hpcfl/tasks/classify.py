@@ -2,8 +2,8 @@
 
 Evaluation accumulates hpcfl.metrics' vector of SUMS on the device (loss,
 correct, per-class counts, per-class score histograms); it crosses to the
-host once per evaluation. The histogram binning is the NumPy one of
-:func:`hpcfl.metrics.accumulate`, so the numbers are the same.
+host once per evaluation. The histogram binning is that of the NumPy reference
+(``accumulate_metrics`` in tests/reference_impl.py), so the numbers are the same.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def num_classes_of(size: int, bins: int) -> int:
 
 
 def accumulate(vec: Any, logits: Any, labels: Any, num_classes: int, bins: int) -> None:
-    """Add one batch into the sums vector ``vec`` (float64, on the device), as hpcfl.metrics.accumulate does."""
+    """Add one batch into the sums vector ``vec`` (float64, on the device), as the NumPy reference in tests does."""
     import torch
     import torch.nn.functional as F
 

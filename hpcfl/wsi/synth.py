@@ -332,8 +332,16 @@ def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: 
     dist = _tissue_field(rng, hl, wl)
     soft = _class_regions(rng, dist, required, pool, fill)
     labels = np.where(dist > 0, np.argmax(soft, axis=0) + 1, MASK_BACKGROUND).astype(np.uint8)
+    stain = _slide_stain(rng, stain_shift)
+    hem, eos = _ground_substance(rng, soft, (h, w))
+    fibre_dir = _texture(rng, labels, soft, eos, (h, w))
+    hem += _stamp((h, w), _nuclei(rng, labels, fibre_dir, (h, w)))
+    rgb = _to_rgb(rng, hem, eos, dist, stain, (h, w))
+    return rgb, _class_mask(dist, soft, mask_downsample, (h, w))
 
-    # Per-slide stain: vectors and strengths drift between "hospitals"; glass tone too.
+
+def _slide_stain(rng: np.random.Generator, stain_shift) -> tuple:
+    """Per-slide stain: vectors and strengths drift between "hospitals"; glass tone too."""
     v_h = _unit(_H_VECTOR + rng.normal(0, 0.07, 3).clip(-0.15, 0.15))
     v_e = _unit(_E_VECTOR + rng.normal(0, 0.07, 3).clip(-0.15, 0.15))
     s_h, s_e = np.exp(rng.normal(0, 0.28, 2).clip(-0.6, 0.6))
@@ -341,8 +349,13 @@ def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: 
     if stain_shift is not None:
         v_h, v_e = _unit(v_h + stain_shift[0]), _unit(v_e + stain_shift[1])
         s_h, s_e = s_h * stain_shift[2], s_e * stain_shift[2]
+    return v_h, v_e, s_h, s_e, glass
 
-    # Ground substance on the coarse grid, with slow variation in each stain.
+
+def _ground_substance(rng: np.random.Generator, soft: np.ndarray, shape: Tuple[int, int]) -> tuple:
+    """Haematoxylin and eosin of the ground substance, on the coarse grid with slow variation in each stain."""
+    h, w = shape
+    hl, wl = soft.shape[1:]
     c_h = np.zeros((hl, wl), np.float32)
     c_e = np.zeros((hl, wl), np.float32)
     for c, (bh, be) in _BASE_STAIN.items():
@@ -351,10 +364,16 @@ def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: 
     side = max(hl, wl)
     c_h *= 1 + 0.15 * _smooth_noise(rng, (hl, wl), side / 16)
     c_e *= 1 + 0.12 * _smooth_noise(rng, (hl, wl), side / 16)
-    hem = _upsample(c_h, _GRID, (h, w))
-    eos = _upsample(c_e, _GRID, (h, w))
+    return _upsample(c_h, _GRID, (h, w)), _upsample(c_e, _GRID, (h, w))
 
-    # Fine granularity everywhere (strong in necrosis): noise at half resolution, upsampled.
+
+def _texture(rng: np.random.Generator, labels: np.ndarray, soft: np.ndarray, eos: np.ndarray,
+             shape: Tuple[int, int]) -> tuple | None:
+    """Fine granularity everywhere (strong in necrosis) and stroma's collagen, added to ``eos`` in place;
+    returns the direction across the fibres (None without stroma)."""
+    h, w = shape
+    hl, wl = soft.shape[1:]
+    # noise at half resolution, upsampled
     grain = _upsample(rng.standard_normal((-(-h // 2), -(-w // 2))).astype(np.float32), 2, (h, w))
     eos *= 1 + 0.08 * grain
     fibre_dir = None
@@ -374,8 +393,13 @@ def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: 
         fib = np.take(profile, across.astype(np.int32), mode="wrap")
         eos += _upsample(0.32 * soft[_STROMA], _GRID, (h, w)) * fib
         fibre_dir = (np.sin(th) + amp * gwy / _GRID, np.cos(th) + amp * gwx / _GRID)  # gradient of `across`
+    return fibre_dir
 
-    # Nuclei: positions per class region, shapes from this slide's sprite banks.
+
+def _nuclei(rng: np.random.Generator, labels: np.ndarray, fibre_dir: tuple | None,
+            shape: Tuple[int, int]) -> list:
+    """Nuclei: positions per class region, shapes from this slide's sprite banks (groups for :func:`_stamp`)."""
+    h, w = shape
     banks = _sprite_banks(rng)
     groups = []
     ly, lx = _place(rng, labels, _LYMPH, (h, w), rng.uniform(15.5, 18.0), 0.3, 0.93)
@@ -392,10 +416,15 @@ def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: 
     groups.append((fy, fx, rng.integers(len(banks["fragment"]), size=fy.size), banks["fragment"]))
     gy, gx = _place(rng, labels, _NECROSIS, (h, w), 48.0, 0.5, 0.7)
     groups.append((gy, gx, rng.integers(len(banks["ghost"]), size=gy.size), banks["ghost"]))
-    hem += _stamp((h, w), groups)
+    return groups
 
-    # Tissue edge anti-aliased over ~2 px; Beer-Lambert to RGB plus a little sensor noise. Done in
-    # row blocks that stay in cache: ~4x faster than whole-image passes.
+
+def _to_rgb(rng: np.random.Generator, hem: np.ndarray, eos: np.ndarray, dist: np.ndarray, stain: tuple,
+            shape: Tuple[int, int]) -> np.ndarray:
+    """Tissue edge anti-aliased over ~2 px; Beer-Lambert to RGB plus a little sensor noise. Done in
+    row blocks that stay in cache: ~4x faster than whole-image passes."""
+    h, w = shape
+    v_h, v_e, s_h, s_e, glass = stain
     tissue = np.clip(0.5 + 0.5 * _upsample(dist, _GRID, (h, w)), 0, 1)
     noise = rng.integers(-3, 4, size=(h, w), dtype=np.int8)
     absorb_h, absorb_e = (-s_h * v_h).astype(np.float32), (-s_e * v_e).astype(np.float32)
@@ -415,15 +444,18 @@ def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: 
             od += noise[rows]
             np.clip(od, 0, 255, out=od)
             rgb[rows, :, ch] = od
+    return rgb
 
-    md = mask_downsample
+
+def _class_mask(dist: np.ndarray, soft: np.ndarray, md: int, shape: Tuple[int, int]) -> np.ndarray:
+    """The class of each mask pixel (1/md of the slide), sampled at its centre."""
+    h, w = shape
     centres_y = np.arange(-(-h // md)) * md + (md - 1) / 2
     centres_x = np.arange(-(-w // md)) * md + (md - 1) / 2
     in_tissue = _sample(dist, _GRID, np.minimum(centres_y, h - 1), np.minimum(centres_x, w - 1)) > 0
     cls = np.argmax(np.stack([_sample(s, _GRID, np.minimum(centres_y, h - 1), np.minimum(centres_x, w - 1))
                               for s in soft]), axis=0)
-    mask = np.where(in_tissue, cls + 1, MASK_BACKGROUND).astype(np.uint8)
-    return rgb, mask
+    return np.where(in_tissue, cls + 1, MASK_BACKGROUND).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------- slide sets

