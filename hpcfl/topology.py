@@ -143,12 +143,15 @@ def expected_layout(sites: Sequence[Tuple[str, int]], slots: Optional[int] = Non
 
 # -- slots -------------------------------------------------------------------------------------------
 
-def _groups(sizes: Sequence[int]) -> Dict[int, List[int]]:
+def sites_by_rank_count(sizes: Sequence[int]) -> Dict[int, List[int]]:
     """Site indices by rank count, in order of first appearance."""
     out: Dict[int, List[int]] = {}
     for i, r in enumerate(sizes):
         out.setdefault(int(r), []).append(i)
     return out
+
+
+_groups = sites_by_rank_count  # the name other branches may still use
 
 
 def assign_slots(sizes: Sequence[int], n_slots: int) -> List[Tuple[int, ...]]:
@@ -160,7 +163,7 @@ def assign_slots(sizes: Sequence[int], n_slots: int) -> List[Tuple[int, ...]]:
     contiguous runs of near-equal length. Slots are ordered by their first site.
     """
     k = len(sizes)
-    groups = _groups(sizes)
+    groups = sites_by_rank_count(sizes)
     if not 1 <= len(groups) <= n_slots <= k:
         raise TopologyError(f"launch.slots: {n_slots} slots cannot simulate {k} sites with "
                             f"{len(groups)} different rank count(s); choose between {len(groups)} and {k}")
@@ -195,7 +198,7 @@ def auto_slots(sizes: Sequence[int], capacity: int) -> int:
     """Default number of slots: one per site when ``capacity`` (cores or GPUs for site ranks) holds
     every site's ranks, else as many as fit (at least one per rank count)."""
     k = len(sizes)
-    lo = len(_groups(sizes))
+    lo = len(sites_by_rank_count(sizes))
     if sum(sizes) <= capacity:
         return k
     best = lo
@@ -209,7 +212,7 @@ def auto_slots(sizes: Sequence[int], capacity: int) -> int:
 
 def slots_for_world(sizes: Sequence[int], world_size: int) -> int:
     """The number of slots a job of ``world_size`` ranks runs (world size grows strictly with slots)."""
-    lo, k = len(_groups(sizes)), len(sizes)
+    lo, k = len(sites_by_rank_count(sizes)), len(sizes)
     a, b = lo, k  # binary search: each try costs O(K), and 10,000 sites would make a linear scan O(K^2)
     while a <= b:
         s = (a + b) // 2

@@ -38,7 +38,7 @@ def cluster_slots(cfg: Config) -> int:
     """``launch.slots``, or one slot per site where the cluster section has a place (a core share or a GPU)
     for every site rank, else the most slots that fit (placement is monotonic in the number of ranks)."""
     from ..errors import ConfigError
-    from ..topology import _groups
+    from ..topology import sites_by_rank_count
 
     k = len(cfg.sites)
     if cfg.launch.slots:
@@ -51,7 +51,7 @@ def cluster_slots(cfg: Config) -> int:
         except ConfigError:
             return False
 
-    lo, hi = len(_groups([s.ranks for s in cfg.sites])), k
+    lo, hi = len(sites_by_rank_count([s.ranks for s in cfg.sites])), k
     if fits(hi):
         return hi
     if not fits(lo):

@@ -303,7 +303,7 @@ def draw_figures(runs: Sequence[RunData]) -> Dict[Tuple[str, int], Optional[byte
     try:
         workers = min(len(jobs), len(os.sched_getaffinity(0)), 4)
         if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            plots._plt()  # imported once, before the fork
+            plots.pyplot()  # imported once, before the fork
             try:
                 ctx = multiprocessing.get_context("fork")
                 with ProcessPoolExecutor(workers, mp_context=ctx) as pool:

@@ -24,7 +24,8 @@ LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use."""
     require("matplotlib", "pip install matplotlib")
     import matplotlib
 
@@ -37,7 +38,7 @@ def _plt():
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -69,7 +70,7 @@ def accuracy_loss(run: RunData) -> Optional[bytes]:
     rounds = run.rounds()
     if not rounds:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     metric = site_metric(run)
     for ax, key, fed_key, label in ((axes[0], metric, f"val_{metric}", f"validation {metric.replace('_', ' ')}"),
@@ -119,7 +120,7 @@ def time_breakdown(run: RunData) -> Optional[bytes]:
     rounds = [r for r in run.rounds() if isinstance(r.get("time"), dict)]
     if not rounds:
         return None
-    plt = _plt()
+    plt = pyplot()
     labels = dict(STACK)
     xs, keys, values = time_stack(rounds)
     fig, ax = plt.subplots(figsize=(11, 4))
@@ -146,7 +147,7 @@ def participation(run: RunData) -> Optional[bytes]:
     rounds = sorted({int(r["round"]) for r in recs if isinstance(r.get("round"), int)})
     if not recs or not sites or not rounds:
         return None
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -190,7 +191,7 @@ def cross_site(run: RunData, metric: str = "") -> Optional[bytes]:
     models = doc.get("models") or {}
     if not models:
         return None
-    plt = _plt()
+    plt = pyplot()
     rows = list(models)
     cols = sorted({s for m in models.values() for s in (m or {})}, key=lambda s: (run.sites() + [s]).index(s))
     grid = [[_num(((models[m] or {}).get(c) or {}).get(metric)) for c in cols] for m in rows]
@@ -217,7 +218,7 @@ def dp_epsilon(run: RunData) -> Optional[bytes]:
     xs, ys = _series(rounds, "dp_epsilon")
     if not xs:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(xs, ys, "-o", ms=3, color="#9467bd")
     delta = next((r.get("dp_delta") for r in rounds if r.get("dp_delta") is not None), None)
@@ -249,7 +250,7 @@ def other_round_metrics(run: RunData, limit: int = 24) -> Optional[bytes]:
     keys = varying_round_metrics(rounds)[:limit]
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     ncol = min(4, len(keys))
     nrow = math.ceil(len(keys) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.2 * nrow), squeeze=False)
@@ -278,7 +279,7 @@ def compare_runs(runs: Sequence[RunData]) -> Optional[bytes]:
     """Several runs overlaid: the federation's validation accuracy and loss (solid), locally tuned (dashed)."""
     if len(runs) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for i, run in enumerate(runs):
         rounds = run.rounds()

@@ -391,7 +391,7 @@ class Aggregator:
 
 def best_metric(cfg: Config, task) -> str:
     """``eval.best_metric`` as a summary key: ``val_<metric of the task>``; ``auto`` = the first headline metric."""
-    from ..config import _suggest
+    from ..config import suggest as _suggest
     from ..errors import ConfigError
 
     want = cfg.eval.best_metric
