@@ -23,7 +23,7 @@ serialize them before the next ``finalize``.
 from __future__ import annotations
 
 from abc import ABC
-from typing import Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 import numpy as np
 
@@ -58,6 +58,16 @@ class Strategy(ABC):
     def select(self, num_samples: np.ndarray) -> np.ndarray:
         """Boolean mask (K,) of the sites kept this round (``select`` kind only)."""
         raise NotImplementedError(f"{self.name} is a {self.kind!r}-kind rule; select is for 'select'")
+
+    def on_sum(self, acc: np.ndarray, back: np.ndarray, rows: Mapping[int, Any]) -> Dict[str, Any]:
+        """Called by a mean-taking kind with the received sum of weighted updates, before it becomes a mean
+        (``back``: the sites whose updates count; ``rows``: their TrainRows). Privacy wrappers act here
+        (DP noise); returns what the round's record says about it."""
+        return {}
+
+    def upload_clip(self) -> float:
+        """The L2 norm sites clip their update to this round (0: no clipping)."""
+        return 0.0
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Everything needed for an exact resume; empty for stateless rules."""

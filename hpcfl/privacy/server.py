@@ -8,7 +8,7 @@ steps the RDP accountant. Everything else is the wrapped strategy's.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
@@ -61,6 +61,14 @@ class DifferentialPrivacy(Strategy):
     # -- DP ----------------------------------------------------------------------------------------------
     def upload_weight(self, num_train: int) -> float:
         return 1.0  # every site counts once: its influence is bounded by the clip norm
+
+    def upload_clip(self) -> float:
+        return self.clip
+
+    def on_sum(self, acc: np.ndarray, back: np.ndarray, rows: Mapping[int, Any]) -> Dict[str, Any]:
+        """The sum of clipped updates gets its noise; ``rows`` say which sites' updates were within the clip."""
+        unclipped = sum(1 for i in np.flatnonzero(back) if rows[i].unclipped)
+        return self.noise_sum_(acc, int(back.sum()), unclipped)
 
     def noise_sum_(self, acc: np.ndarray, num_sites: int, unclipped: int) -> Dict[str, Any]:
         """Noise on the sum of clipped updates; the next clip norm; the accountant's epsilon."""

@@ -14,20 +14,30 @@ that did not return, so rank 0 can remove masks that did not cancel.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..aggregation import fedavg
 from ..comm import reduce_sum_array
 from ..device import chunks
+from .kinds import Kind, mean_of_sum, register
 
 
-class MeanTransport:
-    kind = "mean"
+@register("mean")
+class MeanKind(Kind):
+    """Mean rules: each slot leader Reduces the sum of its sites' weighted updates; rank 0 divides by the
+    total weight. Built as :class:`SecureMeanKind` under ``privacy.secure_aggregation``."""
 
-    def __init__(self, size: int, chunk_mb: int):
-        self.size, self.chunk_mb = size, chunk_mb
+    @classmethod
+    def build(cls, cfg: Any, strategy: Any, size: int, topology: Any) -> "Kind":
+        sa = cfg.privacy.secure_aggregation
+        if sa is not None and cls is MeanKind:
+            return SecureMeanKind.build(cfg, strategy, size, topology)
+        return super().build(cfg, strategy, size, topology)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.acc: Optional[np.ndarray] = None  # slot leader: the sum of its sites' weighted updates
         self._tmp: Optional[np.ndarray] = None
         self._empty = True
@@ -47,7 +57,7 @@ class MeanTransport:
             self._tmp = np.empty_like(self.acc)
         self.acc += fedavg.contribution(update, weight, out=self._tmp)
 
-    def upload(self, fed: Any, back: np.ndarray) -> None:
+    def upload(self, fed: Any, back: np.ndarray, mine: Sequence[int] = ()) -> None:
         if self._empty:
             self.acc.fill(0.0)
         reduce_sum_array(fed, self.acc, None, chunk_mb=self.chunk_mb)
@@ -58,19 +68,25 @@ class MeanTransport:
         acc.fill(0.0)
         reduce_sum_array(fed, None, acc, chunk_mb=self.chunk_mb)
 
-    @staticmethod
-    def mean(acc: np.ndarray, total_weight: float) -> np.ndarray:
-        return fedavg.finalize(acc, total_weight, out=acc)
+    def aggregate(self, fed: Any, strategy: Any, back: np.ndarray, num_train: np.ndarray, acc: np.ndarray,
+                  rows: Dict[int, Any]) -> Dict[str, Any]:
+        self.receive_sum(fed, acc)
+        return mean_of_sum(strategy, acc, back, back, num_train, rows)
 
 
-class SecureMeanTransport(MeanTransport):
-    """The same sum as masked fixed-point integers (``privacy.secure_aggregation``)."""
+class SecureMeanKind(MeanKind):
+    """The same sum as masked fixed-point integers (``privacy.secure_aggregation``); the sites' keys are
+    set up once per launch (:class:`hpcfl.protocol.startup.KeysExchange`)."""
 
-    kind = "mean"
+    @classmethod
+    def build(cls, cfg: Any, strategy: Any, size: int, topology: Any) -> "Kind":
+        kind = super().build(cfg, strategy, size, topology)
+        kind.bits = cfg.privacy.secure_aggregation.frac_bits
+        return kind
 
-    def __init__(self, size: int, chunk_mb: int, frac_bits: int):
-        super().__init__(size, chunk_mb)
-        self.bits = frac_bits
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.bits = 0  # fractional bits, set by build
         self.keys: Dict[int, Any] = {}  # site -> Keypair (its secret never leaves this process)
         self.public: List[bytes] = []
         self.enc: Optional[np.ndarray] = None
@@ -80,25 +96,15 @@ class SecureMeanTransport(MeanTransport):
     def _steps(self) -> List[Tuple[int, int]]:
         return list(chunks(self.size, 8, self.chunk_mb))
 
-    # -- key set-up (once per launch): each site's public key, relayed by rank 0 ---------------------------
-    def slot_keys(self, fed: Any, sites: List[int], salt: Optional[bytes] = None) -> None:
+    # -- key set-up (once per launch: :class:`hpcfl.protocol.startup.KeysExchange`) ----------------------
+    def own_keys(self, sites: List[int], salt: Optional[bytes] = None) -> Dict[int, Any]:
         """Key pairs of ``sites``: fresh, or (``salt``: balanced slots, where any slot may train any site)
         derived from a secret all slot ranks share and rank 0 does not have."""
         from ..privacy.secagg import Keypair
 
         self.salt = salt
         self.keys = {s: self.key(s) if salt is not None else Keypair.generate() for s in sites}
-        fed.gather({s: k.public_bytes() for s, k in self.keys.items()}, root=0)
-        self.public = fed.bcast(None, root=0)
-
-    @staticmethod
-    def server_keys(fed: Any, k: int) -> None:
-        got = fed.gather(None, root=0)[1:]
-        public: List[Optional[bytes]] = [None] * k
-        for d in got:
-            for s, key in d.items():
-                public[s] = key
-        fed.bcast(public, root=0)
+        return self.keys
 
     # -- slot half ------------------------------------------------------------------------------------
     def begin_round(self, ctl: Any, r: int) -> None:
@@ -122,7 +128,7 @@ class SecureMeanTransport(MeanTransport):
             secagg.mask_(enc, ci, site, peers)
             np.add(self.enc[s:e], enc, out=self.enc[s:e])
 
-    def upload(self, fed: Any, back: np.ndarray) -> None:
+    def upload(self, fed: Any, back: np.ndarray, mine: Sequence[int] = ()) -> None:
         from mpi4py import MPI
 
         # A survivor reveals the seeds it shares with sites that did not return (SecAgg's recovery step).

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .message import Message
+
 
 @dataclass
 class Packed:
@@ -44,17 +46,16 @@ def unpack(p: Optional[Packed]) -> Optional[np.ndarray]:
 
 
 @dataclass
-class SiteInfo:
+class SiteInfo(Message):
     """Once per launch: what rank 0 needs to know about a site before round 1."""
 
     site: int
     num_train: int
     steps: int  # planned local steps per round (simulated time, stragglers)
-    eval_size: int  # length of the task's metric sums vector
 
 
 @dataclass
-class TrainRow:
+class TrainRow(Message):
     """A site's local training in one round, as its slot leader saw it."""
 
     site: int
@@ -76,7 +77,7 @@ class TrainRow:
 
 
 @dataclass
-class EvalRow:
+class EvalRow(Message):
     """The global model on a site's validation data, and where the slot's time went."""
 
     site: int
@@ -85,7 +86,7 @@ class EvalRow:
 
 
 @dataclass
-class SlotTimes:
+class SlotTimes(Message):
     """Per slot and round: the transfer phases, and the slot's total training time (its sites in turn)."""
 
     slot: int

@@ -11,7 +11,6 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import astuple
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,16 +18,15 @@ import numpy as np
 
 from ..aggregation import strategy_for
 from ..checkpoint import save_checkpoint, write_npz_atomic
-from ..comm import recv_array
 from ..config import Config, config_hash
-from ..errors import CheckpointError, RankFailure, TopologyError
-from ..model import Entry, layout_signature, same_state, state_views
+from ..errors import CheckpointError, RankFailure
+from ..model import layout_signature, state_views
 from ..participation import NONFINITE, NOT_SAMPLED, RETURNS, eval_sites, plan_round, sample_size
 from ..tasks import task_class
 from ..topology import balance
 from .control import Control, ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
 from .records import by_site, round_records, strict
-from .transports import make_transport
+from .kinds import make_kind
 
 log = logging.getLogger("hpcfl")
 # Set by the SIGUSR1 handler of rank 0 (runtime.py) or by a stop file: finish the round, checkpoint, exit.
@@ -44,29 +42,6 @@ def current_rss() -> int:
 
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class LayoutExchange:
-    """Leaders tell rank 0 how the model is flattened (all must agree); rank 0 never builds the model."""
-
-    @staticmethod
-    def server(fed: Any, topology) -> List[Entry]:
-        got = fed.gather(None, root=0)
-        sig0, entries = got[1]
-        bad = [i - 1 for i in range(2, len(got)) if got[i][0] != sig0]
-        verdict = (not bad, f"slot(s) {', '.join(map(str, bad))} built a different model than slot 0 "
-                            "(parameter names or shapes differ)")
-        fed.bcast(verdict, root=0)
-        if bad:
-            raise TopologyError(verdict[1])
-        return [Entry(n, tuple(sh), o, k) for n, sh, o, k in entries]
-
-    @staticmethod
-    def slot(fed: Any, flat_model) -> None:
-        fed.gather((flat_model.signature(), [tuple(astuple(e)) for e in flat_model.entries]), root=0)
-        ok, msg = fed.bcast(None, root=0)
-        if not ok:
-            raise TopologyError(msg)
 
 
 class Aggregator:
@@ -104,42 +79,34 @@ class Aggregator:
 
     @property
     def clip(self) -> float:
-        return self.dp.clip if self.dp is not None else 0.0
+        return self.strategy.upload_clip()
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _initial_model(self) -> None:
-        """The layout from the leaders; weights from the checkpoint, or slot 0's seeded init."""
-        fed = self.comms.federation
-        self.entries = LayoutExchange.server(fed, self.topology)
+        """The start-up exchanges (:mod:`hpcfl.protocol.startup`): the layout from the leaders, weights from the
+        checkpoint or slot 0's seeded init, every site's report, secure aggregation's keys."""
+        from .startup import ServerStart, run_server
+
+        restore = self.ckpt["model"] if self.ckpt is not None else None
+        start = run_server(ServerStart(self.comms.federation, self.cfg, self.k, restore, str(self.rundir.path)))
+        del restore
+        self.entries, self.weights = start.entries, start.weights
         self.signature = layout_signature(self.entries)
-        n = sum(e.numel for e in self.entries)
-        self.weights = np.empty(n, np.float32)
         ckpt = self.ckpt
         if ckpt is not None:
-            if not same_state(self.entries, ((k, v.shape) for k, v in ckpt["model"].items())):
-                raise CheckpointError(f"{self.rundir.path}: its checkpoint holds a different model than the sites build")
-            for name, view in state_views(self.weights, self.entries).items():
-                view[...] = ckpt["model"][name]
             try:
                 self.strategy.load_state_dict(ckpt.get("strategy", {}))
             except ValueError as exc:
                 raise CheckpointError(f"{self.rundir.path}: the checkpoint's {self.cfg.fl.strategy} state: {exc}") from None
             self.rng.bit_generator.state = ckpt["rng"]
             self.rng_state = ckpt["rng"]
-        fed.Bcast(np.array([ckpt is None], np.int8), root=0)
-        if ckpt is None:
-            recv_array(fed, self.weights, 1, self.cfg.launch.chunk_mb)  # slot 0 leader's seeded init
         self.acc = np.zeros_like(self.weights)  # the one extra model-sized buffer rank 0 needs
-        info = by_site(fed.gather(None, root=0)[1:], self.k)
+        info = start.sites
         self.num_train = np.array([info[i].num_train for i in range(self.k)], np.float64)
         self.steps = np.array([info[i].steps for i in range(self.k)], np.int64)
-        self.eval_size = int(info[0].eval_size)
-        del info
         batch = np.array([s.overrides.batch_size or self.cfg.train.batch_size for s in self.cfg.sites], np.float64)
         self.work = self.steps * batch  # a site's samples per round: what balanced slots are dealt by
-        self.transport = make_transport(self.cfg, self.strategy, n, self.topology)
-        if self.cfg.privacy.secure_aggregation is not None:  # relay public keys; rank 0 never sees a secret
-            self.transport.server_keys(fed, self.k)
+        self.kind = make_kind(self.cfg, self.strategy, self.weights.size, self.topology)
 
     # -- the per-round plan ---------------------------------------------------------------------------
     def stop_requested(self) -> bool:
@@ -176,21 +143,7 @@ class Aggregator:
     # -- aggregation ----------------------------------------------------------------------------------
     def _aggregate(self, r: int, back: np.ndarray, train) -> Dict[str, Any]:
         """Update self.weights from the uploads; returns what the round record says about it."""
-        fed, t, kind = self.comms.federation, self.transport, self.strategy.kind
-        info: Dict[str, Any] = {}
-        if kind == "coordinate":
-            t.receive(fed, self.strategy, back, self.num_train, self.acc)
-        else:
-            keep = back
-            if kind == "select":
-                keep = t.select(fed, self.strategy, back, self.num_train)
-                info["krum_kept"] = [self.names[i] for i in np.flatnonzero(keep)]
-            t.receive_sum(fed, self.acc)
-            if self.dp is not None:
-                unclipped = sum(1 for i in np.flatnonzero(back) if train[i].unclipped)
-                info.update(self.dp.noise_sum_(self.acc, int(back.sum()), unclipped))
-            total = float(sum(self.strategy.upload_weight(self.num_train[i]) for i in np.flatnonzero(keep)))
-            t.mean(self.acc, total)
+        info = self.kind.aggregate(self.comms.federation, self.strategy, back, self.num_train, self.acc, train)
         self.strategy.finalize(self.acc, self.weights, r)
         return info
 
@@ -283,7 +236,7 @@ class Aggregator:
         slots = [g[0] for g in gathered]
         t4 = time.perf_counter()
         self.rng_state = self.rng.bit_generator.state  # what round r+1 resumes from: before its plan is drawn
-        nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control(self.k, balanced=cfg.launch.assign == "balanced")  # slots start round r+1 now
+        nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control.idle(self.k, cfg.launch.assign == "balanced")  # slots start round r+1 now
         server = {"wait_upload_s": t1 - t0, "aggregate_s": t2 - t1, "send_s": t3 - t2, "wait_eval_s": t4 - t3}
         codes = plan.codes.copy()
         codes[[i for i in np.flatnonzero((codes == RETURNS) & ~back) if not train[i].finite]] = NONFINITE
@@ -458,4 +411,4 @@ def _leak(mb: int) -> list:
     return held
 
 
-__all__ = ["Aggregator", "LayoutExchange", "request_stop", "maybe_fail", "maybe_hold"]
+__all__ = ["Aggregator", "request_stop", "maybe_fail", "maybe_hold"]

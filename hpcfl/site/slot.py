@@ -21,14 +21,13 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ..atomic import write_atomic
-from ..comm import send_array
 from ..errors import CheckpointError
 from ..participation import NOT_SAMPLED, cross_site_sites, eval_sites
 from ..privacy.filters import filter_update, is_finite, upload_filters
 from ..protocol.control import ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
 from ..protocol.records import EvalRow, Packed, SiteInfo, SlotTimes, TrainRow
-from ..protocol.server import LayoutExchange, maybe_fail
-from ..protocol.transports import make_transport
+from ..protocol.server import maybe_fail
+from ..protocol.kinds import make_kind
 from ..rundir import RunPaths
 from .data import SiteRank
 from .trainer import SiteSettings
@@ -111,7 +110,7 @@ class SlotWorker:
         lead = role.is_leader
         self.global_host = (self.global_.numpy() if model.array is not None else np.empty(n, np.float32)) if lead else None
         self.scratch = np.empty(n, np.float32) if lead else None
-        self.transport = make_transport(cfg, self._strategy_kind(), n, topology) if lead else None
+        self.kind = make_kind(cfg, self.strategy, n, topology) if lead else None  # the aggregation kind's slot half
         self.mine = [s.index for s in self.sites]
         self.mine_idx = np.asarray(self.mine, np.int64)
         self.balanced = cfg.launch.assign == "balanced"
@@ -122,9 +121,6 @@ class SlotWorker:
             raise ConfigError(f"launch.assign: balanced: task {cfg.task!r} keeps entries per site "
                               f"({len(self.private_slices)} slice(s) it does not exchange), which would stay in one "
                               "slot; use launch.assign: static")
-
-    def _strategy_kind(self):
-        return self.strategy
 
     @property
     def fed(self):
@@ -191,17 +187,14 @@ class SlotWorker:
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _setup(self) -> None:
+        """The slots' halves of the start-up exchanges (:mod:`hpcfl.protocol.startup`), then the first model."""
+        from ..protocol.startup import SlotStart, run_slot
+
         tr, fed = self.trainer, self.fed
         salt = self._key_salt() if self.cfg.privacy.secure_aggregation is not None else None  # every slot rank
         if fed is not None:
-            LayoutExchange.slot(fed, tr.model)
-            fresh = np.zeros(1, np.int8)
-            fed.Bcast(fresh, root=0)
-            if fresh[0] and self.role.slot.index == 0:  # the seeded initial weights (the same in every slot)
-                send_array(fed, self.host_model(self.scratch), 0, self.cfg.launch.chunk_mb)
-            fed.gather([self._info(s) for s in self.sites], root=0)
-            if self.cfg.privacy.secure_aggregation is not None:
-                self.transport.slot_keys(fed, self.mine, salt)
+            run_slot(SlotStart(fed, self.cfg, self.role.slot.index, tr.model, lambda: self.host_model(self.scratch),
+                               lambda: [self._info(s) for s in self.sites], self.kind, self.mine, salt))
         ModelExchange.slot(fed, self.stager, tr.model.flat, tr.backend)
         self.global_.copy_(tr.model.flat)
         if self.private_slices:  # every site starts from the seeded model's private entries (or its saved ones)
@@ -222,8 +215,7 @@ class SlotWorker:
 
     def _info(self, site) -> SiteInfo:
         st = self.states[site]
-        return SiteInfo(site.index, st.data.num_train, self.trainer.planned_steps(st.settings, st.data),
-                        self.trainer.eval_size)
+        return SiteInfo(site.index, st.data.num_train, self.trainer.planned_steps(st.settings, st.data))
 
     # -- one site's local round ------------------------------------------------------------------------
     def _train_site(self, site, r: int, ctl) -> TrainRow:
@@ -267,7 +259,7 @@ class SlotWorker:
             return
         info = filter_update(self.filters, d, ctl.clip)
         row.update_norm, row.unclipped = info.norm, not info.clipped
-        self.transport.add_site(site.index, d, self.strategy.upload_weight(row.num_train))
+        self.kind.add_site(site.index, d, self.strategy.upload_weight(row.num_train))
         if self.cfg.debug.save_local_weights and self.cfg.privacy.secure_aggregation is not None:
             self._save_masked(row, site)
 
@@ -275,7 +267,7 @@ class SlotWorker:
         """Debug: what rank 0 would receive if this site were alone in its slot (its masked encoding, chunk 0)."""
         from ..privacy import secagg
 
-        t = self.transport
+        t = self.kind
         peers = t.pairs.get(site.index, {})
         n = min(self.trainer.model.numel, max(1, (self.cfg.launch.chunk_mb << 20) // 8))
         w = self.strategy.upload_weight(row.num_train)
@@ -332,8 +324,8 @@ class SlotWorker:
             if ctl.stop:
                 break
             maybe_fail(cfg, role.rank, r)
-            if self.transport is not None:
-                self.transport.begin_round(ctl, r)
+            if self.kind is not None:
+                self.kind.begin_round(ctl, r)
             times = SlotTimes(slot=role.slot.index)
             rows = self._train_sites(r, ctl, times)
             t0 = time.perf_counter()
@@ -342,7 +334,7 @@ class SlotWorker:
                 RowsExchange.slot(self.fed, rows)
                 back = ParticipationExchange.slot(self.fed, self.k)
                 if ctl.aggregate and back.any():
-                    self._upload(back)
+                    self.kind.upload(self.fed, back, self.mine)
             t1 = time.perf_counter()
             self._phase("receive global model", r)
             times.recv_s, times.site_bcast_s = ModelExchange.slot(self.fed, self.stager, tr.model.flat, tr.backend)
@@ -416,10 +408,3 @@ class SlotWorker:
             times.eval_s += dt
             evals.append(EvalRow(site.index, Packed.of(vec), dt))
         return evals
-
-    def _upload(self, back: np.ndarray) -> None:
-        t = self.transport
-        if t.kind == "mean":
-            t.upload(self.fed, back)
-        else:
-            t.upload(self.fed, back, self.mine)
