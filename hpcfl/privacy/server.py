@@ -89,13 +89,15 @@ class DifferentialPrivacy(Strategy):
             out["dp_epsilon"] = float("inf")
         return out
 
-    def dp_state(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"clip_norm": self.clip}
+    def get_extra_state(self) -> Dict[str, Any]:
+        """The clip norm (adaptive clipping moves it) and the accountant's ledger, for the checkpoint."""
+        out: Dict[str, Any] = {**self.inner.get_extra_state(), "clip_norm": self.clip}
         if self.accountant is not None:
             out["accountant"] = self.accountant.state_dict()
         return out
 
-    def load_dp_state(self, state: Dict[str, Any]) -> None:
+    def set_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.set_extra_state(state)
         self.clip = float(state.get("clip_norm", self.dp.clip_norm))
         if self.accountant is not None and "accountant" in state:
             self.accountant.load_state_dict(state["accountant"])

@@ -87,6 +87,8 @@ class SecureMeanKind(MeanKind):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.bits = 0  # fractional bits, set by build
+        self.ctl: Any = None  # the round's plan (hpcfl.protocol.control.Control)
+        self.round = 0
         self.keys: Dict[int, Any] = {}  # site -> Keypair (its secret never leaves this process)
         self.public: List[bytes] = []
         self.enc: Optional[np.ndarray] = None
@@ -148,6 +150,16 @@ class SecureMeanKind(MeanKind):
         import hashlib
 
         return Keypair.from_private_bytes(hashlib.sha256(self.salt + int(site).to_bytes(8, "little")).digest())
+
+    def masked_first_chunk(self, site: int, update: np.ndarray, weight: float) -> np.ndarray:
+        """Debug: the masked encoding of chunk 0 of ``site``'s update, as :meth:`add_site` masked it."""
+        from ..privacy import secagg
+
+        s, e = self._steps()[0]
+        x = update[s:e] * np.float32(weight) if weight != 1.0 else update[s:e]
+        enc = secagg.encode(x, self.bits, num_sites=max(1, int(self.ctl.returns().sum())))
+        secagg.mask_(enc, 0, site, self.pairs.get(site, {}))
+        return enc
 
     def masked_upload(self) -> np.ndarray:
         """What rank 0 receives from this slot (for the test that uploads look random)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..comm import recv_array, send_array
 from ..errors import CheckpointError, TopologyError
-from ..model import Entry, layout_signature, same_state, state_views
+from ..model import Entry, same_state, state_views
 from .message import Message
 from .records import SiteInfo, by_site
 

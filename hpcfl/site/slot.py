@@ -25,9 +25,9 @@ from ..errors import CheckpointError
 from ..participation import NOT_SAMPLED, cross_site_sites, eval_sites
 from ..privacy.filters import filter_update, is_finite, upload_filters
 from ..protocol.control import ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
+from ..protocol.kinds import make_kind
 from ..protocol.records import EvalRow, Packed, SiteInfo, SlotTimes, TrainRow
 from ..protocol.server import maybe_fail
-from ..protocol.kinds import make_kind
 from ..rundir import RunPaths
 from .data import SiteRank
 from .trainer import SiteSettings
@@ -88,6 +88,62 @@ def private_names(cfg, task, entries) -> List[str]:
     return keep
 
 
+class PrivateEntries:
+    """Each site's private entries (``privacy.exclude_vars``, and what its task does not exchange): one vector
+    per site that ever trained, on the device. The slots' one state across rounds: saved with every round, one
+    file per site (``RunPaths.site_private``), and loaded on resume (:meth:`state_dict`, :meth:`load_state_dict`)."""
+
+    def __init__(self, slices, torch, device, paths: RunPaths, keep_rounds: int):
+        self.slices, self.torch, self.device = list(slices), torch, device
+        self.paths, self.keep_rounds = paths, keep_rounds  # files older than keep_rounds go
+        self.values: Dict[int, Any] = {}  # site -> the values of its private entries
+
+    def __bool__(self) -> bool:
+        return bool(self.slices)
+
+    def grab(self, i: int, flat) -> None:
+        if self.slices:
+            self.values[i] = self.torch.cat([flat[s:e] for s, e in self.slices]).clone()
+
+    def restore(self, i: int, flat) -> None:
+        p = self.values.get(i)
+        if p is None:
+            return
+        o = 0
+        for s, e in self.slices:
+            flat[s:e] = p[o:o + e - s]
+            o += e - s
+
+    def state_dict(self) -> Dict[int, np.ndarray]:
+        return {i: p.cpu().numpy() for i, p in self.values.items()}
+
+    def load_state_dict(self, state: Dict[int, np.ndarray]) -> None:
+        for i, arr in state.items():
+            self.values[i] = self.torch.from_numpy(arr).to(self.device)
+
+    def save(self, sites: Dict[int, str], round_: int) -> None:
+        """Round ``round_``'s file of every site in ``sites`` (index -> name) that has entries."""
+        for i, arr in self.state_dict().items():
+            if i not in sites:
+                continue
+            name = sites[i]
+            write_atomic(self.paths.site_private(name, round_), lambda f: np.save(f, arr), error=CheckpointError,
+                         what=f"site {name!r}'s private entries of round {round_}")
+            self.paths.site_private(name, round_ - self.keep_rounds - 1).unlink(missing_ok=True)
+
+    def load(self, sites: Dict[int, str], round_: int) -> None:
+        """Resume: every site's entries as round ``round_`` saved them."""
+        state: Dict[int, np.ndarray] = {}
+        for i, name in sites.items():
+            p = self.paths.site_private(name, round_)
+            try:
+                state[i] = np.load(p)
+            except (OSError, ValueError):
+                raise CheckpointError(f"{p}: missing or unreadable: site {name!r} cannot resume the entries it "
+                                      "keeps private (privacy.exclude_vars, or state its task does not exchange)") from None
+        self.load_state_dict(state)
+
+
 class SlotWorker:
     def __init__(self, cfg, topology, role, comms, trainer, states: SiteCache, start_round: int, run_dir: Path,
                  stager, heartbeat=None):
@@ -97,14 +153,15 @@ class SlotWorker:
         self.stager, self.beat = stager, heartbeat
         self.sites = [topology.sites[i] for i in role.slot.sites]
         self.states = states
-        self.private: Dict[int, Any] = {}  # site -> the values of its private entries (a tensor on the device)
         self.final_local: Dict[int, np.ndarray] = {}  # site -> its last locally trained model (host)
         self.k = len(topology.sites)
         self.cross_site = set(cross_site_sites(cfg.eval, cfg.run.seed, self.k).tolist()) if cfg.eval.cross_site else set()
         model = trainer.model
         self.strategy = trainer.strategy
-        self.private_slices = model.slices(private_names(cfg, trainer.task, model.entries))
-        self.filters = upload_filters(cfg, self.private_slices)
+        slices = model.slices(private_names(cfg, trainer.task, model.entries))
+        self.private = PrivateEntries(slices, trainer.torch, trainer.device, self.paths,
+                                      cfg.checkpoint.keep * cfg.checkpoint.every)
+        self.filters = upload_filters(cfg, slices)
         n = model.numel
         self.global_ = model.flat.clone()  # the global model of the round, on the device
         lead = role.is_leader
@@ -115,11 +172,11 @@ class SlotWorker:
         self.mine_idx = np.asarray(self.mine, np.int64)
         self.balanced = cfg.launch.assign == "balanced"
         self.final_round: Dict[int, int] = {}  # site -> the round of its model in final_local
-        if self.balanced and self.private_slices:
+        if self.balanced and self.private:
             from ..errors import ConfigError
 
             raise ConfigError(f"launch.assign: balanced: task {cfg.task!r} keeps entries per site "
-                              f"({len(self.private_slices)} slice(s) it does not exchange), which would stay in one "
+                              f"({len(slices)} slice(s) it does not exchange), which would stay in one "
                               "slot; use launch.assign: static")
 
     @property
@@ -129,47 +186,6 @@ class SlotWorker:
     def _phase(self, what: str, r: int = 0, site: Optional[str] = None) -> None:
         if self.beat is not None:
             self.beat.phase(what, r, site)
-
-    # -- per-site private entries -----------------------------------------------------------------------
-    def grab_private(self, i: int) -> None:
-        if self.private_slices:
-            flat = self.trainer.model.flat
-            self.private[i] = self.trainer.torch.cat([flat[s:e] for s, e in self.private_slices]).clone()
-
-    def restore_private(self, i: int) -> None:
-        p = self.private.get(i)
-        if p is None:
-            return
-        flat, o = self.trainer.model.flat, 0
-        for s, e in self.private_slices:
-            flat[s:e] = p[o:o + e - s]
-            o += e - s
-
-    def _private_path(self, name: str, round_: int) -> Path:
-        return self.paths.site_private(name, round_)
-
-    def save_private(self, i: int, round_: int) -> None:
-        p = self.private.get(i)
-        if p is None or not self.role.is_leader:
-            return
-        name = self.topology.sites[i].name
-        arr = p.cpu().numpy()
-        write_atomic(self._private_path(name, round_), lambda f: np.save(f, arr), error=CheckpointError,
-                     what=f"site {name!r}'s private entries of round {round_}")
-        old = self._private_path(name, round_ - self.cfg.checkpoint.keep * self.cfg.checkpoint.every - 1)
-        old.unlink(missing_ok=True)
-
-    def load_private(self, i: int) -> None:
-        if not self.private_slices or self.start_round == 1:
-            return
-        name = self.topology.sites[i].name
-        p = self._private_path(name, self.start_round - 1)
-        try:
-            arr = np.load(p)
-        except (OSError, ValueError):
-            raise CheckpointError(f"{p}: missing or unreadable: site {name!r} cannot resume the entries it "
-                                  "keeps private (privacy.exclude_vars, or state its task does not exchange)") from None
-        self.private[i] = self.trainer.torch.from_numpy(arr).to(self.trainer.device)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def load_host(self, arr: np.ndarray) -> None:
@@ -197,10 +213,11 @@ class SlotWorker:
                                lambda: [self._info(s) for s in self.sites], self.kind, self.mine, salt))
         ModelExchange.slot(fed, self.stager, tr.model.flat, tr.backend)
         self.global_.copy_(tr.model.flat)
-        if self.private_slices:  # every site starts from the seeded model's private entries (or its saved ones)
+        if self.private:  # every site starts from the seeded model's private entries (or its saved ones)
             for i in self.mine:
-                self.grab_private(i)
-                self.load_private(i)
+                self.private.grab(i, tr.model.flat)
+            if self.start_round > 1:
+                self.private.load({i: self.topology.sites[i].name for i in self.mine}, self.start_round - 1)
 
     def _key_salt(self) -> Optional[bytes]:
         """balanced + secure aggregation: any slot may train any site, so a site's key pair is derived from a
@@ -222,7 +239,7 @@ class SlotWorker:
         cfg, tr, st = self.cfg, self.trainer, self.states[site]
         flat = tr.model.flat
         flat.copy_(self.global_)
-        self.restore_private(site.index)
+        self.private.restore(site.index, tr.model.flat)
         self._phase("train", r, site.name)
         stats = tr.train_round(site, st.rank.rank, r, st.settings, st.data)
         if cfg.debug.save_local_weights:
@@ -238,7 +255,7 @@ class SlotWorker:
         sums = sums.cpu().numpy()
         row.loss_sum, row.samples = float(sums[0]), int(sums[1])
         row.task = {k: float(v) / max(row.samples, 1) for k, v in zip(keys, sums[2:])}
-        self.grab_private(site.index)
+        self.private.grab(site.index, tr.model.flat)
         if site.index in self.cross_site:
             self.final_local[site.index] = self.host_model(np.empty(tr.model.numel, np.float32)).copy()
             self.final_round[site.index] = r
@@ -252,7 +269,7 @@ class SlotWorker:
         return row
 
     def _upload_site(self, site, row: TrainRow, ctl) -> None:
-        """The site's filtered update d = w_local - w_global, added to this round's transport."""
+        """The site's filtered update d = w_local - w_global, added to this round's aggregation kind."""
         d = np.subtract(self.host_model(self.scratch), self.global_host, out=self.scratch)
         row.finite = is_finite(d)
         if not row.finite:
@@ -265,17 +282,9 @@ class SlotWorker:
 
     def _save_masked(self, row, site) -> None:
         """Debug: what rank 0 would receive if this site were alone in its slot (its masked encoding, chunk 0)."""
-        from ..privacy import secagg
-
-        t = self.kind
-        peers = t.pairs.get(site.index, {})
-        n = min(self.trainer.model.numel, max(1, (self.cfg.launch.chunk_mb << 20) // 8))
-        w = self.strategy.upload_weight(row.num_train)
-        x = self.scratch[:n] * np.float32(w) if w != 1.0 else self.scratch[:n]
-        enc = secagg.encode(x, t.bits, num_sites=max(1, int(t.ctl.returns().sum())))
-        secagg.mask_(enc, 0, site.index, peers)
+        enc = self.kind.masked_first_chunk(site.index, self.scratch, self.strategy.upload_weight(row.num_train))
         self.paths.debug.mkdir(exist_ok=True)
-        np.save(self.paths.debug / f"upload-round-{t.round:06d}-site-{site.index}.npy", enc)
+        np.save(self.paths.debug / f"upload-round-{self.kind.round:06d}-site-{site.index}.npy", enc)
 
     def _save_local_weights(self, r: int, st: SiteState) -> None:
         self.paths.debug.mkdir(exist_ok=True)
@@ -308,11 +317,10 @@ class SlotWorker:
                 rows.append(TrainRow(site=site.index, num_train=self.states[site].data.num_train))
             if cfg.debug.save_local_weights:  # what this site holds in a round it sits out
                 tr.model.flat.copy_(self.global_)
-                self.restore_private(site.index)
+                self.private.restore(site.index, tr.model.flat)
                 self._save_local_weights(r, self.states[site])
-        if self.private:  # the entries every site keeps, with the checkpoint of this round
-            for i in self.mine:
-                self.save_private(i, r)
+        if self.private.values and self.role.is_leader:  # the entries every site keeps, with this round's checkpoint
+            self.private.save({i: self.topology.sites[i].name for i in self.mine}, r)
         return rows
 
     def run(self) -> None:
@@ -356,8 +364,30 @@ class SlotWorker:
                 from ..protocol.crosssite import CrossSite
 
                 self._phase("cross-site evaluation", cfg.fl.rounds)
-                CrossSite.slot(self)
+                CrossSite.slot(cfg, self._cross_site_side())
             self._end_of_run()
+
+    def _cross_site_side(self):
+        """What this slot lends cross-site evaluation (:class:`hpcfl.protocol.crosssite.CrossSiteSlot`)."""
+        from ..participation import cross_site_sites
+        from ..protocol.crosssite import CrossSiteSlot, bcast_flat
+
+        cfg, tr, role, sites = self.cfg, self.trainer, self.role, self.topology.sites
+        cs = cross_site_sites(cfg.eval, cfg.run.seed, self.k)
+        if self.balanced:  # evaluated round-robin, as in the rounds
+            ours = [sites[i] for i in cs[role.slot.index::len(self.topology.slots)]]
+        else:
+            ours = [sites[i] for i in cs if i in set(self.mine)]
+
+        def share(root: int) -> None:
+            if self.fed is not None:
+                bcast_flat(self.fed, self.stager, tr.model.flat, root)
+            tr.backend.broadcast_(tr.model.flat)
+
+        return CrossSiteSlot(self.fed, self.comms.site, role.slot.index, sites, ours, self.final_round,
+                             self.final_local, tr.model.flat, self.load_host, share,
+                             lambda site: self.evaluate(site, cfg.fl.rounds),
+                             lambda i: self.private.restore(i, tr.model.flat))
 
     def _end_of_run(self) -> None:
         """The task's last word on the final global model (e.g. MIL's attention maps), site by site, with
@@ -372,7 +402,7 @@ class SlotWorker:
         tr.model.module.eval()
         for site in self.sites:
             st = self.states[site]
-            self.restore_private(site.index)
+            self.private.restore(site.index, tr.model.flat)
             tr.task.end_of_run(tr.model.module, st.data, tr.context(site, self.cfg.fl.rounds, st.settings, st.data),
                                self.paths.path)
 
@@ -390,7 +420,7 @@ class SlotWorker:
         """The global model on the validation data of this round's evaluated sites: all at once where their
         models are the same (no private entries), else site by site with each site's own entries restored."""
         sites = self.eval_sites(r)
-        if not self.private_slices and len(sites) > 1:
+        if not self.private and len(sites) > 1:
             self._phase("evaluate global model", r)
             states = [self.states[s] for s in sites]
             t = time.perf_counter()
@@ -401,7 +431,7 @@ class SlotWorker:
         evals: List[EvalRow] = []
         for site in sites:
             self._phase("evaluate global model", r, site.name)
-            self.restore_private(site.index)
+            self.private.restore(site.index, self.trainer.model.flat)
             t = time.perf_counter()
             vec = self.evaluate(site, r)
             dt = time.perf_counter() - t
