@@ -49,7 +49,7 @@ class SiteCache:
     a slot that simulates 5,000 sites holds the few it trains or evaluates now.
 
     What a site must keep between rounds lives outside it, bounded: its private entries
-    (``SlotWorker.private``: only where its task or ``privacy.exclude_vars`` keeps some, one
+    (:class:`PrivateEntries`: only where its task or ``privacy.exclude_vars`` keeps some, one
     vector per site that ever trained, also saved with every checkpoint) and its final local
     model for cross-site validation (``SlotWorker.final_local``: only the sites cross-site
     validation covers, at most ``eval.cross_site_max``).
