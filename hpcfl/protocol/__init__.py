@@ -14,17 +14,17 @@ the strategy's ``kind``.
 
 Per round r (slots already hold the global model w[r-1] and the round's plan)::
 
-  rank 0   PlanExchange: who is sampled, drops out or misses the deadline       -> every slot rank
+  rank 0   PlanExchange: who is sampled, drops out or misses the deadline         -> every slot rank
   slots    each slot trains its returning sites in turn from w[r-1]; per site: locally tuned
            evaluation, update d_s = w_s - w[r-1] through the privacy filters, added to the kind
-  leaders  RowsExchange: one TrainRow per site                                    -> rank 0
+  leaders  RowsExchange: a TrainReport, one TrainRow per site                     -> rank 0
   rank 0   ParticipationExchange: the sites whose updates count (finite ones)     -> leaders
   leaders  the kind's upload: mean rules one Reduce per slot (mean.py),
            coordinate-wise and selection rules a chunked Gatherv (gathered.py)    -> rank 0
   rank 0   w[r] = strategy(the kind's aggregate) (+ DP noise: privacy/server.py, via Strategy.on_sum)
            ModelExchange                                                          -> leaders -> slot ranks
   slots    evaluate w[r] on each site's validation data
-  leaders  RowsExchange: SlotTimes and one EvalRow per site                       -> rank 0
+  leaders  RowsExchange: an EvalReport, SlotTimes and one EvalRow per site        -> rank 0
   rank 0   PlanExchange of round r+1 (or "stop"), then logs and checkpoints round r
            while the slots already train round r+1
 

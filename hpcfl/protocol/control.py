@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class ParticipationExchange:
 
 
 class RowsExchange:
-    """Leaders -> rank 0: a list of named rows per slot (pickled; rows are small)."""
+    """Leaders -> rank 0: one report per slot (a Message of named rows, pickled; rows are small)."""
 
     @staticmethod
     def server(fed: Any, wait: bool = True) -> List[Any]:
@@ -97,10 +97,10 @@ class RowsExchange:
         return fed.gather(None, root=0)[1:]
 
     @staticmethod
-    def slot(fed: Any, rows: Sequence[Any], wait: bool = True) -> None:
+    def slot(fed: Any, report: Message, wait: bool = True) -> None:
         if wait:
             quiet_barrier(fed)
-        fed.gather(list(rows), root=0)
+        fed.gather(report, root=0)
 
 
 class ModelExchange:

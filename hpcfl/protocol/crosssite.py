@@ -36,6 +36,20 @@ class Owners(Message):
 
 
 @dataclass
+class HeldModels(Message):
+    """Slot leader -> rank 0: the sites whose final local model this slot holds, and its round."""
+
+    rounds: Dict[int, int]
+
+
+@dataclass
+class EvalRows(Message):
+    """Slot leader -> rank 0: one model evaluated on this slot's share of the sites."""
+
+    rows: List[EvalRow]
+
+
+@dataclass
 class CrossSiteSlot:
     """What a slot lends cross-site evaluation: explicit, so that it never reaches into the SlotWorker."""
 
@@ -67,8 +81,8 @@ class CrossSite:
         k = len(names)
         cs = cross_site_sites(cfg.eval, cfg.run.seed, k)
         owner, newest = np.full(k, -1, np.int64), np.zeros(k)
-        for slot, d in enumerate(fed.gather(None, root=0)[1:]):  # {site: round of its final local model}
-            for s, rnd in d.items():
+        for slot, held in enumerate(fed.gather(None, root=0)[1:]):
+            for s, rnd in held.rounds.items():
                 if rnd > newest[s]:  # balanced slots: the slot that trained it last holds it
                     owner[s], newest[s] = slot, rnd
         Owners.bcast((fed,), k, Owners(owner))
@@ -78,7 +92,7 @@ class CrossSite:
         for m in models:
             root = 0 if m == "global" else 1 + int(owner[names.index(m)])  # the owner's fed rank
             bcast_array(fed, weights if m == "global" else scratch, root=root, chunk_mb=cfg.launch.chunk_mb)
-            rows = by_site(fed.gather(None, root=0)[1:], k, cs)
+            rows = by_site([m.rows for m in fed.gather(None, root=0)[1:]], k, cs)
             table[m] = {names[i]: task.summarize(rows[i].vec.unpack()) for i in cs}
         _report(cfg, rundir, task, table, models, [names[i] for i in cs], [names[i] for i in cs if not has[i]], k)
 
@@ -90,7 +104,7 @@ class CrossSite:
         names = [s.name for s in side.sites]
         cs = cross_site_sites(cfg.eval, cfg.run.seed, k)
         if side.fed is not None:
-            side.fed.gather(dict(side.local_rounds), root=0)
+            side.fed.gather(HeldModels(dict(side.local_rounds)), root=0)
         owner = Owners.bcast((side.fed, side.slot_comm), k).slot
         global_copy = side.flat.clone()
         for m in ["global"] + [names[i] for i in cs if owner[i] >= 0]:
@@ -104,7 +118,7 @@ class CrossSite:
                     side.restore_private(site.index)
                 rows.append(EvalRow(site.index, Packed.of(side.evaluate(site))))
             if side.fed is not None:
-                side.fed.gather(rows, root=0)
+                side.fed.gather(EvalRows(rows), root=0)
         side.flat.copy_(global_copy)
 
 

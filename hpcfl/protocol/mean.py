@@ -14,6 +14,7 @@ that did not return, so rank 0 can remove masks that did not cancel.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,6 +23,15 @@ from ..aggregation import fedavg
 from ..comm import reduce_sum_array
 from ..device import chunks
 from .kinds import Kind, mean_of_sum, register
+from .message import Message
+
+
+@dataclass
+class Revealed(Message):
+    """Slot leader -> rank 0 (secure aggregation): the seeds its surviving sites share with sites that did not
+    return, ``(survivor, dropped, seed)``, so rank 0 can remove the masks that did not cancel."""
+
+    pairs: List[Tuple[int, int, bytes]]
 
 
 @register("mean")
@@ -134,8 +144,8 @@ class SecureMeanKind(MeanKind):
         from mpi4py import MPI
 
         # A survivor reveals the seeds it shares with sites that did not return (SecAgg's recovery step).
-        fed.gather([(i, j, seed) for i, peers in self.pairs.items() if back[i]
-                    for j, seed in peers.items() if not back[j]], root=0)
+        fed.gather(Revealed([(i, j, seed) for i, peers in self.pairs.items() if back[i]
+                             for j, seed in peers.items() if not back[j]]), root=0)
         for s, e in self._steps():
             fed.Reduce(self.enc[s:e], None, op=MPI.SUM, root=0)
 
@@ -171,7 +181,7 @@ class SecureMeanKind(MeanKind):
 
         from ..privacy import secagg
 
-        pairs = [p for got in fed.gather(None, root=0)[1:] for p in (got or [])]
+        pairs = [p for got in fed.gather(None, root=0)[1:] for p in got.pairs]
         for ci, (s, e) in enumerate(self._steps()):
             buf = np.zeros(e - s, np.uint64)
             fed.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)

@@ -97,6 +97,21 @@ class SlotTimes(Message):
     eval_s: float = 0.0
 
 
+@dataclass
+class TrainReport(Message):
+    """A slot's report after local training: a row per site sampled into the round."""
+
+    rows: List[TrainRow]
+
+
+@dataclass
+class EvalReport(Message):
+    """A slot's report after evaluating the new global model: its times and a row per evaluated site."""
+
+    times: SlotTimes
+    rows: List[EvalRow]
+
+
 def _finite(x: float):
     """metrics.jsonl is strict JSON: a diverged value is recorded as null, not NaN."""
     x = float(x)

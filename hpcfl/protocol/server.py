@@ -295,7 +295,7 @@ class Aggregator:
         cfg, fed, plan = self.cfg, self.comms.federation, self.plan
         self._phase("wait for uploads", r)
         t0 = time.perf_counter()
-        train = by_site(RowsExchange.server(fed), self.k, np.flatnonzero(ctl.codes != NOT_SAMPLED))
+        train = by_site([m.rows for m in RowsExchange.server(fed)], self.k, np.flatnonzero(ctl.codes != NOT_SAMPLED))
         back = ParticipationExchange.server(fed, self.final_participation(r, ctl, train))
         t1 = time.perf_counter()
         self._phase("aggregate", r)
@@ -306,8 +306,8 @@ class Aggregator:
         t3 = time.perf_counter()
         self._phase("wait for evaluations", r)
         gathered = RowsExchange.server(fed)
-        evals = by_site([g[1] for g in gathered], self.k, eval_sites(cfg.eval, cfg.run.seed, self.k, r, cfg.fl.rounds))
-        slots = [g[0] for g in gathered]
+        evals = by_site([m.rows for m in gathered], self.k, eval_sites(cfg.eval, cfg.run.seed, self.k, r, cfg.fl.rounds))
+        slots = [m.times for m in gathered]
         t4 = time.perf_counter()
         self.rng.mark()  # what round r+1 resumes from: before its plan is drawn
         nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control.idle(self.k, cfg.launch.assign == "balanced")  # slots start round r+1 now

@@ -73,6 +73,11 @@ class Fresh(Message):
 
 
 @dataclass
+class SiteReport(Message):
+    rows: List[SiteInfo]
+
+
+@dataclass
 class PublicKeys(Message):
     keys: Dict[int, bytes]
 
@@ -143,11 +148,11 @@ class SiteInfoExchange(StartupExchange):
 
     @staticmethod
     def server(s: ServerStart) -> None:
-        s.sites = by_site(s.fed.gather(None, root=0)[1:], s.k)
+        s.sites = by_site([m.rows for m in s.fed.gather(None, root=0)[1:]], s.k)
 
     @staticmethod
     def slot(s: SlotStart) -> None:
-        s.fed.gather(s.infos(), root=0)
+        s.fed.gather(SiteReport(s.infos()), root=0)
 
 
 class KeysExchange(StartupExchange):

@@ -26,7 +26,7 @@ from ..participation import NOT_SAMPLED, cross_site_sites, eval_sites
 from ..privacy.filters import filter_update, is_finite, upload_filters
 from ..protocol.control import ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
 from ..protocol.kinds import make_kind
-from ..protocol.records import EvalRow, Packed, SiteInfo, SlotTimes, TrainRow
+from ..protocol.records import EvalReport, EvalRow, Packed, SiteInfo, SlotTimes, TrainReport, TrainRow
 from ..protocol.server import maybe_fail
 from ..rundir import RunPaths
 from .data import SiteRank
@@ -339,7 +339,7 @@ class SlotWorker:
             t0 = time.perf_counter()
             if role.is_leader:
                 self._phase("upload", r)
-                RowsExchange.slot(self.fed, rows)
+                RowsExchange.slot(self.fed, TrainReport(rows))
                 back = ParticipationExchange.slot(self.fed, self.k)
                 if ctl.aggregate and back.any():
                     self.kind.upload(self.fed, back, self.mine)
@@ -355,7 +355,7 @@ class SlotWorker:
                      len(rows), times.train_s)
             if role.is_leader:
                 self._phase("report evaluations", r)
-                RowsExchange.slot(self.fed, (times, evals))
+                RowsExchange.slot(self.fed, EvalReport(times, evals))
             if r < cfg.fl.rounds:
                 self._phase("wait for the next plan", r)
                 ctl = PlanExchange.slot(self.fed, slot_comm, self.k, self.balanced)

@@ -59,7 +59,12 @@ def test_a_field_that_cannot_be_packed_is_named():
         Notes("hi").pack(1)
 
 
-def test_rows_are_messages_too():
-    for cls in (TrainRow, EvalRow, SlotTimes, SiteInfo):
-        assert issubclass(cls, Message)
+def test_every_exchange_sends_messages():
+    from hpcfl.protocol import crosssite, gathered, mean, records, startup
+
+    sent = (TrainRow, EvalRow, SlotTimes, SiteInfo, records.TrainReport, records.EvalReport, gathered.Kept,
+            mean.Revealed, crosssite.Owners, crosssite.HeldModels, crosssite.EvalRows, startup.Layout,
+            startup.Verdict, startup.Fresh, startup.SiteReport, startup.PublicKeys)
+    for cls in sent:
+        assert issubclass(cls, Message), cls
     assert not hasattr(SiteInfo(0, 10, 3), "eval_size")  # dead: rank 0 never used it
