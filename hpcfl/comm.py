@@ -19,9 +19,9 @@ from .topology import UNDEFINED, Role, comm_colors
 @dataclass
 class Comms:
     world: Any
-    federation: Optional[Any]  # rank 0 + site leaders; rank 0 is its root
-    site: Optional[Any]  # this rank's slot (the ranks that train its sites one after another); leader is rank 0
-    trainers: Optional[Any]  # every site rank (Horovod's communicator)
+    federation: Optional[Any]  # rank 0 + every slot's leader; rank 0 is its root
+    site: Optional[Any]  # this slot's ranks (a slot trains its sites in turn); its leader is rank 0
+    trainers: Optional[Any]  # every slot rank, rank 0 excluded (Horovod's communicator)
 
 
 def split_comms(world: Any, role: Role) -> Comms:

@@ -1,9 +1,9 @@
 """Aggregation rules: pure functions over arrays (fedavg, fedopt, robust) and the
 :class:`Strategy` objects the round loop drives (strategies).
 
-The round loop talks to a Strategy; how bytes move (MPI Reduce for mean-based
-rules, chunked Gather for coordinate-wise and selecting rules) is the
-transport's business, the math lives here. docs/algorithms.md lists them.
+A Strategy declares its ``kind``; how bytes move (MPI Reduce for mean-based
+rules, chunked Gather for coordinate-wise and selecting rules) is that kind's
+business (:mod:`hpcfl.protocol.kinds`), the rule's math lives here. docs/algorithms.md lists them.
 """
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """Server-side aggregation strategies: what rank 0 does with the sites' updates.
 
-Sites upload updates ``delta_s = w_local_s - w_global``. A strategy's ``kind`` tells
-the transport how to move them, which is decided by the math:
+Sites upload updates ``delta_s = w_local_s - w_global``. A strategy's ``kind`` names the
+aggregation kind (:mod:`hpcfl.protocol.kinds`) that moves them, which is decided by the math:
 
 * ``"mean"`` (FedAvg/FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad): the rule only
-  needs the sample-weighted mean update, a sum, so the transport MPI-Reduces it and
-  calls :meth:`Strategy.finalize` with it. No per-site data ever reaches rank 0.
-* ``"coordinate"`` (median, trimmed mean): not a sum; the transport gathers the
+  needs the sample-weighted mean update, a sum, so the kind MPI-Reduces it, shows the sum
+  to :meth:`Strategy.on_sum` (privacy wrappers: DP noise) and calls :meth:`Strategy.finalize`. No per-site data ever reaches rank 0.
+* ``"coordinate"`` (median, trimmed mean): not a sum; the kind gathers the
   sites' updates chunk by chunk, calls :meth:`Strategy.aggregate_chunk` per chunk to
   fill a model-sized ``agg`` buffer, then calls :meth:`Strategy.finalize` with it.
-* ``"select"`` (Krum, Multi-Krum): the transport gathers chunks into
+* ``"select"`` (Krum, Multi-Krum): the kind gathers chunks into
   :meth:`Strategy.accumulate_distances` (after :meth:`Strategy.begin_round`), asks
   :meth:`Strategy.select` which sites to keep, Reduces the sample-weighted mean of the
   kept sites and calls :meth:`Strategy.finalize` with it.
@@ -23,7 +23,7 @@ serialize them before the next ``finalize``.
 from __future__ import annotations
 
 from abc import ABC
-from typing import Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class Strategy(ABC):
     kind: str = "mean"  # "mean" | "coordinate" | "select"
 
     def begin_round(self, num_sites: int) -> None:
-        """Called by the transport before a round's data arrives."""
+        """Called by the kind before a round's data arrives."""
 
     def finalize(self, delta: np.ndarray, weights: np.ndarray, round_: int) -> None:
         """Turn the aggregated update ``delta`` into the new global model, in place in ``weights``.
@@ -59,6 +59,16 @@ class Strategy(ABC):
         """Boolean mask (K,) of the sites kept this round (``select`` kind only)."""
         raise NotImplementedError(f"{self.name} is a {self.kind!r}-kind rule; select is for 'select'")
 
+    def on_sum(self, acc: np.ndarray, back: np.ndarray, rows: Mapping[int, Any]) -> Dict[str, Any]:
+        """Called by a mean-taking kind with the received sum of weighted updates, before it becomes a mean
+        (``back``: the sites whose updates count; ``rows``: their TrainRows). Privacy wrappers act here
+        (DP noise); returns what the round's record says about it."""
+        return {}
+
+    def upload_clip(self) -> float:
+        """The L2 norm sites clip their update to this round (0: no clipping)."""
+        return 0.0
+
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Everything needed for an exact resume; empty for stateless rules."""
         return {}
@@ -67,6 +77,13 @@ class Strategy(ABC):
         """Exact inverse of :meth:`state_dict`. An empty mapping means a fresh start."""
         if state:
             raise ValueError(f"strategy {self.name!r} has no state, got keys {sorted(state)}")
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        """State that is not arrays (JSON: a privacy wrapper's clip norm and ledger); torch.nn.Module's name."""
+        return {}
+
+    def set_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`get_extra_state`; ``state`` may hold other parts' keys, to be ignored."""
 
     def memory_copies(self) -> int:
         """Number of model-sized buffers this strategy holds."""

@@ -8,7 +8,7 @@ steps the RDP accountant. Everything else is the wrapped strategy's.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
@@ -62,6 +62,14 @@ class DifferentialPrivacy(Strategy):
     def upload_weight(self, num_train: int) -> float:
         return 1.0  # every site counts once: its influence is bounded by the clip norm
 
+    def upload_clip(self) -> float:
+        return self.clip
+
+    def on_sum(self, acc: np.ndarray, back: np.ndarray, rows: Mapping[int, Any]) -> Dict[str, Any]:
+        """The sum of clipped updates gets its noise; ``rows`` say which sites' updates were within the clip."""
+        unclipped = sum(1 for i in np.flatnonzero(back) if rows[i].unclipped)
+        return self.noise_sum_(acc, int(back.sum()), unclipped)
+
     def noise_sum_(self, acc: np.ndarray, num_sites: int, unclipped: int) -> Dict[str, Any]:
         """Noise on the sum of clipped updates; the next clip norm; the accountant's epsilon."""
         dp = self.dp
@@ -81,13 +89,15 @@ class DifferentialPrivacy(Strategy):
             out["dp_epsilon"] = float("inf")
         return out
 
-    def dp_state(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"clip_norm": self.clip}
+    def get_extra_state(self) -> Dict[str, Any]:
+        """The clip norm (adaptive clipping moves it) and the accountant's ledger, for the checkpoint."""
+        out: Dict[str, Any] = {**self.inner.get_extra_state(), "clip_norm": self.clip}
         if self.accountant is not None:
             out["accountant"] = self.accountant.state_dict()
         return out
 
-    def load_dp_state(self, state: Dict[str, Any]) -> None:
+    def set_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.set_extra_state(state)
         self.clip = float(state.get("clip_norm", self.dp.clip_norm))
         if self.accountant is not None and "accountant" in state:
             self.accountant.load_state_dict(state["accountant"])

@@ -10,42 +10,38 @@
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
 from ..comm import bcast_array, quiet_barrier
 from ..participation import DROPOUT, RETURNS, STRAGGLER, Plan
+from .message import Message, per_site
 
 
-class Control:
-    """The per-round message from rank 0: stop flag, DP clip norm, every site's participation code and,
-    with ``launch.assign: balanced``, the slot that trains each sampled site (-1: none)."""
+@dataclass
+class Control(Message):
+    """The per-round plan from rank 0: stop flag, whether the round aggregates, the DP clip norm, every site's
+    participation code and, with ``launch.assign: balanced``, the slot that trains each sampled site (-1: none)."""
 
-    def __init__(self, k: int, vec: Optional[np.ndarray] = None, balanced: bool = False):
-        self.k = k
-        self.vec = np.zeros(3 + k * (2 if balanced else 1)) if vec is None else vec
+    stop: bool = False
+    aggregate: bool = False
+    clip: float = 0.0
+    codes: np.ndarray = per_site(int)
+    slot_of: Optional[np.ndarray] = per_site(int, optional=True)  # balanced: the slot of each site; static: None
 
     @classmethod
     def make(cls, plan: Optional[Plan], k: int, clip: float, stop: bool,
              slots: Optional[np.ndarray] = None) -> "Control":
-        c = cls(k, balanced=slots is not None)
-        c.vec[0], c.vec[1], c.vec[2] = float(stop), float(plan.aggregate if plan else 0), clip
-        if plan is not None:
-            c.vec[3:3 + k] = plan.codes
-        if slots is not None:
-            c.vec[3 + k:] = slots
-        return c
+        codes = plan.codes if plan is not None else np.zeros(k, np.int64)
+        return cls(stop=stop, aggregate=bool(plan.aggregate) if plan else False, clip=clip,
+                   codes=np.asarray(codes, np.int64), slot_of=slots)
 
-    stop = property(lambda self: bool(self.vec[0]))
-    aggregate = property(lambda self: bool(self.vec[1]))
-    clip = property(lambda self: float(self.vec[2]))
-    codes = property(lambda self: self.vec[3:3 + self.k].astype(np.int64))
-
-    @property
-    def slot_of(self) -> Optional[np.ndarray]:
-        """balanced: the slot of each site this round (-1: not sampled); static: None."""
-        return self.vec[3 + self.k:].astype(np.int64) if len(self.vec) > 3 + self.k else None
+    @classmethod
+    def idle(cls, k: int, balanced: bool) -> "Control":
+        """What the slots receive in place of a plan (all zeros): after the last round."""
+        return cls.unpack(cls.empty(k, _balanced(balanced)), k, _balanced(balanced))
 
     def returns(self) -> np.ndarray:
         return self.codes == RETURNS
@@ -55,22 +51,27 @@ class Control:
         return np.isin(self.codes, (RETURNS, DROPOUT, STRAGGLER))
 
 
+def _balanced(balanced: bool) -> Tuple[str, ...]:
+    return ("slot_of",) if balanced else ()
+
+
+@dataclass
+class Participation(Message):
+    """Which sites' updates the aggregate takes (those that returned, minus non-finite ones)."""
+
+    counts: np.ndarray = per_site(bool)
+
+
 class PlanExchange:
     """Rank 0 -> every slot rank, before a round: tiny, and the slots start training on it."""
 
     @staticmethod
     def server(fed: Any, ctl: Control) -> Control:
-        fed.Bcast(ctl.vec, root=0)
-        return ctl
+        return Control.bcast((fed,), len(ctl.codes), ctl)
 
     @staticmethod
     def slot(fed: Optional[Any], slot_comm: Optional[Any], k: int, balanced: bool = False) -> Control:
-        ctl = Control(k, balanced=balanced)
-        if fed is not None:  # the leader
-            fed.Bcast(ctl.vec, root=0)
-        if slot_comm is not None and slot_comm.Get_size() > 1:
-            slot_comm.Bcast(ctl.vec, root=0)
-        return ctl
+        return Control.bcast((fed, slot_comm), k, optional=_balanced(balanced))
 
 
 class ParticipationExchange:
@@ -78,18 +79,16 @@ class ParticipationExchange:
 
     @staticmethod
     def server(fed: Any, back: np.ndarray) -> np.ndarray:
-        fed.Bcast(back.astype(np.float64), root=0)
+        Participation.bcast((fed,), len(back), Participation(back))
         return back
 
     @staticmethod
     def slot(fed: Any, k: int) -> np.ndarray:
-        buf = np.zeros(k)
-        fed.Bcast(buf, root=0)
-        return buf.astype(bool)
+        return Participation.bcast((fed,), k).counts
 
 
 class RowsExchange:
-    """Leaders -> rank 0: a list of named rows per slot (pickled; rows are small)."""
+    """Leaders -> rank 0: one report per slot (a Message of named rows, pickled; rows are small)."""
 
     @staticmethod
     def server(fed: Any, wait: bool = True) -> List[Any]:
@@ -98,10 +97,10 @@ class RowsExchange:
         return fed.gather(None, root=0)[1:]
 
     @staticmethod
-    def slot(fed: Any, rows: Sequence[Any], wait: bool = True) -> None:
+    def slot(fed: Any, report: Message, wait: bool = True) -> None:
         if wait:
             quiet_barrier(fed)
-        fed.gather(list(rows), root=0)
+        fed.gather(report, root=0)
 
 
 class ModelExchange:
@@ -124,4 +123,4 @@ class ModelExchange:
         return t1 - t, time.perf_counter() - t1
 
 
-__all__ = ["Control", "PlanExchange", "ParticipationExchange", "RowsExchange", "ModelExchange"]
+__all__ = ["Control", "Participation", "PlanExchange", "ParticipationExchange", "RowsExchange", "ModelExchange"]

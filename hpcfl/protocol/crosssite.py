@@ -8,11 +8,13 @@ inside every slot; each slot evaluates it on each of its sites' data.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..comm import bcast_array
+from .message import Message, per_site
 from .records import EvalRow, Packed, by_site
 
 log = logging.getLogger("hpcfl")
@@ -26,79 +28,109 @@ def bcast_flat(fed: Any, stager: Any, flat: Any, root: int) -> None:
         stager.receive(flat, lambda buf: fed.Bcast(buf, root=root))
 
 
+@dataclass
+class Owners(Message):
+    """Rank 0 -> every slot rank: the slot that holds each site's final local model (-1: none)."""
+
+    slot: np.ndarray = per_site(int)
+
+
+@dataclass
+class HeldModels(Message):
+    """Slot leader -> rank 0: the sites whose final local model this slot holds, and its round."""
+
+    rounds: Dict[int, int]
+
+
+@dataclass
+class EvalRows(Message):
+    """Slot leader -> rank 0: one model evaluated on this slot's share of the sites."""
+
+    rows: List[EvalRow]
+
+
+@dataclass
+class CrossSiteSlot:
+    """What a slot lends cross-site evaluation: explicit, so that it never reaches into the SlotWorker."""
+
+    fed: Optional[Any]  # the federation communicator (the slot's leader), else None
+    slot_comm: Optional[Any]  # the slot's ranks
+    slot: int  # the slot's index
+    sites: Sequence[Any]  # every site of the federation, by index
+    ours: Sequence[Any]  # the sites whose validation data this slot evaluates on
+    local_rounds: Dict[int, int]  # site -> round of its final local model, held by this slot
+    local_models: Dict[int, np.ndarray]  # site -> that model (host)
+    flat: Any  # the slot's model (a flat device tensor)
+    load_host: Callable[[np.ndarray], None]  # host array -> flat
+    share: Callable[[int], None]  # flat, from the federation rank ``root`` (leader), then inside the slot
+    evaluate: Callable[[Any], np.ndarray]  # the metric sums of flat on a site's validation data
+    restore_private: Callable[[int], None]  # a site's own entries into flat
+
+
 class CrossSite:
     """Above ``eval.cross_site_max`` sites, the same on a seeded sample of that many sites
     (:func:`hpcfl.participation.cross_site_sites`): K x K evaluations would dominate the run."""
 
     @staticmethod
-    def server(agg) -> None:
+    def server(fed: Any, cfg: Any, names: Sequence[str], weights: np.ndarray, scratch: np.ndarray, task: Any,
+               rundir: Any) -> None:
+        """Rank 0: the global model (``weights``) and every local one (received into ``scratch``), evaluated
+        everywhere; ``cross_site.json`` and the printed table."""
         from ..participation import cross_site_sites
 
-        fed, names, k, cfg = agg.comms.federation, agg.names, agg.k, agg.cfg
+        k = len(names)
         cs = cross_site_sites(cfg.eval, cfg.run.seed, k)
-        owner, newest = np.full(k, -1.0), np.zeros(k)
-        for slot, d in enumerate(fed.gather(None, root=0)[1:]):  # {site: round of its final local model}
-            for s, rnd in d.items():
+        owner, newest = np.full(k, -1, np.int64), np.zeros(k)
+        for slot, held in enumerate(fed.gather(None, root=0)[1:]):
+            for s, rnd in held.rounds.items():
                 if rnd > newest[s]:  # balanced slots: the slot that trained it last holds it
                     owner[s], newest[s] = slot, rnd
-        fed.Bcast(owner, root=0)
+        Owners.bcast((fed,), k, Owners(owner))
         has = owner >= 0
-        cols = [names[i] for i in cs]
         models = ["global"] + [names[i] for i in cs if has[i]]
         table: Dict[str, Any] = {}
         for m in models:
             root = 0 if m == "global" else 1 + int(owner[names.index(m)])  # the owner's fed rank
-            bcast_array(fed, agg.weights if m == "global" else agg.acc, root=root, chunk_mb=cfg.launch.chunk_mb)
-            rows = by_site(fed.gather(None, root=0)[1:], k, cs)
-            table[m] = {names[i]: agg.task.summarize(rows[i].vec.unpack()) for i in cs}
-        missing = [names[i] for i in cs if not has[i]]
-        key = agg.task.headline[0] if agg.task.headline else agg.task.metrics[0]
-        out = {"models": table, "no_local_model": missing, "metric_keys": list(agg.task.metrics), "headline": key}
-        if len(cs) < k:
-            out["sampled"] = {"sites": len(cs), "of": k, "eval.cross_site_max": cfg.eval.cross_site_max}
-        agg.rundir.write_json("cross_site.json", out)
-        text = _table(table, models, cols, key, missing) if len(cols) <= 16 else _summary(table, models, cols, key, k)
-        log.info("%s", text)
-        print(text, flush=True)
+            bcast_array(fed, weights if m == "global" else scratch, root=root, chunk_mb=cfg.launch.chunk_mb)
+            rows = by_site([m.rows for m in fed.gather(None, root=0)[1:]], k, cs)
+            table[m] = {names[i]: task.summarize(rows[i].vec.unpack()) for i in cs}
+        _report(cfg, rundir, task, table, models, [names[i] for i in cs], [names[i] for i in cs if not has[i]], k)
 
     @staticmethod
-    def slot(worker) -> None:
+    def slot(cfg: Any, side: CrossSiteSlot) -> None:
         from ..participation import cross_site_sites
 
-        fed, tr, role, cfg = worker.comms.federation, worker.trainer, worker.role, worker.cfg
-        k = len(worker.topology.sites)
-        names = worker.topology.names
+        k = len(side.sites)
+        names = [s.name for s in side.sites]
         cs = cross_site_sites(cfg.eval, cfg.run.seed, k)
-        owner = np.full(k, -1.0)
-        if role.is_leader:
-            fed.gather(dict(worker.final_round), root=0)
-            fed.Bcast(owner, root=0)
-        if role.slot.size > 1:
-            worker.comms.site.Bcast(owner, root=0)
-        flags = owner >= 0
-        flat = tr.model.flat
-        global_copy = flat.clone()
-        mine = set(worker.mine)
-        if worker.balanced:  # evaluated round-robin, as in the rounds
-            ours = [worker.topology.sites[i] for i in cs[role.slot.index::len(worker.topology.slots)]]
-        else:
-            ours = [worker.topology.sites[i] for i in cs if i in mine]
-        for m in ["global"] + [names[i] for i in cs if flags[i]]:
+        if side.fed is not None:
+            side.fed.gather(HeldModels(dict(side.local_rounds)), root=0)
+        owner = Owners.bcast((side.fed, side.slot_comm), k).slot
+        global_copy = side.flat.clone()
+        for m in ["global"] + [names[i] for i in cs if owner[i] >= 0]:
             i = None if m == "global" else names.index(m)
-            if role.is_leader:
-                root = 0 if i is None else 1 + int(owner[i])
-                if i is not None and int(owner[i]) == role.slot.index:
-                    worker.load_host(worker.final_local[i])
-                bcast_flat(fed, worker.stager, flat, root)
-            tr.backend.broadcast_(flat)
+            if side.fed is not None and i is not None and int(owner[i]) == side.slot:
+                side.load_host(side.local_models[i])
+            side.share(0 if i is None else 1 + int(owner[i]))
             rows: List[Any] = []
-            for site in ours:
+            for site in side.ours:
                 if i is None:
-                    worker.restore_private(site.index)
-                rows.append(EvalRow(site.index, Packed.of(worker.evaluate(site, cfg.fl.rounds))))
-            if role.is_leader:
-                fed.gather(rows, root=0)
-        flat.copy_(global_copy)
+                    side.restore_private(site.index)
+                rows.append(EvalRow(site.index, Packed.of(side.evaluate(site))))
+            if side.fed is not None:
+                side.fed.gather(EvalRows(rows), root=0)
+        side.flat.copy_(global_copy)
+
+
+def _report(cfg, rundir, task, table, models, cols, missing, k: int) -> None:
+    key = task.headline[0] if task.headline else task.metrics[0]
+    out = {"models": table, "no_local_model": missing, "metric_keys": list(task.metrics), "headline": key}
+    if len(cols) < k:
+        out["sampled"] = {"sites": len(cols), "of": k, "eval.cross_site_max": cfg.eval.cross_site_max}
+    rundir.write_json("cross_site.json", out)
+    text = _table(table, models, cols, key, missing) if len(cols) <= 16 else _summary(table, models, cols, key, k)
+    log.info("%s", text)
+    print(text, flush=True)
 
 
 def _summary(table, models, cols, key: str, k: int) -> str:

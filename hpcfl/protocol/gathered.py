@@ -6,16 +6,19 @@ through a Gatherv, so it holds K chunks at a time; a slot leader keeps the
 updates of the sites it simulated this round until they are sent. Selection
 rules gather for pairwise distances first, rank 0 picks the sites to keep and
 says so, and then the kept sites' updates travel as a mean
-(:class:`hpcfl.protocol.mean.MeanTransport`).
+(:class:`hpcfl.protocol.mean.MeanKind`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from ..device import chunks
-from .mean import MeanTransport
+from .kinds import Kind, mean_of_sum, register
+from .mean import MeanKind
+from .message import Message, per_site
 
 
 def _counts(site_order: Sequence[Sequence[int]]) -> List[int]:
@@ -65,16 +68,20 @@ class GatheredUpdates:
             yield s, e, buf[order]
 
 
-class CoordinateTransport:
+@dataclass
+class Kept(Message):
+    """Rank 0 -> leaders, after the distance gather: the sites a selection rule keeps."""
+
+    keep: np.ndarray = per_site(bool)
+
+
+@register("coordinate")
+class CoordinateKind(Kind):
     """Median / trimmed mean: the rule runs on each (K, chunk) block at rank 0."""
 
-    kind = "coordinate"
-
-    def __init__(self, size: int, chunk_mb: int, k: int, slot_sites: Sequence[Sequence[int]]):
-        self.gathered = GatheredUpdates(size, chunk_mb, k, slot_sites)
-
-    def begin_round(self, ctl: Any, r: int) -> None:
-        pass
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.gathered = GatheredUpdates(self.size, self.chunk_mb, self.k, self.slot_sites)
 
     def add_site(self, site: int, update: np.ndarray, weight: float) -> None:
         self.gathered.keep(site, update)
@@ -82,21 +89,23 @@ class CoordinateTransport:
     def upload(self, fed: Any, back: np.ndarray, mine: Sequence[int]) -> None:
         self.gathered.send(fed, mine, back)
 
-    def receive(self, fed: Any, strategy: Any, back: np.ndarray, num_train: np.ndarray, acc: np.ndarray) -> None:
+    def aggregate(self, fed: Any, strategy: Any, back: np.ndarray, num_train: np.ndarray, acc: np.ndarray,
+                  rows: Dict[int, Any]) -> Dict[str, Any]:
         strategy.begin_round(int(back.sum()))
         n = num_train[back]
         for s, e, chunk in self.gathered.receive(fed):
             strategy.aggregate_chunk(chunk[back], n, acc[s:e])
+        return {}
 
 
-class SelectTransport:
+@register("select")
+class SelectKind(Kind):
     """Krum / Multi-Krum: distances from gathered chunks, then the mean of the kept sites."""
 
-    kind = "select"
-
-    def __init__(self, size: int, chunk_mb: int, k: int, slot_sites: Sequence[Sequence[int]]):
-        self.gathered = GatheredUpdates(size, chunk_mb, k, slot_sites)
-        self.kept = MeanTransport(size, chunk_mb)  # the kept sites' weighted updates travel as a sum
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.gathered = GatheredUpdates(self.size, self.chunk_mb, self.k, self.slot_sites)
+        self.kept = MeanKind(*args)  # the kept sites' weighted updates travel as a sum
         self.weights: Dict[int, float] = {}
 
     def begin_round(self, ctl: Any, r: int) -> None:
@@ -108,13 +117,12 @@ class SelectTransport:
 
     def upload(self, fed: Any, back: np.ndarray, mine: Sequence[int]) -> None:
         self.gathered.send(fed, mine, back)
-        keep = np.zeros(self.gathered.k)
-        fed.Bcast(keep, root=0)
+        keep = Kept.bcast((fed,), self.k).keep
         self.kept.begin_round(None, 0)
         for site in mine:
             if keep[site] and back[site]:
                 self.kept.add_site(site, self.gathered.updates[site], self.weights[site])
-        self.kept.upload(fed, back)
+        self.kept.upload(fed, back, mine)
 
     def select(self, fed: Any, strategy: Any, back: np.ndarray, num_train: np.ndarray) -> np.ndarray:
         """Rank 0: the (K,) mask of kept sites, after the distance gather; told to the leaders."""
@@ -123,12 +131,13 @@ class SelectTransport:
         for s, e, chunk in self.gathered.receive(fed):
             strategy.accumulate_distances(chunk[back])
         chosen = strategy.select(num_train[back])
-        keep = np.zeros(self.gathered.k, bool)
+        keep = np.zeros(self.k, bool)
         keep[idx[chosen]] = True
-        fed.Bcast(keep.astype(np.float64), root=0)
-        return keep
+        return Kept.bcast((fed,), self.k, Kept(keep)).keep
 
-    def receive_sum(self, fed: Any, acc: np.ndarray) -> None:
+    def aggregate(self, fed: Any, strategy: Any, back: np.ndarray, num_train: np.ndarray, acc: np.ndarray,
+                  rows: Dict[int, Any]) -> Dict[str, Any]:
+        keep = self.select(fed, strategy, back, num_train)
         self.kept.receive_sum(fed, acc)
-
-    mean = staticmethod(MeanTransport.mean)
+        info = mean_of_sum(strategy, acc, back, keep, num_train, rows)
+        return {"krum_kept": [self.names[i] for i in np.flatnonzero(keep)], **info}

@@ -14,20 +14,40 @@ that did not return, so rank 0 can remove masks that did not cancel.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..aggregation import fedavg
 from ..comm import reduce_sum_array
 from ..device import chunks
+from .kinds import Kind, mean_of_sum, register
+from .message import Message
 
 
-class MeanTransport:
-    kind = "mean"
+@dataclass
+class Revealed(Message):
+    """Slot leader -> rank 0 (secure aggregation): the seeds its surviving sites share with sites that did not
+    return, ``(survivor, dropped, seed)``, so rank 0 can remove the masks that did not cancel."""
 
-    def __init__(self, size: int, chunk_mb: int):
-        self.size, self.chunk_mb = size, chunk_mb
+    pairs: List[Tuple[int, int, bytes]]
+
+
+@register("mean")
+class MeanKind(Kind):
+    """Mean rules: each slot leader Reduces the sum of its sites' weighted updates; rank 0 divides by the
+    total weight. Built as :class:`SecureMeanKind` under ``privacy.secure_aggregation``."""
+
+    @classmethod
+    def build(cls, cfg: Any, strategy: Any, size: int, topology: Any) -> "Kind":
+        sa = cfg.privacy.secure_aggregation
+        if sa is not None and cls is MeanKind:
+            return SecureMeanKind.build(cfg, strategy, size, topology)
+        return super().build(cfg, strategy, size, topology)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.acc: Optional[np.ndarray] = None  # slot leader: the sum of its sites' weighted updates
         self._tmp: Optional[np.ndarray] = None
         self._empty = True
@@ -47,7 +67,7 @@ class MeanTransport:
             self._tmp = np.empty_like(self.acc)
         self.acc += fedavg.contribution(update, weight, out=self._tmp)
 
-    def upload(self, fed: Any, back: np.ndarray) -> None:
+    def upload(self, fed: Any, back: np.ndarray, mine: Sequence[int] = ()) -> None:
         if self._empty:
             self.acc.fill(0.0)
         reduce_sum_array(fed, self.acc, None, chunk_mb=self.chunk_mb)
@@ -58,19 +78,27 @@ class MeanTransport:
         acc.fill(0.0)
         reduce_sum_array(fed, None, acc, chunk_mb=self.chunk_mb)
 
-    @staticmethod
-    def mean(acc: np.ndarray, total_weight: float) -> np.ndarray:
-        return fedavg.finalize(acc, total_weight, out=acc)
+    def aggregate(self, fed: Any, strategy: Any, back: np.ndarray, num_train: np.ndarray, acc: np.ndarray,
+                  rows: Dict[int, Any]) -> Dict[str, Any]:
+        self.receive_sum(fed, acc)
+        return mean_of_sum(strategy, acc, back, back, num_train, rows)
 
 
-class SecureMeanTransport(MeanTransport):
-    """The same sum as masked fixed-point integers (``privacy.secure_aggregation``)."""
+class SecureMeanKind(MeanKind):
+    """The same sum as masked fixed-point integers (``privacy.secure_aggregation``); the sites' keys are
+    set up once per launch (:class:`hpcfl.protocol.startup.KeysExchange`)."""
 
-    kind = "mean"
+    @classmethod
+    def build(cls, cfg: Any, strategy: Any, size: int, topology: Any) -> "Kind":
+        kind = super().build(cfg, strategy, size, topology)
+        kind.bits = cfg.privacy.secure_aggregation.frac_bits
+        return kind
 
-    def __init__(self, size: int, chunk_mb: int, frac_bits: int):
-        super().__init__(size, chunk_mb)
-        self.bits = frac_bits
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.bits = 0  # fractional bits, set by build
+        self.ctl: Any = None  # the round's plan (hpcfl.protocol.control.Control)
+        self.round = 0
         self.keys: Dict[int, Any] = {}  # site -> Keypair (its secret never leaves this process)
         self.public: List[bytes] = []
         self.enc: Optional[np.ndarray] = None
@@ -80,25 +108,15 @@ class SecureMeanTransport(MeanTransport):
     def _steps(self) -> List[Tuple[int, int]]:
         return list(chunks(self.size, 8, self.chunk_mb))
 
-    # -- key set-up (once per launch): each site's public key, relayed by rank 0 ---------------------------
-    def slot_keys(self, fed: Any, sites: List[int], salt: Optional[bytes] = None) -> None:
+    # -- key set-up (once per launch: :class:`hpcfl.protocol.startup.KeysExchange`) ----------------------
+    def own_keys(self, sites: List[int], salt: Optional[bytes] = None) -> Dict[int, Any]:
         """Key pairs of ``sites``: fresh, or (``salt``: balanced slots, where any slot may train any site)
         derived from a secret all slot ranks share and rank 0 does not have."""
         from ..privacy.secagg import Keypair
 
         self.salt = salt
         self.keys = {s: self.key(s) if salt is not None else Keypair.generate() for s in sites}
-        fed.gather({s: k.public_bytes() for s, k in self.keys.items()}, root=0)
-        self.public = fed.bcast(None, root=0)
-
-    @staticmethod
-    def server_keys(fed: Any, k: int) -> None:
-        got = fed.gather(None, root=0)[1:]
-        public: List[Optional[bytes]] = [None] * k
-        for d in got:
-            for s, key in d.items():
-                public[s] = key
-        fed.bcast(public, root=0)
+        return self.keys
 
     # -- slot half ------------------------------------------------------------------------------------
     def begin_round(self, ctl: Any, r: int) -> None:
@@ -122,12 +140,12 @@ class SecureMeanTransport(MeanTransport):
             secagg.mask_(enc, ci, site, peers)
             np.add(self.enc[s:e], enc, out=self.enc[s:e])
 
-    def upload(self, fed: Any, back: np.ndarray) -> None:
+    def upload(self, fed: Any, back: np.ndarray, mine: Sequence[int] = ()) -> None:
         from mpi4py import MPI
 
         # A survivor reveals the seeds it shares with sites that did not return (SecAgg's recovery step).
-        fed.gather([(i, j, seed) for i, peers in self.pairs.items() if back[i]
-                    for j, seed in peers.items() if not back[j]], root=0)
+        fed.gather(Revealed([(i, j, seed) for i, peers in self.pairs.items() if back[i]
+                             for j, seed in peers.items() if not back[j]]), root=0)
         for s, e in self._steps():
             fed.Reduce(self.enc[s:e], None, op=MPI.SUM, root=0)
 
@@ -143,6 +161,16 @@ class SecureMeanTransport(MeanTransport):
 
         return Keypair.from_private_bytes(hashlib.sha256(self.salt + int(site).to_bytes(8, "little")).digest())
 
+    def masked_first_chunk(self, site: int, update: np.ndarray, weight: float) -> np.ndarray:
+        """Debug: the masked encoding of chunk 0 of ``site``'s update, as :meth:`add_site` masked it."""
+        from ..privacy import secagg
+
+        s, e = self._steps()[0]
+        x = update[s:e] * np.float32(weight) if weight != 1.0 else update[s:e]
+        enc = secagg.encode(x, self.bits, num_sites=max(1, int(self.ctl.returns().sum())))
+        secagg.mask_(enc, 0, site, self.pairs.get(site, {}))
+        return enc
+
     def masked_upload(self) -> np.ndarray:
         """What rank 0 receives from this slot (for the test that uploads look random)."""
         return self.enc
@@ -153,7 +181,7 @@ class SecureMeanTransport(MeanTransport):
 
         from ..privacy import secagg
 
-        pairs = [p for got in fed.gather(None, root=0)[1:] for p in (got or [])]
+        pairs = [p for got in fed.gather(None, root=0)[1:] for p in got.pairs]
         for ci, (s, e) in enumerate(self._steps()):
             buf = np.zeros(e - s, np.uint64)
             fed.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .message import Message
+
 
 @dataclass
 class Packed:
@@ -44,17 +46,16 @@ def unpack(p: Optional[Packed]) -> Optional[np.ndarray]:
 
 
 @dataclass
-class SiteInfo:
+class SiteInfo(Message):
     """Once per launch: what rank 0 needs to know about a site before round 1."""
 
     site: int
     num_train: int
     steps: int  # planned local steps per round (simulated time, stragglers)
-    eval_size: int  # length of the task's metric sums vector
 
 
 @dataclass
-class TrainRow:
+class TrainRow(Message):
     """A site's local training in one round, as its slot leader saw it."""
 
     site: int
@@ -76,7 +77,7 @@ class TrainRow:
 
 
 @dataclass
-class EvalRow:
+class EvalRow(Message):
     """The global model on a site's validation data, and where the slot's time went."""
 
     site: int
@@ -85,7 +86,7 @@ class EvalRow:
 
 
 @dataclass
-class SlotTimes:
+class SlotTimes(Message):
     """Per slot and round: the transfer phases, and the slot's total training time (its sites in turn)."""
 
     slot: int
@@ -94,6 +95,21 @@ class SlotTimes:
     recv_s: float = 0.0
     site_bcast_s: float = 0.0
     eval_s: float = 0.0
+
+
+@dataclass
+class TrainReport(Message):
+    """A slot's report after local training: a row per site sampled into the round."""
+
+    rows: List[TrainRow]
+
+
+@dataclass
+class EvalReport(Message):
+    """A slot's report after evaluating the new global model: its times and a row per evaluated site."""
+
+    times: SlotTimes
+    rows: List[EvalRow]
 
 
 def _finite(x: float):

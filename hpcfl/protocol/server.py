@@ -2,8 +2,8 @@
 NumPy array, aggregates, logs and checkpoints; it never imports torch.
 
 The slots' side is :class:`hpcfl.site.slot.SlotWorker`. Every exchange between the two
-is a class in :mod:`hpcfl.protocol` with both halves side by side; the order in which
-both sides call them is :data:`hpcfl.protocol.ROUND`.
+is a class in :mod:`hpcfl.protocol` with both halves side by side, in the order that
+module's docstring gives; the aggregation itself is the kind's (:mod:`hpcfl.protocol.kinds`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import astuple
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,16 +19,16 @@ import numpy as np
 
 from ..aggregation import strategy_for
 from ..checkpoint import save_checkpoint, write_npz_atomic
-from ..comm import recv_array
 from ..config import Config, config_hash
-from ..errors import CheckpointError, RankFailure, TopologyError
-from ..model import Entry, layout_signature, same_state, state_views
+from ..errors import CheckpointError, RankFailure
+from ..model import state_views
 from ..participation import NONFINITE, NOT_SAMPLED, RETURNS, eval_sites, plan_round, sample_size
 from ..tasks import task_class
 from ..topology import balance
 from .control import Control, ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
 from .records import by_site, round_records, strict
-from .transports import make_transport
+from .state import BestModel, ExtraState, GlobalModel, ServerRng, assemble, restore
+from .kinds import make_kind
 
 log = logging.getLogger("hpcfl")
 # Set by the SIGUSR1 handler of rank 0 (runtime.py) or by a stop file: finish the round, checkpoint, exit.
@@ -46,100 +46,140 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class LayoutExchange:
-    """Leaders tell rank 0 how the model is flattened (all must agree); rank 0 never builds the model."""
+class BackgroundWrites:
+    """Rank 0's writes of a round (best.npz, the checkpoint) in a thread, once the round before's are done:
+    they overlap the slots' next round.
 
-    @staticmethod
-    def server(fed: Any, topology) -> List[Entry]:
-        got = fed.gather(None, root=0)
-        sig0, entries = got[1]
-        bad = [i - 1 for i in range(2, len(got)) if got[i][0] != sig0]
-        verdict = (not bad, f"slot(s) {', '.join(map(str, bad))} built a different model than slot 0 "
-                            "(parameter names or shapes differ)")
-        fed.bcast(verdict, root=0)
-        if bad:
-            raise TopologyError(verdict[1])
-        return [Entry(n, tuple(sh), o, k) for n, sh, o, k in entries]
+    Why: writing a model (zip CRC, SHA-256, the disk) took 0.1-0.3 s a round for 38 MB on 2 cores,
+    all of it in rank 0's critical path; those calls release the GIL. The weights and the strategy's
+    state they read change only in the next aggregation, which waits for them (:meth:`wait`), as do
+    the end of the run and a stop. A write that fails raises there, in rank 0's thread.
+    """
 
-    @staticmethod
-    def slot(fed: Any, flat_model) -> None:
-        fed.gather((flat_model.signature(), [tuple(astuple(e)) for e in flat_model.entries]), root=0)
-        ok, msg = fed.bcast(None, root=0)
-        if not ok:
-            raise TopologyError(msg)
+    def __init__(self) -> None:
+        self.pending: List[Callable[[], Any]] = []  # this round's writes
+        self._writer: Optional[threading.Thread] = None  # the writes of the round before, in progress
+        self._error: Optional[BaseException] = None
+
+    def start(self) -> None:
+        self.wait()
+        writes, self.pending = self.pending, []
+        if not writes:
+            return
+
+        def run() -> None:
+            try:
+                for write in writes:
+                    write()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by wait
+                self._error = exc
+
+        self._writer = threading.Thread(target=run, name="hpcfl-checkpoint", daemon=True)
+        self._writer.start()
+
+    @property
+    def running(self) -> bool:
+        return self._writer is not None
+
+    def wait(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise exc
+
+    def finish_quietly(self) -> None:
+        try:
+            self.wait()
+        except Exception as exc:  # noqa: BLE001 - the error already raised is the one to report
+            log.error("the checkpoint being written failed too: %s", exc)
+
+
+@dataclass
+class SiteStats:
+    """What rank 0 knows of every site from start-up (:class:`hpcfl.protocol.startup.SiteInfoExchange`)."""
+
+    num_train: np.ndarray  # (K,) float64: training samples
+    steps: np.ndarray  # (K,) int64: planned local steps per round
+    work: np.ndarray  # (K,) samples a site trains on per round: what balanced slots are dealt by
+
+    @classmethod
+    def of(cls, cfg: Config, info: Dict[int, Any], k: int) -> "SiteStats":
+        steps = np.array([info[i].steps for i in range(k)], np.int64)
+        batch = np.array([s.overrides.batch_size or cfg.train.batch_size for s in cfg.sites], np.float64)
+        return cls(np.array([info[i].num_train for i in range(k)], np.float64), steps, steps * batch)
 
 
 class Aggregator:
-    """Rank 0: holds the global model, runs the strategy, logs and checkpoints."""
+    """Rank 0: holds the global model, runs the strategy through the aggregation kind, logs and checkpoints.
+
+    Its state is its parts' (:mod:`hpcfl.protocol.state`): the global model, the strategy (and what its
+    privacy wrapper keeps), the best model and the random stream; ``ckpt``, when resuming, is restored
+    into them and emptied, so nothing keeps the loaded checkpoint's arrays alive."""
 
     def __init__(self, cfg: Config, topology, comms, rundir, ckpt: Optional[Dict[str, Any]]):
+        self.cfg, self.topology, self.comms, self.rundir = cfg, topology, comms, rundir
+        self.k, self.names = len(topology.sites), topology.names
+        self.rss_before_model = current_rss()
+        self.rng = ServerRng(cfg.run.seed)  # server-side randomness (plans, DP noise)
+        self.strategy = self._strategy(cfg)
+        self.task = task_class(cfg.task)(cfg)
+        key = best_metric(cfg, self.task)
+        self.best = BestModel(key, key.removeprefix("val_") in self.task.minimize)
+        self.start_round = 1 if ckpt is None else int(ckpt["round"]) + 1
+        self.checkpointed_round = self.start_round - 1
+        self.last_records: List[Dict[str, Any]] = []  # of the last checkpointed round
+        self.model: Optional[GlobalModel] = None  # after start-up (the layout comes from the slots)
+        self.sites: Optional[SiteStats] = None
+        self.kind: Any = None  # the aggregation kind's rank 0 half
+        self.plan: Any = None  # the round's plan (hpcfl.participation.Plan)
+        self.heartbeat: Any = None
+        self.writes = BackgroundWrites()
+        self._config_hash: Optional[str] = None
+        self._t_prev = 0.0
+        self._restore: Optional[Dict[str, np.ndarray]] = None  # the checkpoint's model, until start-up
+        if ckpt is not None:
+            self._restore = ckpt["model"]
+            restore(self.parts(), ckpt, self._bad_state)
+            ckpt.clear()  # restored: the caller's reference no longer holds the arrays
+
+    def _strategy(self, cfg: Config):
+        """The rule, wrapped by DP-FedAvg when asked (it then owns the clip norm, noise and accountant)."""
+        strategy = strategy_for(cfg.fl)
+        if cfg.privacy.dp is None:
+            return strategy
         from ..privacy.server import DifferentialPrivacy
 
-        self.cfg, self.topology, self.comms, self.rundir = cfg, topology, comms, rundir
-        self.k = len(topology.sites)
-        self.names = topology.names
-        self.rss_before_model = current_rss()
-        self.ckpt = ckpt
-        self.rng = np.random.default_rng([cfg.run.seed, 29])  # server-side randomness (plans, DP noise)
-        self.strategy = strategy_for(cfg.fl)
-        self.dp: Optional[DifferentialPrivacy] = None
-        if cfg.privacy.dp is not None:
-            q = sample_size(cfg.fl.sampling.fraction, cfg.fl.sampling.min_sites, self.k) / self.k
-            self.dp = self.strategy = DifferentialPrivacy(self.strategy, cfg.privacy.dp, self.rng, q)
-        self.task = task_class(cfg.task)(cfg)
-        self.best_metric = best_metric(cfg, self.task)
-        self.start_round = 1 if ckpt is None else int(ckpt["round"]) + 1
-        meta = (ckpt or {}).get("state", {})
-        self.best = meta.get("best")  # {"metric", "value", "round"}
-        if self.dp is not None:
-            self.dp.load_dp_state(meta)
-        self.last_records: List[Dict[str, Any]] = []  # of the last checkpointed round
-        self.heartbeat = None
-        self.checkpointed_round = self.start_round - 1
-        self._pending: List[Callable[[], Any]] = []  # best.npz and checkpoint writes of this round
-        self._writer: Optional[threading.Thread] = None  # the writes of the round before, in progress
-        self._write_error: Optional[BaseException] = None
-        self.rng_state = self.rng.bit_generator.state
-        self._config_hash: Optional[str] = None
+        q = sample_size(cfg.fl.sampling.fraction, cfg.fl.sampling.min_sites, self.k) / self.k
+        return DifferentialPrivacy(strategy, cfg.privacy.dp, self.rng.gen, q)
+
+    def parts(self) -> Dict[str, Any]:
+        """What a checkpoint is assembled from (:data:`hpcfl.protocol.state.PLACES`), in the file's order."""
+        parts = {"model": self.model, "strategy": self.strategy, "best": self.best,
+                 "extra": ExtraState(self.strategy), "rng": self.rng}
+        return {k: v for k, v in parts.items() if v is not None}
+
+    def _bad_state(self, part: str, exc: Exception) -> None:
+        raise CheckpointError(f"{self.rundir.path}: the checkpoint's {self.cfg.fl.strategy} {part} state: "
+                              f"{exc}") from None
 
     @property
     def clip(self) -> float:
-        return self.dp.clip if self.dp is not None else 0.0
+        return self.strategy.upload_clip()
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _initial_model(self) -> None:
-        """The layout from the leaders; weights from the checkpoint, or slot 0's seeded init."""
-        fed = self.comms.federation
-        self.entries = LayoutExchange.server(fed, self.topology)
-        self.signature = layout_signature(self.entries)
-        n = sum(e.numel for e in self.entries)
-        self.weights = np.empty(n, np.float32)
-        ckpt = self.ckpt
-        if ckpt is not None:
-            if not same_state(self.entries, ((k, v.shape) for k, v in ckpt["model"].items())):
-                raise CheckpointError(f"{self.rundir.path}: its checkpoint holds a different model than the sites build")
-            for name, view in state_views(self.weights, self.entries).items():
-                view[...] = ckpt["model"][name]
-            try:
-                self.strategy.load_state_dict(ckpt.get("strategy", {}))
-            except ValueError as exc:
-                raise CheckpointError(f"{self.rundir.path}: the checkpoint's {self.cfg.fl.strategy} state: {exc}") from None
-            self.rng.bit_generator.state = ckpt["rng"]
-            self.rng_state = ckpt["rng"]
-        fed.Bcast(np.array([ckpt is None], np.int8), root=0)
-        if ckpt is None:
-            recv_array(fed, self.weights, 1, self.cfg.launch.chunk_mb)  # slot 0 leader's seeded init
-        self.acc = np.zeros_like(self.weights)  # the one extra model-sized buffer rank 0 needs
-        info = by_site(fed.gather(None, root=0)[1:], self.k)
-        self.num_train = np.array([info[i].num_train for i in range(self.k)], np.float64)
-        self.steps = np.array([info[i].steps for i in range(self.k)], np.int64)
-        self.eval_size = int(info[0].eval_size)
-        del info
-        batch = np.array([s.overrides.batch_size or self.cfg.train.batch_size for s in self.cfg.sites], np.float64)
-        self.work = self.steps * batch  # a site's samples per round: what balanced slots are dealt by
-        self.transport = make_transport(self.cfg, self.strategy, n, self.topology)
-        if self.cfg.privacy.secure_aggregation is not None:  # relay public keys; rank 0 never sees a secret
-            self.transport.server_keys(fed, self.k)
+        """The start-up exchanges (:mod:`hpcfl.protocol.startup`): the layout from the leaders, weights from the
+        checkpoint or slot 0's seeded init, every site's report, secure aggregation's keys."""
+        from .startup import ServerStart, run_server
+
+        start = ServerStart(self.comms.federation, self.cfg, self.k, self._restore, str(self.rundir.path))
+        self._restore = None
+        start = run_server(start)
+        self.model = GlobalModel(start.entries, start.weights)
+        self.sites = SiteStats.of(self.cfg, start.sites, self.k)
+        self.kind = make_kind(self.cfg, self.strategy, self.model.weights.size, self.topology)
 
     # -- the per-round plan ---------------------------------------------------------------------------
     def stop_requested(self) -> bool:
@@ -159,7 +199,7 @@ class Aggregator:
             self.plan = None
             ctl = Control.make(None, self.k, self.clip, stop=True, slots=np.full(self.k, -1) if balanced else None)
         else:
-            self.plan = plan_round(self.rng, self.cfg.fl, self.cfg.sites, self.steps, round_)
+            self.plan = plan_round(self.rng.gen, self.cfg.fl, self.cfg.sites, self.sites.steps, round_)
             ctl = Control.make(self.plan, self.k, self.clip, stop=False,
                                slots=self.assign(self.plan) if balanced else None)
         return PlanExchange.server(self.comms.federation, ctl)
@@ -168,7 +208,7 @@ class Aggregator:
         """launch.assign: balanced: the round's sampled sites dealt to the slots by estimated work (samples a
         site trains on per round: local steps x batch size; 0 for one that will not return), longest first."""
         sampled = np.flatnonzero(plan.codes != NOT_SAMPLED)
-        work = np.where(plan.codes[sampled] == RETURNS, self.work[sampled], 0.0)
+        work = np.where(plan.codes[sampled] == RETURNS, self.sites.work[sampled], 0.0)
         out = np.full(self.k, -1, np.int64)
         out[sampled] = balance(work, len(self.topology.slots))
         return out
@@ -176,22 +216,9 @@ class Aggregator:
     # -- aggregation ----------------------------------------------------------------------------------
     def _aggregate(self, r: int, back: np.ndarray, train) -> Dict[str, Any]:
         """Update self.weights from the uploads; returns what the round record says about it."""
-        fed, t, kind = self.comms.federation, self.transport, self.strategy.kind
-        info: Dict[str, Any] = {}
-        if kind == "coordinate":
-            t.receive(fed, self.strategy, back, self.num_train, self.acc)
-        else:
-            keep = back
-            if kind == "select":
-                keep = t.select(fed, self.strategy, back, self.num_train)
-                info["krum_kept"] = [self.names[i] for i in np.flatnonzero(keep)]
-            t.receive_sum(fed, self.acc)
-            if self.dp is not None:
-                unclipped = sum(1 for i in np.flatnonzero(back) if train[i].unclipped)
-                info.update(self.dp.noise_sum_(self.acc, int(back.sum()), unclipped))
-            total = float(sum(self.strategy.upload_weight(self.num_train[i]) for i in np.flatnonzero(keep)))
-            t.mean(self.acc, total)
-        self.strategy.finalize(self.acc, self.weights, r)
+        m = self.model
+        info = self.kind.aggregate(self.comms.federation, self.strategy, back, self.sites.num_train, m.acc, train)
+        self.strategy.finalize(m.acc, m.weights, r)
         return info
 
     def final_participation(self, r: int, ctl: Control, train) -> np.ndarray:
@@ -217,13 +244,13 @@ class Aggregator:
         cfg, fed = self.cfg, self.comms.federation
         self.heartbeat = heartbeat
         self._initial_model()
-        self.t_prev = time.perf_counter()
-        ModelExchange.server(fed, self.weights, cfg.launch.chunk_mb)  # initial (or resumed) global model
+        self._t_prev = time.perf_counter()
+        ModelExchange.server(fed, self.model.weights, cfg.launch.chunk_mb)  # initial (or resumed) global model
         ctl = self.send_plan(self.start_round)
         try:
             stopped_after, last = self._rounds(ctl, progress)
         except BaseException:
-            self._finish_writes_quietly()  # a complete checkpoint of the round before, for the resume
+            self.writes.finish_quietly()  # a complete checkpoint of the round before, for the resume
             raise
         out = progress.finish(last)
         if stopped_after is not None:
@@ -231,8 +258,8 @@ class Aggregator:
             self.rundir.stop_file.unlink(missing_ok=True)
             progress._print(f"stopped after round {stopped_after} on request; the checkpoint is written: run the same "
                             f"command (or requeue the job) to resume")
-        if self.best:
-            out["best"] = self.best
+        if self.best.best:
+            out["best"] = self.best.best
         out["memory"] = self.memory()
         return out
 
@@ -245,8 +272,8 @@ class Aggregator:
             if ctl.stop:
                 stopped_after = r - 1
                 break
-            maybe_fail(cfg, 0, r, before=self.wait_for_writes)
-            maybe_hold(cfg, r, before=self.wait_for_writes, beat=self._phase, stop=self._stop_pending)
+            maybe_fail(cfg, 0, r, before=self.writes.wait)
+            maybe_hold(cfg, r, before=self.writes.wait, beat=self._phase, stop=self._stop_pending)
             ctl, records = self._round(r, ctl)
             last = records[-1]
             progress.round_done(last, records)
@@ -258,8 +285,8 @@ class Aggregator:
                 self._cross_site()
         if stopped_after is not None and self.checkpointed_round < stopped_after:
             self.checkpoint(stopped_after, self.last_records)
-            self.start_writes()
-        self.wait_for_writes()
+            self.writes.start()
+        self.writes.wait()
         return stopped_after, last
 
     def _round(self, r: int, ctl: Control):
@@ -268,22 +295,22 @@ class Aggregator:
         cfg, fed, plan = self.cfg, self.comms.federation, self.plan
         self._phase("wait for uploads", r)
         t0 = time.perf_counter()
-        train = by_site(RowsExchange.server(fed), self.k, np.flatnonzero(ctl.codes != NOT_SAMPLED))
+        train = by_site([m.rows for m in RowsExchange.server(fed)], self.k, np.flatnonzero(ctl.codes != NOT_SAMPLED))
         back = ParticipationExchange.server(fed, self.final_participation(r, ctl, train))
         t1 = time.perf_counter()
         self._phase("aggregate", r)
-        self.wait_for_writes()  # the previous round's checkpoint reads the weights this changes
+        self.writes.wait()  # the previous round's checkpoint reads the weights this changes
         agg_info = self._aggregate(r, back, train) if ctl.aggregate and back.any() else {"skipped": True}
         t2 = time.perf_counter()
-        ModelExchange.server(fed, self.weights, cfg.launch.chunk_mb)
+        ModelExchange.server(fed, self.model.weights, cfg.launch.chunk_mb)
         t3 = time.perf_counter()
         self._phase("wait for evaluations", r)
         gathered = RowsExchange.server(fed)
-        evals = by_site([g[1] for g in gathered], self.k, eval_sites(cfg.eval, cfg.run.seed, self.k, r, cfg.fl.rounds))
-        slots = [g[0] for g in gathered]
+        evals = by_site([m.rows for m in gathered], self.k, eval_sites(cfg.eval, cfg.run.seed, self.k, r, cfg.fl.rounds))
+        slots = [m.times for m in gathered]
         t4 = time.perf_counter()
-        self.rng_state = self.rng.bit_generator.state  # what round r+1 resumes from: before its plan is drawn
-        nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control(self.k, balanced=cfg.launch.assign == "balanced")  # slots start round r+1 now
+        self.rng.mark()  # what round r+1 resumes from: before its plan is drawn
+        nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control.idle(self.k, cfg.launch.assign == "balanced")  # slots start round r+1 now
         server = {"wait_upload_s": t1 - t0, "aggregate_s": t2 - t1, "send_s": t3 - t2, "wait_eval_s": t4 - t3}
         codes = plan.codes.copy()
         codes[[i for i in np.flatnonzero((codes == RETURNS) & ~back) if not train[i].finite]] = NONFINITE
@@ -295,98 +322,51 @@ class Aggregator:
         self._track_best(r, summary)  # best.npz: counted with the checkpoint
         if r % cfg.checkpoint.every == 0 or r == cfg.fl.rounds or nxt.stop:
             self.checkpoint(r, records)
-        self.start_writes()
+        self.writes.start()
         now = time.perf_counter()
         summary["time"]["checkpoint_s"] = now - t5
-        summary["time"]["round_s"] = now - self.t_prev
+        summary["time"]["round_s"] = now - self._t_prev
         summary["time"]["overhead_s"] = max(0.0, summary["time"]["round_s"] - summary["time"]["train_s"])
-        self.t_prev = now
+        self._t_prev = now
         self.rundir.append_metrics(strict(records))
         return nxt, records
 
     def _track_best(self, r: int, summary: Dict[str, Any]) -> None:
-        key = self.best_metric
-        value = summary.get(key)
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            return
-        smaller = key.removeprefix("val_") in self.task.minimize
-        better = self.best is None or (value < self.best["value"] if smaller else value > self.best["value"])
-        if better:
-            self.best = {"metric": key, "value": float(value), "round": r}
-            arrays = {f"model/{k}": v for k, v in state_views(self.weights, self.entries).items()}
-            meta = {"round": r, "metric": key, "value": float(value), "signature": self.signature}
-            self._pending.append(lambda: write_npz_atomic(self.rundir.best, arrays, meta))
-        summary["best"] = dict(self.best)
+        if self.best.better(r, summary):
+            m = self.model
+            arrays = {f"model/{k}": v for k, v in state_views(m.weights, m.entries).items()}
+            meta = {"round": r, "metric": self.best.key, "value": self.best.best["value"], "signature": m.signature}
+            self.writes.pending.append(lambda: write_npz_atomic(self.rundir.best, arrays, meta))
 
     def _cross_site(self) -> None:
         from .crosssite import CrossSite
 
-        CrossSite.server(self)
+        CrossSite.server(self.comms.federation, self.cfg, self.names, self.model.weights, self.model.acc,
+                         self.task, self.rundir)
 
     def memory(self) -> Dict[str, float]:
         """Rank 0's memory: FedAvg by Reduce must keep it at a constant number of model copies."""
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        model = self.weights.nbytes
+        model = self.model.weights.nbytes
         return {"model_mb": model / 2**20, "rss_before_model_mb": self.rss_before_model / 2**20,
                 "peak_rss_mb": peak / 2**20, "model_copies_above_baseline": (peak - self.rss_before_model) / model,
                 "strategy_model_copies": self.strategy.memory_copies()}
 
     def checkpoint(self, round_: int, records: List[Dict[str, Any]]) -> None:
-        """Round ``round_``'s checkpoint, written in the background by :meth:`start_writes`."""
-        state: Dict[str, Any] = {"best": dict(self.best) if self.best else self.best}
-        if self.dp is not None:
-            state.update(self.dp.dp_state())
-        # what the round's records and state are now: the caller goes on adding timings to them
+        """Round ``round_``'s checkpoint, assembled from :meth:`parts` and written in the background."""
+        arrays, state = assemble(self.parts())
         if self._config_hash is None:  # once: it serialises every site's settings (10,000 sites: 2.6 MB)
             self._config_hash = config_hash(self.cfg)
-        meta = copy.deepcopy({"config_hash": self._config_hash, "signature": self.signature,
-                              "rng": self.rng_state, "records": records, "state": state})
-        model, strategy = state_views(self.weights, self.entries), self.strategy.state_dict()
-        keep = self.cfg.checkpoint.keep
-        self._pending.append(lambda: save_checkpoint(self.rundir.checkpoints, round_, model, meta,
-                                                     strategy=strategy, keep=keep))
+        # what the round's records and state are now: the caller goes on adding timings to them
+        meta = copy.deepcopy({"config_hash": self._config_hash, "signature": self.model.signature,
+                              "rng": state["rng"], "records": records, "state": state["state"]})
+        model, strategy, keep = arrays["model"], arrays["strategy"], self.cfg.checkpoint.keep
+        self.writes.pending.append(lambda: save_checkpoint(self.rundir.checkpoints, round_, model, meta,
+                                                           strategy=strategy, keep=keep))
         self.checkpointed_round = round_
         self.last_records = records
-
-    def start_writes(self) -> None:
-        """This round's writes (best.npz, the checkpoint) in a thread, once the round before's are done:
-        they overlap the slots' next round.
-
-        Why: writing a model (zip CRC, SHA-256, the disk) took 0.1-0.3 s a round for 38 MB on 2 cores,
-        all of it in rank 0's critical path; those calls release the GIL. The weights and the strategy's
-        state it reads change only in the next aggregation, which waits for it (:meth:`wait_for_writes`),
-        as do the end of the run and a stop. A write that fails raises there, in rank 0's thread.
-        """
-        self.wait_for_writes()
-        writes, self._pending = self._pending, []
-        if not writes:
-            return
-
-        def run() -> None:
-            try:
-                for write in writes:
-                    write()
-            except BaseException as exc:  # noqa: BLE001 - re-raised by wait_for_writes
-                self._write_error = exc
-
-        self._writer = threading.Thread(target=run, name="hpcfl-checkpoint", daemon=True)
-        self._writer.start()
-
-    def _finish_writes_quietly(self) -> None:
-        try:
-            self.wait_for_writes()
-        except Exception as exc:  # noqa: BLE001 - the error already raised is the one to report
-            log.error("the checkpoint being written failed too: %s", exc)
-
-    def wait_for_writes(self) -> None:
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
-        if self._write_error is not None:
-            exc, self._write_error = self._write_error, None
-            raise exc
 
 
 def best_metric(cfg: Config, task) -> str:
@@ -458,4 +438,4 @@ def _leak(mb: int) -> list:
     return held
 
 
-__all__ = ["Aggregator", "LayoutExchange", "request_stop", "maybe_fail", "maybe_hold"]
+__all__ = ["Aggregator", "request_stop", "maybe_fail", "maybe_hold"]

@@ -21,14 +21,13 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ..atomic import write_atomic
-from ..comm import send_array
 from ..errors import CheckpointError
 from ..participation import NOT_SAMPLED, cross_site_sites, eval_sites
 from ..privacy.filters import filter_update, is_finite, upload_filters
 from ..protocol.control import ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
-from ..protocol.records import EvalRow, Packed, SiteInfo, SlotTimes, TrainRow
-from ..protocol.server import LayoutExchange, maybe_fail
-from ..protocol.transports import make_transport
+from ..protocol.kinds import make_kind
+from ..protocol.records import EvalReport, EvalRow, Packed, SiteInfo, SlotTimes, TrainReport, TrainRow
+from ..protocol.server import maybe_fail
 from ..rundir import RunPaths
 from .data import SiteRank
 from .trainer import SiteSettings
@@ -50,7 +49,7 @@ class SiteCache:
     a slot that simulates 5,000 sites holds the few it trains or evaluates now.
 
     What a site must keep between rounds lives outside it, bounded: its private entries
-    (``SlotWorker.private``: only where its task or ``privacy.exclude_vars`` keeps some, one
+    (:class:`PrivateEntries`: only where its task or ``privacy.exclude_vars`` keeps some, one
     vector per site that ever trained, also saved with every checkpoint) and its final local
     model for cross-site validation (``SlotWorker.final_local``: only the sites cross-site
     validation covers, at most ``eval.cross_site_max``).
@@ -89,6 +88,62 @@ def private_names(cfg, task, entries) -> List[str]:
     return keep
 
 
+class PrivateEntries:
+    """Each site's private entries (``privacy.exclude_vars``, and what its task does not exchange): one vector
+    per site that ever trained, on the device. The slots' one state across rounds: saved with every round, one
+    file per site (``RunPaths.site_private``), and loaded on resume (:meth:`state_dict`, :meth:`load_state_dict`)."""
+
+    def __init__(self, slices, torch, device, paths: RunPaths, keep_rounds: int):
+        self.slices, self.torch, self.device = list(slices), torch, device
+        self.paths, self.keep_rounds = paths, keep_rounds  # files older than keep_rounds go
+        self.values: Dict[int, Any] = {}  # site -> the values of its private entries
+
+    def __bool__(self) -> bool:
+        return bool(self.slices)
+
+    def grab(self, i: int, flat) -> None:
+        if self.slices:
+            self.values[i] = self.torch.cat([flat[s:e] for s, e in self.slices]).clone()
+
+    def restore(self, i: int, flat) -> None:
+        p = self.values.get(i)
+        if p is None:
+            return
+        o = 0
+        for s, e in self.slices:
+            flat[s:e] = p[o:o + e - s]
+            o += e - s
+
+    def state_dict(self) -> Dict[int, np.ndarray]:
+        return {i: p.cpu().numpy() for i, p in self.values.items()}
+
+    def load_state_dict(self, state: Dict[int, np.ndarray]) -> None:
+        for i, arr in state.items():
+            self.values[i] = self.torch.from_numpy(arr).to(self.device)
+
+    def save(self, sites: Dict[int, str], round_: int) -> None:
+        """Round ``round_``'s file of every site in ``sites`` (index -> name) that has entries."""
+        for i, arr in self.state_dict().items():
+            if i not in sites:
+                continue
+            name = sites[i]
+            write_atomic(self.paths.site_private(name, round_), lambda f: np.save(f, arr), error=CheckpointError,
+                         what=f"site {name!r}'s private entries of round {round_}")
+            self.paths.site_private(name, round_ - self.keep_rounds - 1).unlink(missing_ok=True)
+
+    def load(self, sites: Dict[int, str], round_: int) -> None:
+        """Resume: every site's entries as round ``round_`` saved them."""
+        state: Dict[int, np.ndarray] = {}
+        for i, name in sites.items():
+            p = self.paths.site_private(name, round_)
+            try:
+                state[i] = np.load(p)
+            except (OSError, ValueError):
+                raise CheckpointError(f"{p}: missing or unreadable: site {name!r} cannot resume the entries it "
+                                      "keeps private (privacy.exclude_vars, or state its task does not exchange)") from None
+        self.load_state_dict(state)
+
+
 class SlotWorker:
     def __init__(self, cfg, topology, role, comms, trainer, states: SiteCache, start_round: int, run_dir: Path,
                  stager, heartbeat=None):
@@ -98,33 +153,31 @@ class SlotWorker:
         self.stager, self.beat = stager, heartbeat
         self.sites = [topology.sites[i] for i in role.slot.sites]
         self.states = states
-        self.private: Dict[int, Any] = {}  # site -> the values of its private entries (a tensor on the device)
         self.final_local: Dict[int, np.ndarray] = {}  # site -> its last locally trained model (host)
         self.k = len(topology.sites)
         self.cross_site = set(cross_site_sites(cfg.eval, cfg.run.seed, self.k).tolist()) if cfg.eval.cross_site else set()
         model = trainer.model
         self.strategy = trainer.strategy
-        self.private_slices = model.slices(private_names(cfg, trainer.task, model.entries))
-        self.filters = upload_filters(cfg, self.private_slices)
+        slices = model.slices(private_names(cfg, trainer.task, model.entries))
+        self.private = PrivateEntries(slices, trainer.torch, trainer.device, self.paths,
+                                      cfg.checkpoint.keep * cfg.checkpoint.every)
+        self.filters = upload_filters(cfg, slices)
         n = model.numel
         self.global_ = model.flat.clone()  # the global model of the round, on the device
         lead = role.is_leader
         self.global_host = (self.global_.numpy() if model.array is not None else np.empty(n, np.float32)) if lead else None
         self.scratch = np.empty(n, np.float32) if lead else None
-        self.transport = make_transport(cfg, self._strategy_kind(), n, topology) if lead else None
+        self.kind = make_kind(cfg, self.strategy, n, topology) if lead else None  # the aggregation kind's slot half
         self.mine = [s.index for s in self.sites]
         self.mine_idx = np.asarray(self.mine, np.int64)
         self.balanced = cfg.launch.assign == "balanced"
         self.final_round: Dict[int, int] = {}  # site -> the round of its model in final_local
-        if self.balanced and self.private_slices:
+        if self.balanced and self.private:
             from ..errors import ConfigError
 
             raise ConfigError(f"launch.assign: balanced: task {cfg.task!r} keeps entries per site "
-                              f"({len(self.private_slices)} slice(s) it does not exchange), which would stay in one "
+                              f"({len(slices)} slice(s) it does not exchange), which would stay in one "
                               "slot; use launch.assign: static")
-
-    def _strategy_kind(self):
-        return self.strategy
 
     @property
     def fed(self):
@@ -133,47 +186,6 @@ class SlotWorker:
     def _phase(self, what: str, r: int = 0, site: Optional[str] = None) -> None:
         if self.beat is not None:
             self.beat.phase(what, r, site)
-
-    # -- per-site private entries -----------------------------------------------------------------------
-    def grab_private(self, i: int) -> None:
-        if self.private_slices:
-            flat = self.trainer.model.flat
-            self.private[i] = self.trainer.torch.cat([flat[s:e] for s, e in self.private_slices]).clone()
-
-    def restore_private(self, i: int) -> None:
-        p = self.private.get(i)
-        if p is None:
-            return
-        flat, o = self.trainer.model.flat, 0
-        for s, e in self.private_slices:
-            flat[s:e] = p[o:o + e - s]
-            o += e - s
-
-    def _private_path(self, name: str, round_: int) -> Path:
-        return self.paths.site_private(name, round_)
-
-    def save_private(self, i: int, round_: int) -> None:
-        p = self.private.get(i)
-        if p is None or not self.role.is_leader:
-            return
-        name = self.topology.sites[i].name
-        arr = p.cpu().numpy()
-        write_atomic(self._private_path(name, round_), lambda f: np.save(f, arr), error=CheckpointError,
-                     what=f"site {name!r}'s private entries of round {round_}")
-        old = self._private_path(name, round_ - self.cfg.checkpoint.keep * self.cfg.checkpoint.every - 1)
-        old.unlink(missing_ok=True)
-
-    def load_private(self, i: int) -> None:
-        if not self.private_slices or self.start_round == 1:
-            return
-        name = self.topology.sites[i].name
-        p = self._private_path(name, self.start_round - 1)
-        try:
-            arr = np.load(p)
-        except (OSError, ValueError):
-            raise CheckpointError(f"{p}: missing or unreadable: site {name!r} cannot resume the entries it "
-                                  "keeps private (privacy.exclude_vars, or state its task does not exchange)") from None
-        self.private[i] = self.trainer.torch.from_numpy(arr).to(self.trainer.device)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def load_host(self, arr: np.ndarray) -> None:
@@ -191,23 +203,21 @@ class SlotWorker:
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _setup(self) -> None:
+        """The slots' halves of the start-up exchanges (:mod:`hpcfl.protocol.startup`), then the first model."""
+        from ..protocol.startup import SlotStart, run_slot
+
         tr, fed = self.trainer, self.fed
         salt = self._key_salt() if self.cfg.privacy.secure_aggregation is not None else None  # every slot rank
         if fed is not None:
-            LayoutExchange.slot(fed, tr.model)
-            fresh = np.zeros(1, np.int8)
-            fed.Bcast(fresh, root=0)
-            if fresh[0] and self.role.slot.index == 0:  # the seeded initial weights (the same in every slot)
-                send_array(fed, self.host_model(self.scratch), 0, self.cfg.launch.chunk_mb)
-            fed.gather([self._info(s) for s in self.sites], root=0)
-            if self.cfg.privacy.secure_aggregation is not None:
-                self.transport.slot_keys(fed, self.mine, salt)
+            run_slot(SlotStart(fed, self.cfg, self.role.slot.index, tr.model, lambda: self.host_model(self.scratch),
+                               lambda: [self._info(s) for s in self.sites], self.kind, self.mine, salt))
         ModelExchange.slot(fed, self.stager, tr.model.flat, tr.backend)
         self.global_.copy_(tr.model.flat)
-        if self.private_slices:  # every site starts from the seeded model's private entries (or its saved ones)
+        if self.private:  # every site starts from the seeded model's private entries (or its saved ones)
             for i in self.mine:
-                self.grab_private(i)
-                self.load_private(i)
+                self.private.grab(i, tr.model.flat)
+            if self.start_round > 1:
+                self.private.load({i: self.topology.sites[i].name for i in self.mine}, self.start_round - 1)
 
     def _key_salt(self) -> Optional[bytes]:
         """balanced + secure aggregation: any slot may train any site, so a site's key pair is derived from a
@@ -222,15 +232,14 @@ class SlotWorker:
 
     def _info(self, site) -> SiteInfo:
         st = self.states[site]
-        return SiteInfo(site.index, st.data.num_train, self.trainer.planned_steps(st.settings, st.data),
-                        self.trainer.eval_size)
+        return SiteInfo(site.index, st.data.num_train, self.trainer.planned_steps(st.settings, st.data))
 
     # -- one site's local round ------------------------------------------------------------------------
     def _train_site(self, site, r: int, ctl) -> TrainRow:
         cfg, tr, st = self.cfg, self.trainer, self.states[site]
         flat = tr.model.flat
         flat.copy_(self.global_)
-        self.restore_private(site.index)
+        self.private.restore(site.index, tr.model.flat)
         self._phase("train", r, site.name)
         stats = tr.train_round(site, st.rank.rank, r, st.settings, st.data)
         if cfg.debug.save_local_weights:
@@ -246,7 +255,7 @@ class SlotWorker:
         sums = sums.cpu().numpy()
         row.loss_sum, row.samples = float(sums[0]), int(sums[1])
         row.task = {k: float(v) / max(row.samples, 1) for k, v in zip(keys, sums[2:])}
-        self.grab_private(site.index)
+        self.private.grab(site.index, tr.model.flat)
         if site.index in self.cross_site:
             self.final_local[site.index] = self.host_model(np.empty(tr.model.numel, np.float32)).copy()
             self.final_round[site.index] = r
@@ -260,30 +269,22 @@ class SlotWorker:
         return row
 
     def _upload_site(self, site, row: TrainRow, ctl) -> None:
-        """The site's filtered update d = w_local - w_global, added to this round's transport."""
+        """The site's filtered update d = w_local - w_global, added to this round's aggregation kind."""
         d = np.subtract(self.host_model(self.scratch), self.global_host, out=self.scratch)
         row.finite = is_finite(d)
         if not row.finite:
             return
         info = filter_update(self.filters, d, ctl.clip)
         row.update_norm, row.unclipped = info.norm, not info.clipped
-        self.transport.add_site(site.index, d, self.strategy.upload_weight(row.num_train))
+        self.kind.add_site(site.index, d, self.strategy.upload_weight(row.num_train))
         if self.cfg.debug.save_local_weights and self.cfg.privacy.secure_aggregation is not None:
             self._save_masked(row, site)
 
     def _save_masked(self, row, site) -> None:
         """Debug: what rank 0 would receive if this site were alone in its slot (its masked encoding, chunk 0)."""
-        from ..privacy import secagg
-
-        t = self.transport
-        peers = t.pairs.get(site.index, {})
-        n = min(self.trainer.model.numel, max(1, (self.cfg.launch.chunk_mb << 20) // 8))
-        w = self.strategy.upload_weight(row.num_train)
-        x = self.scratch[:n] * np.float32(w) if w != 1.0 else self.scratch[:n]
-        enc = secagg.encode(x, t.bits, num_sites=max(1, int(t.ctl.returns().sum())))
-        secagg.mask_(enc, 0, site.index, peers)
+        enc = self.kind.masked_first_chunk(site.index, self.scratch, self.strategy.upload_weight(row.num_train))
         self.paths.debug.mkdir(exist_ok=True)
-        np.save(self.paths.debug / f"upload-round-{t.round:06d}-site-{site.index}.npy", enc)
+        np.save(self.paths.debug / f"upload-round-{self.kind.round:06d}-site-{site.index}.npy", enc)
 
     def _save_local_weights(self, r: int, st: SiteState) -> None:
         self.paths.debug.mkdir(exist_ok=True)
@@ -316,11 +317,10 @@ class SlotWorker:
                 rows.append(TrainRow(site=site.index, num_train=self.states[site].data.num_train))
             if cfg.debug.save_local_weights:  # what this site holds in a round it sits out
                 tr.model.flat.copy_(self.global_)
-                self.restore_private(site.index)
+                self.private.restore(site.index, tr.model.flat)
                 self._save_local_weights(r, self.states[site])
-        if self.private:  # the entries every site keeps, with the checkpoint of this round
-            for i in self.mine:
-                self.save_private(i, r)
+        if self.private.values and self.role.is_leader:  # the entries every site keeps, with this round's checkpoint
+            self.private.save({i: self.topology.sites[i].name for i in self.mine}, r)
         return rows
 
     def run(self) -> None:
@@ -332,17 +332,17 @@ class SlotWorker:
             if ctl.stop:
                 break
             maybe_fail(cfg, role.rank, r)
-            if self.transport is not None:
-                self.transport.begin_round(ctl, r)
+            if self.kind is not None:
+                self.kind.begin_round(ctl, r)
             times = SlotTimes(slot=role.slot.index)
             rows = self._train_sites(r, ctl, times)
             t0 = time.perf_counter()
             if role.is_leader:
                 self._phase("upload", r)
-                RowsExchange.slot(self.fed, rows)
+                RowsExchange.slot(self.fed, TrainReport(rows))
                 back = ParticipationExchange.slot(self.fed, self.k)
                 if ctl.aggregate and back.any():
-                    self._upload(back)
+                    self.kind.upload(self.fed, back, self.mine)
             t1 = time.perf_counter()
             self._phase("receive global model", r)
             times.recv_s, times.site_bcast_s = ModelExchange.slot(self.fed, self.stager, tr.model.flat, tr.backend)
@@ -355,7 +355,7 @@ class SlotWorker:
                      len(rows), times.train_s)
             if role.is_leader:
                 self._phase("report evaluations", r)
-                RowsExchange.slot(self.fed, (times, evals))
+                RowsExchange.slot(self.fed, EvalReport(times, evals))
             if r < cfg.fl.rounds:
                 self._phase("wait for the next plan", r)
                 ctl = PlanExchange.slot(self.fed, slot_comm, self.k, self.balanced)
@@ -364,8 +364,30 @@ class SlotWorker:
                 from ..protocol.crosssite import CrossSite
 
                 self._phase("cross-site evaluation", cfg.fl.rounds)
-                CrossSite.slot(self)
+                CrossSite.slot(cfg, self._cross_site_side())
             self._end_of_run()
+
+    def _cross_site_side(self):
+        """What this slot lends cross-site evaluation (:class:`hpcfl.protocol.crosssite.CrossSiteSlot`)."""
+        from ..participation import cross_site_sites
+        from ..protocol.crosssite import CrossSiteSlot, bcast_flat
+
+        cfg, tr, role, sites = self.cfg, self.trainer, self.role, self.topology.sites
+        cs = cross_site_sites(cfg.eval, cfg.run.seed, self.k)
+        if self.balanced:  # evaluated round-robin, as in the rounds
+            ours = [sites[i] for i in cs[role.slot.index::len(self.topology.slots)]]
+        else:
+            ours = [sites[i] for i in cs if i in set(self.mine)]
+
+        def share(root: int) -> None:
+            if self.fed is not None:
+                bcast_flat(self.fed, self.stager, tr.model.flat, root)
+            tr.backend.broadcast_(tr.model.flat)
+
+        return CrossSiteSlot(self.fed, self.comms.site, role.slot.index, sites, ours, self.final_round,
+                             self.final_local, tr.model.flat, self.load_host, share,
+                             lambda site: self.evaluate(site, cfg.fl.rounds),
+                             lambda i: self.private.restore(i, tr.model.flat))
 
     def _end_of_run(self) -> None:
         """The task's last word on the final global model (e.g. MIL's attention maps), site by site, with
@@ -380,7 +402,7 @@ class SlotWorker:
         tr.model.module.eval()
         for site in self.sites:
             st = self.states[site]
-            self.restore_private(site.index)
+            self.private.restore(site.index, tr.model.flat)
             tr.task.end_of_run(tr.model.module, st.data, tr.context(site, self.cfg.fl.rounds, st.settings, st.data),
                                self.paths.path)
 
@@ -398,7 +420,7 @@ class SlotWorker:
         """The global model on the validation data of this round's evaluated sites: all at once where their
         models are the same (no private entries), else site by site with each site's own entries restored."""
         sites = self.eval_sites(r)
-        if not self.private_slices and len(sites) > 1:
+        if not self.private and len(sites) > 1:
             self._phase("evaluate global model", r)
             states = [self.states[s] for s in sites]
             t = time.perf_counter()
@@ -409,17 +431,10 @@ class SlotWorker:
         evals: List[EvalRow] = []
         for site in sites:
             self._phase("evaluate global model", r, site.name)
-            self.restore_private(site.index)
+            self.private.restore(site.index, self.trainer.model.flat)
             t = time.perf_counter()
             vec = self.evaluate(site, r)
             dt = time.perf_counter() - t
             times.eval_s += dt
             evals.append(EvalRow(site.index, Packed.of(vec), dt))
         return evals
-
-    def _upload(self, back: np.ndarray) -> None:
-        t = self.transport
-        if t.kind == "mean":
-            t.upload(self.fed, back)
-        else:
-            t.upload(self.fed, back, self.mine)

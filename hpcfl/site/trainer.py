@@ -80,7 +80,6 @@ class SiteTrainer:
         self.channels_last = t.channels_last and len(spec.input_shape) == 3
         if device.type == "cuda":  # pragma: no cover - needs a GPU
             torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
-        self.eval_size = task.eval_size(spec)
         # A strategy's local penalty (FedProx) needs the global values of the trainable parameters.
         self.uses_penalty = strategy is not None and strategy.has_local_penalty()
         self._anchors = [p.detach().clone() for p in self.trainable] if self.uses_penalty else None

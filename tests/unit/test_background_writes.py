@@ -1,19 +1,17 @@
-"""Rank 0 writes best.npz and checkpoints in the background (hpcfl.protocol.server.Aggregator.start_writes)."""
+"""Rank 0 writes best.npz and checkpoints in the background (hpcfl.protocol.server.BackgroundWrites)."""
 import threading
 import time
 
 import pytest
 
 from hpcfl.errors import CheckpointError
-from hpcfl.protocol.server import Aggregator
+from hpcfl.protocol.server import BackgroundWrites
 
 pytestmark = pytest.mark.unit
 
 
 def bare():
-    agg = Aggregator.__new__(Aggregator)  # only the writer's state: no MPI, no config
-    agg._pending, agg._writer, agg._write_error = [], None, None
-    return agg
+    return BackgroundWrites()
 
 
 def test_a_rounds_writes_run_in_order_off_the_main_thread_after_the_round_befores():
@@ -25,15 +23,15 @@ def test_a_rounds_writes_run_in_order_off_the_main_thread_after_the_round_before
             seen.append((tag, threading.current_thread() is threading.main_thread()))
         return w
 
-    agg._pending += [write("best r1", 0.2), write("checkpoint r1")]
-    agg.start_writes()
+    agg.pending += [write("best r1", 0.2), write("checkpoint r1")]
+    agg.start()
     assert seen == []  # returned at once: the writes overlap what rank 0 does next
-    agg._pending.append(write("best r2"))
-    agg.start_writes()  # waits for round 1's writes first
-    agg.wait_for_writes()
+    agg.pending.append(write("best r2"))
+    agg.start()  # waits for round 1's writes first
+    agg.wait()
     assert seen == [("best r1", False), ("checkpoint r1", False), ("best r2", False)]
-    agg.start_writes()  # nothing pending: nothing started
-    assert agg._writer is None
+    agg.start()  # nothing pending: nothing started
+    assert not agg.running
 
 
 def test_a_failed_write_is_raised_in_rank_0s_thread_once():
@@ -42,8 +40,8 @@ def test_a_failed_write_is_raised_in_rank_0s_thread_once():
     def full_disk():
         raise CheckpointError("runs/x/checkpoints: no space left on device")
 
-    agg._pending.append(full_disk)
-    agg.start_writes()
+    agg.pending.append(full_disk)
+    agg.start()
     with pytest.raises(CheckpointError, match="no space left"):
-        agg.wait_for_writes()
-    agg.wait_for_writes()  # reported once
+        agg.wait()
+    agg.wait()  # reported once
