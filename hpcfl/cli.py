@@ -342,13 +342,14 @@ def _status_or_cancel(args) -> int:
     from .cluster import slurm
     from .errors import LaunchError
     from .observe import status as S
+    from .rundir import RunPaths
 
     run_dir, job_id = _resolve_target(args.target)
     if args.command == "stop":
         return _stop(args.target, run_dir, job_id)
     if args.command == "cancel":
         if job_id is None:
-            raise LaunchError(f"{args.target}: no SLURM job recorded ({Path(run_dir) / 'slurm' / 'jobs.json'}); "
+            raise LaunchError(f"{args.target}: no SLURM job recorded ({RunPaths(run_dir).slurm_jobs}); "
                               f"a local run is stopped with: hpcfl stop {args.target}")
         slurm.cancel(job_id)
         print(f"cancelled job {job_id}")

@@ -221,3 +221,16 @@ def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
         time.sleep(0.05)
     assert rd.lock_path.stat().st_mtime > old + 500
     rd.close()
+
+
+def test_the_lock_is_a_context_manager_that_releases_on_error(tmp_path):
+    from hpcfl.rundir import RunLock
+
+    with RunLock(tmp_path) as lock:
+        assert lock.lock_state()[0] == "mine"
+        assert json.loads(lock.lock_path.read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "run.lock").exists()
+    with pytest.raises(RuntimeError):
+        with RunLock(tmp_path):
+            raise RuntimeError("a failure while holding the lock")
+    assert not (tmp_path / "run.lock").exists()
