@@ -127,7 +127,7 @@ def _report(cfg, rundir, task, table, models, cols, missing, k: int) -> None:
     out = {"models": table, "no_local_model": missing, "metric_keys": list(task.metrics), "headline": key}
     if len(cols) < k:
         out["sampled"] = {"sites": len(cols), "of": k, "eval.cross_site_max": cfg.eval.cross_site_max}
-    rundir.write_json("cross_site.json", out)
+    rundir.write_json(rundir.cross_site, out)
     text = _table(table, models, cols, key, missing) if len(cols) <= 16 else _summary(table, models, cols, key, k)
     log.info("%s", text)
     print(text, flush=True)

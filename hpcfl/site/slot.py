@@ -284,7 +284,7 @@ class SlotWorker:
         """Debug: what rank 0 would receive if this site were alone in its slot (its masked encoding, chunk 0)."""
         enc = self.kind.masked_first_chunk(site.index, self.scratch, self.strategy.upload_weight(row.num_train))
         self.paths.debug.mkdir(exist_ok=True)
-        np.save(self.paths.debug / f"upload-round-{self.kind.round:06d}-site-{site.index}.npy", enc)
+        np.save(self.paths.upload(self.kind.round, site.index), enc)
 
     def _save_local_weights(self, r: int, st: SiteState) -> None:
         self.paths.debug.mkdir(exist_ok=True)

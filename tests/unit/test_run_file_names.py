@@ -18,8 +18,6 @@ ALLOWED = {
     ("hpcfl/watchdog.py", "/rank-NNNN.log)\n"),  # a message
     # Not yet ported (their owners' branches edit these files this session; the lead moves them to RunPaths):
     ("hpcfl/cluster/slurm.py", "jobs.json"),  # RunPaths.slurm_jobs
-    ("hpcfl/protocol/crosssite.py", "cross_site.json"),  # RunPaths.cross_site
-    ("hpcfl/site/slot.py", "upload-round-"),  # RunPaths.upload()
     ("hpcfl/watchdog.py", "rank-"),  # RunPaths.beat_path()
     ("hpcfl/watchdog.py", ".beat"),
     ("hpcfl/tasks/mil_net.py", "attention"),  # RunPaths.attention (also the array's name)
