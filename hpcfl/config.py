@@ -23,7 +23,9 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from .aggregation.strategies import STRATEGIES  # pure NumPy; it does not import the config
+from . import sitelist
 from .errors import ConfigError
+from .sitelist import UniformSites
 
 # --------------------------------------------------------------------------
 # YAML: PyYAML implements YAML 1.1, where "1e-3" is a string. Users mean a
@@ -510,6 +512,7 @@ class EvalConfig:
     sites_every: int = _f(1, help="evaluate the global model on the sites' validation data every N rounds (and in the last round); the round's val_* metrics are null in the rounds between", min=1)
     sites_max: int = _f(128, help="sites the global model is evaluated on per evaluation: every site up to this many, above it a seeded sample of this many, drawn afresh each round (the round's val_* are then over the sample)", min=1)
     cross_site_max: int = _f(16, help="cross-site validation covers every site up to this many sites; above it, a seeded sample of this many (their final local models and the global model on their validation data), and the printed table is summarised per model", min=1)
+    central_fraction: float = _f(0.0, help="central evaluation: hold out this fraction of the data set (seeded) before it is split over the sites; the global model is evaluated on it when the sites' validation data is (eval.sites_every), its batches split across every slot rank and summed exactly (the round's central_* metrics); 0 = off. data.name digits, synthetic or arrays, task classify", min=0.0, max=0.9)
 
 
 @dataclass(frozen=True)
@@ -621,7 +624,7 @@ class Config:
 
     @property
     def world_size(self) -> int:
-        return 1 + sum(s.ranks for s in self.sites)
+        return 1 + sitelist.total_ranks(self.sites)
 
     def site_local(self, site: SiteConfig) -> Tuple[Optional[int], Optional[int]]:
         """(epochs, steps) a site trains per round; exactly one is not None."""
@@ -764,6 +767,18 @@ def _expand_sites(raw: Any, path: str, src: str) -> Any:
     return raw
 
 
+def _lazy_sites(raw: Any, path: str, src: str) -> Any:
+    """The shorthand as a count (hpcfl.sitelist.UniformSites): 10,000 sites cost rank 0 no per-site objects."""
+    if not isinstance(raw, Mapping):
+        return None
+    _expand_sites({**raw, "count": 1}, path, src)  # unknown keys, as the list form says them
+    count = _convert(int, raw.get("count", 1), _join(path, "count"), src)
+    _check_range({"min": 1, "max": MAX_SITES}, count, _join(path, "count"), src)
+    ranks = _convert(int, raw.get("ranks", 1), _join(path, "ranks"), src)
+    _check_range({f.name: f.metadata for f in dataclasses.fields(SiteConfig)}["ranks"], ranks, _join(path, "ranks"), src)
+    return UniformSites(count, ranks)
+
+
 @functools.lru_cache(maxsize=None)
 def _hints(cls: Any) -> Dict[str, Any]:
     """A dataclass's resolved field types, once per class: `sites: {count: 10000}` builds 10,000 SiteConfigs,
@@ -789,8 +804,10 @@ def _build(cls: Any, raw: Any, path: str, src: str) -> Any:
                 raise ConfigError(f"{src}: {p}: required key is missing")
             continue
         value = raw[name]
-        if cls is Config and name == "sites":
-            value = _expand_sites(value, p, src)
+        lazy = _lazy_sites(value, p, src) if cls is Config and name == "sites" else None
+        if lazy is not None:
+            kwargs[name] = lazy
+            continue
         value = _convert(hints[name], value, p, src)
         _check_range(f.metadata, value, p, src)
         kwargs[name] = value
@@ -804,7 +821,7 @@ def _validate(cfg: Config, src: str) -> None:
     if not cfg.sites:
         raise ConfigError(f"{src}: sites: at least one site is required")
     seen = set()
-    for i, s in enumerate(cfg.sites):
+    for i, s in enumerate(() if isinstance(cfg.sites, UniformSites) else cfg.sites):  # the shorthand's are valid
         if not _SITE_NAME.match(s.name):
             raise ConfigError(f"{src}: sites[{i}].name: {s.name!r} must be letters, digits, '-', '_' or '.'")
         if s.name in seen:
@@ -832,12 +849,15 @@ def _validate(cfg: Config, src: str) -> None:
             task_class(cfg.task).check_config(cfg)
         except ConfigError as exc:
             raise ConfigError(f"{src}: {exc}") from None
-    rank_counts = len({s.ranks for s in cfg.sites})
+    rank_counts = len(sitelist.rank_counts(cfg.sites))
     if cfg.launch.slots and not rank_counts <= cfg.launch.slots <= len(cfg.sites):
         raise ConfigError(f"{src}: launch.slots: {cfg.launch.slots} slots cannot simulate {len(cfg.sites)} sites with "
                           f"{rank_counts} different rank count(s); choose between {rank_counts} and {len(cfg.sites)} "
                           "(0 = automatic)")
     _validate_assign(cfg, src)
+    if cfg.eval.central_fraction > 0 and (cfg.task != "classify" or cfg.data.name not in ("digits", "synthetic", "arrays")):
+        raise ConfigError(f"{src}: eval.central_fraction: a central held-out set is cut from data.name digits, synthetic "
+                          f"or arrays for task classify (this config: task {cfg.task}, data.name {cfg.data.name})")
     inj = cfg.debug.inject_failure
     if inj is not None and inj.rank >= cfg.world_size:
         raise ConfigError(f"{src}: debug.inject_failure.rank: {inj.rank} is not a rank of this {cfg.world_size}-rank federation")
@@ -867,7 +887,7 @@ def _validate_assign(cfg: Config, src: str) -> None:
     """launch.assign: balanced moves sites between slots, so nothing may be tied to a slot."""
     if cfg.launch.assign != "balanced":
         return
-    if len({s.ranks for s in cfg.sites}) > 1:
+    if len(sitelist.rank_counts(cfg.sites)) > 1:
         raise ConfigError(f"{src}: launch.assign: balanced deals sites to any slot, so every site needs the same "
                           "number of ranks")
     if cfg.fl.strategy in ROBUST:
@@ -1002,6 +1022,8 @@ def to_dict(cfg: Any) -> Any:
     """Plain-Python form of a config (tuples become lists), for YAML/JSON output."""
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, UniformSites):
+        return cfg.as_dict()  # the shorthand stays one: config.yaml, the broadcast config, MLflow params
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
     if isinstance(cfg, dict):
@@ -1020,6 +1042,8 @@ def dump_yaml(cfg: Config) -> str:
 def _sites_shorthand(sites: Sequence[SiteConfig]) -> Optional[Dict[str, int]]:
     """``{count, ranks}`` for a long list of sites that the shorthand would give back exactly (a run's
     config.yaml for 10,000 sites was 1.4 MB, and PyYAML took minutes to read it back for the report)."""
+    if isinstance(sites, UniformSites):
+        return sites.as_dict() if len(sites) > 256 else None
     if len(sites) <= 256 or len({s.ranks for s in sites}) != 1:
         return None
     plain = SiteOverrides()
@@ -1049,9 +1073,22 @@ def trajectory_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of everything that determines the training trajectory (not rounds, paths or launch)."""
-    blob = json.dumps(trajectory_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """Hash of everything that determines the training trajectory (not rounds, paths or launch).
+
+    The shorthand `sites: {count}` is hashed as the list it stands for, one site at a time: the hash of a
+    run started before the shorthand stayed lazy is unchanged (its checkpoints resume), and 10,000 sites
+    are never held at once."""
+    d = trajectory_dict(cfg)
+    sites = getattr(cfg, "sites", None)
+    if not isinstance(sites, UniformSites):
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    d["sites"] = mark = "\0sites\0"
+    head, tail = json.dumps(d, sort_keys=True, separators=(",", ":")).split(json.dumps(mark), 1)
+    h = hashlib.sha256(head.encode() + b"[")
+    for i, s in enumerate(sites):
+        h.update((b"," if i else b"") + json.dumps(to_dict(s), sort_keys=True, separators=(",", ":")).encode())
+    h.update(b"]" + tail.encode())
+    return h.hexdigest()[:16]
 
 
 def reference(cls: Any = Config, prefix: str = "") -> list:

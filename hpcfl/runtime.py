@@ -86,10 +86,11 @@ def _threads_for(cfg: Config, on_node: int) -> int:
 
 def rank_info(role, threads: int, device=None, backend=None, cfg: Optional[Config] = None) -> Dict[str, Any]:
     from .device import cuda_aware_mpi, device_info
+    from .topology import listed
 
     info = {
         "rank": role.rank, "role": role.kind, "site": role.names[0] if len(role.names) == 1 else None,
-        "sites": list(role.names), "slot": role.slot.index if role.slot else None,
+        "sites": listed(role.names), "slot": role.slot.index if role.slot else None,
         "rank_in_site": role.rank_in_slot, "site_leader": role.is_leader,
         "host": socket.gethostname(), "pid": os.getpid(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)), "torch_threads": threads,
@@ -450,13 +451,14 @@ def _aggregate(cfg: Config, r: _Rank, rundir, ckpt, start_round: int, infos) -> 
     """Rank 0: the manifest, then the federation's rounds, then the summary."""
     from .protocol.server import Aggregator
     from .report import Progress
+    from .topology import listed
 
-    topology = r.topology
+    topology, names = r.topology, r.topology.names
     part = next((p for _, p in infos if p is not None), None)
     rundir.write_json("manifest.json", {
         "run": cfg.run.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from_round": start_round - 1, "world_size": topology.world_size, "sites": len(topology.sites),
-        "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name for i in s.sites],
+        "slots": [{"ranks": list(s.ranks), "sites": listed(names, s.sites),
                    "backend": infos[s.leader][0].get("backend")} for s in topology.slots],  # as the slot really ran
         "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
     })

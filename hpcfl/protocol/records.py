@@ -52,6 +52,23 @@ class SiteInfo:
     steps: int  # planned local steps per round (simulated time, stragglers)
     eval_size: int  # length of the task's metric sums vector
 
+    @staticmethod
+    def table(infos: Sequence["SiteInfo"]) -> np.ndarray:
+        """A slot's infos as one (n, 4) int64 array: 10,000 sites' objects unpickled at rank 0 cost it 3 MB."""
+        return np.array([(i.site, i.num_train, i.steps, i.eval_size) for i in infos], np.int64).reshape(-1, 4)
+
+    @staticmethod
+    def columns(tables: Sequence[Optional[np.ndarray]], k: int) -> np.ndarray:
+        """The slots' tables as one (k, 4) array in site order; every site must have reported once."""
+        out = np.full((k, 4), -1, np.int64)
+        for t in tables:
+            if t is not None and len(t):
+                out[t[:, 0]] = t
+        missing = np.flatnonzero(out[:, 0] < 0)
+        if len(missing):
+            raise RuntimeError(f"no report for sites {missing[:5].tolist()} (protocol out of step)")
+        return out
+
 
 @dataclass
 class TrainRow:

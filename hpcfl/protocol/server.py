@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ..aggregation import strategy_for
+from ..central import total as central_total
 from ..checkpoint import save_checkpoint, write_npz_atomic
 from ..comm import recv_array
 from ..config import Config, config_hash
@@ -27,7 +28,7 @@ from ..participation import NONFINITE, NOT_SAMPLED, RETURNS, eval_sites, plan_ro
 from ..tasks import task_class
 from ..topology import balance
 from .control import Control, ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
-from .records import by_site, round_records, strict
+from .records import SiteInfo, by_site, round_records, strict
 from .transports import make_transport
 
 log = logging.getLogger("hpcfl")
@@ -130,10 +131,8 @@ class Aggregator:
         if ckpt is None:
             recv_array(fed, self.weights, 1, self.cfg.launch.chunk_mb)  # slot 0 leader's seeded init
         self.acc = np.zeros_like(self.weights)  # the one extra model-sized buffer rank 0 needs
-        info = by_site(fed.gather(None, root=0)[1:], self.k)
-        self.num_train = np.array([info[i].num_train for i in range(self.k)], np.float64)
-        self.steps = np.array([info[i].steps for i in range(self.k)], np.int64)
-        self.eval_size = int(info[0].eval_size)
+        info = SiteInfo.columns(fed.gather(None, root=0)[1:], self.k)
+        self.num_train, self.steps, self.eval_size = info[:, 1].astype(np.float64), info[:, 2].copy(), int(info[0, 3])
         del info
         batch = np.array([s.overrides.batch_size or self.cfg.train.batch_size for s in self.cfg.sites], np.float64)
         self.work = self.steps * batch  # a site's samples per round: what balanced slots are dealt by
@@ -291,6 +290,7 @@ class Aggregator:
                                 self.task.metrics)
         summary = records[-1]
         summary.update(retries=plan.retries, sim_time_s=plan.sim_time_s, **agg_info)
+        summary.update(central_total([g[2] for g in gathered], self.task.summarize, self.task.metrics))
         t5 = time.perf_counter()
         self._track_best(r, summary)  # best.npz: counted with the checkpoint
         if r % cfg.checkpoint.every == 0 or r == cfg.fl.rounds or nxt.stop:
