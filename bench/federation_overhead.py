@@ -9,7 +9,8 @@ one tiny step, and measure per round (rounds after the first):
 
 next to the lower bound measured in this same process: copying the same
 bytes in memory as many times as the protocol must move them (each of K sites
-uploads one model and receives one: 2K model copies per round). Also rank 0's
+uploads one model and receives one: 2K model copies per round), best of 5, measured
+just before and just after the run and averaged (on a shared machine the load moves). Also rank 0's
 peak resident memory, expressed in model copies above what it held before
 building the model: it must not grow with the number of sites.
 
@@ -149,12 +150,13 @@ def main() -> None:
                     f"fl.rounds={args.rounds}", f"checkpoint.every={args.rounds}", f"sites={{count: {k}, ranks: 1}}"]
             if off:
                 sets += [f"eval.sites_every={args.rounds}", "eval.locally_tuned=false", "eval.cross_site=false"]
+            nbytes = 4 * (FEATURES * h + h + h * h + h + h * CLASSES + CLASSES)
+            before = memcpy_bound(nbytes, 2 * k)  # under a shared machine's load: measured on both sides of the run
             _, rounds, summary = run("configs/digits.yaml", root, name, sets)
             steady = rounds[1:-1] if off else rounds[1:]
             overhead = float(np.median([r["time"]["overhead_s"] for r in steady]))
             mem = summary["memory"]
-            nbytes = int(mem["model_mb"] * 2**20)
-            bound = memcpy_bound(nbytes, 2 * k)
+            bound = (before + memcpy_bound(nbytes, 2 * k)) / 2
             if args.device == "cuda":
                 bound += pinned_bound(nbytes, k)
             print(f"{size:>7g}M {k:>5} {mem['model_mb']:>9.1f} {overhead * 1e3:>12.1f} {bound * 1e3:>9.1f} "

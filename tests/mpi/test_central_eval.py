@@ -56,6 +56,7 @@ def test_central_evaluation_is_the_single_process_one(tmp_path, sites):
     assert summary["central_samples"] == n_held == 449  # 25% of the 1,797 digits; 12 batches of 40
     for k in ("loss", "accuracy", "auc", "balanced_accuracy"):
         assert summary[f"central_{k}"] == want[k], k  # bit-identical, not approximately
+    assert f"central_accuracy {want['accuracy']:.4f}" in r.stdout  # the console's final line says it
     part = site_partition(cfg, load_dataset(cfg).y, len(cfg.sites))
     owned = np.concatenate(list(part))
     assert len(owned) == 1797 - n_held and not np.isin(owned, held_out(1797, 0.25, cfg.run.seed)[0]).any()
