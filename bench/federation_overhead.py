@@ -9,9 +9,16 @@ one tiny step, and measure per round (rounds after the first):
 
 next to the lower bound measured in this same process: copying the same
 bytes in memory as many times as the protocol must move them (each of K sites
-uploads one model and receives one: 2K model copies per round). Also rank 0's
+uploads one model and receives one: 2K model copies per round), best of 5, measured
+just before and just after the run and averaged (on a shared machine the load moves). Also rank 0's
 peak resident memory, expressed in model copies above what it held before
 building the model: it must not grow with the number of sites.
+
+``--eval off`` measures the protocol alone (issue 22's target: overhead without evaluation within 2x
+the bound at 10-25M parameters): the sites' validation data is evaluated in the last round only
+(eval.sites_every = rounds), no locally tuned or cross-site evaluation, and the steady rounds are
+rounds 2..rounds-1; the table then adds where rank 0's round went (medians, ms): the wait for the
+slots' uploads (their Reduce), FedAvg's division, the broadcast, the checkpoint's share.
 
 Then the fast federation of the project's speed bar: configs/digits.yaml
 (10 rounds, MLP, 2 sites of 1 rank), end to end, as a user runs it.
@@ -22,6 +29,7 @@ pinned host buffers (or directly, with CUDA-aware MPI). The bound then adds the
 measured pinned copies (one host-to-device and one device-to-host per site).
 
     python bench/federation_overhead.py [--sizes 1,10,25] [--sites 2,4] [--rounds 6] [--device cuda] [--json F]
+    python bench/federation_overhead.py --sizes 10,25 --sites 2,4 --eval off
 """
 from __future__ import annotations
 
@@ -79,6 +87,7 @@ def pinned_bound(nbytes: int, sites: int, repeats: int = 5) -> float:
     return best
 
 
+BREAKDOWN = [("wait_upload_s", 13), ("aggregate_s", 9), ("send_s", 5), ("checkpoint_s", 11), ("upload_s", 12)]
 EXTRA: list = []  # --set arguments every run gets (device, mpirun)
 
 
@@ -117,14 +126,20 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the sites' models live")
     ap.add_argument("--mpirun", help="launch.mpirun (e.g. the PyPI Open MPI wheel's)")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--eval", choices=["on", "off"], default="on", help="off: the protocol alone (no evaluation "
+                    "in the steady rounds), with rank 0's breakdown")
     args = ap.parse_args()
     EXTRA[:] = extra_sets(args.device, args.mpirun)
     rows = []
     sizes = [float(s) for s in args.sizes.split(",")]
     site_counts = [int(s) for s in args.sites.split(",")]
 
+    off = args.eval == "off"
+    if off and args.rounds < 4:
+        sys.exit("--eval off needs --rounds 4 or more (rounds 2..rounds-1 are the steady ones)")
     print(f"{'params':>8} {'sites':>5} {'model MB':>9} {'overhead ms':>12} {'bound ms':>9} {'ratio':>6} "
-          f"{'rank0 peak MB':>14} {'copies':>7}")
+          f"{'rank0 peak MB':>14} {'copies':>7}" + ("   wait_upload aggregate  send checkpoint  slot_upload"
+                                                      if off else ""))
     root = Path(tempfile.mkdtemp(prefix="hpcfl-bench-"))
     for size in sizes:
         h = hidden_for(size * 1e6)
@@ -133,23 +148,27 @@ def main() -> None:
             sets = ["data.name=synthetic", f"data.features={FEATURES}", f"data.classes={CLASSES}", "data.samples=512",
                     f"model.hidden=[{h}, {h}]", "fl.local_steps=1", "train.batch_size=8", "train.momentum=0",
                     f"fl.rounds={args.rounds}", f"checkpoint.every={args.rounds}", f"sites={{count: {k}, ranks: 1}}"]
+            if off:
+                sets += [f"eval.sites_every={args.rounds}", "eval.locally_tuned=false", "eval.cross_site=false"]
+            nbytes = 4 * (FEATURES * h + h + h * h + h + h * CLASSES + CLASSES)
+            before = memcpy_bound(nbytes, 2 * k)  # under a shared machine's load: measured on both sides of the run
             _, rounds, summary = run("configs/digits.yaml", root, name, sets)
-            steady = rounds[1:]
+            steady = rounds[1:-1] if off else rounds[1:]
             overhead = float(np.median([r["time"]["overhead_s"] for r in steady]))
             mem = summary["memory"]
-            nbytes = int(mem["model_mb"] * 2**20)
-            bound = memcpy_bound(nbytes, 2 * k)
+            bound = (before + memcpy_bound(nbytes, 2 * k)) / 2
             if args.device == "cuda":
                 bound += pinned_bound(nbytes, k)
             print(f"{size:>7g}M {k:>5} {mem['model_mb']:>9.1f} {overhead * 1e3:>12.1f} {bound * 1e3:>9.1f} "
-                  f"{overhead / bound:>6.1f} {mem['peak_rss_mb']:>14.0f} {mem['model_copies_above_baseline']:>7.1f}",
-                  flush=True)
+                  f"{overhead / bound:>6.1f} {mem['peak_rss_mb']:>14.0f} {mem['model_copies_above_baseline']:>7.1f}"
+                  + ("".join(f" {1e3 * float(np.median([r['time'].get(f, 0.0) for r in steady])):>{w}.1f}"
+                             for f, w in BREAKDOWN) if off else ""), flush=True)
             rows.append({"params_m": size, "sites": k, "device": args.device, "model_mb": mem["model_mb"],
                          "overhead_ms": overhead * 1e3, "bound_ms": bound * 1e3, "ratio": overhead / bound,
                          "rank0_peak_mb": mem["peak_rss_mb"], "copies": mem["model_copies_above_baseline"]})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    if args.device == "cuda":
+    if args.device == "cuda" or off:
         return
 
     wall, rounds, _ = run("configs/digits.yaml", root, "digits", [])

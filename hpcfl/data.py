@@ -193,6 +193,42 @@ def partition(y: np.ndarray, n_sites: int, how: str, seed: int, alpha: float = 0
     return Partition(y, n_sites, how, seed, alpha, min_per_site)
 
 
+def held_out(n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(held-out, rest): ``eval.central_fraction`` of ``n`` samples, seeded, kept from every site (sorted)."""
+    perm = np.random.default_rng([seed, 61]).permutation(n)
+    m = min(n - 1, max(1, int(round(fraction * n))))
+    return np.sort(perm[:m]), np.sort(perm[m:])
+
+
+class Subset:
+    """A partition of the samples ``rest`` (indices into the whole set), as :class:`Partition` answers."""
+
+    def __init__(self, inner: Partition, rest: np.ndarray):
+        self.inner, self.rest = inner, rest
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def sizes(self) -> np.ndarray:
+        return self.inner.sizes()
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.rest[self.inner[i]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def site_partition(cfg, y: np.ndarray, n_sites: int):
+    """The sites' partition: of every sample, or (eval.central_fraction > 0) of those the central
+    held-out set leaves; without a held-out set it is exactly what it always was."""
+    d, fraction = cfg.data, cfg.eval.central_fraction
+    if not fraction:
+        return partition(y, n_sites, d.partition, cfg.run.seed, d.dirichlet_alpha)
+    _, rest = held_out(len(y), fraction, cfg.run.seed)
+    return Subset(partition(y[rest], n_sites, d.partition, cfg.run.seed, d.dirichlet_alpha), rest)
+
+
 def train_val_split(indices: np.ndarray, val_fraction: float, seed: int, site_index: int,
                     stream: int = 13) -> Tuple[np.ndarray, np.ndarray]:
     """Seeded split of one site's samples (or slides); both parts non-empty."""
@@ -228,7 +264,7 @@ SUMMARY_SITES = 256
 def partition_summary(cfg, ds: Dataset, names: Sequence[str]) -> dict:
     """Per-site sample and class counts, recorded in manifest.json (above ``SUMMARY_SITES`` sites, the
     distribution of site sizes instead: a manifest of 10,000 entries helps nobody)."""
-    parts = partition(ds.y, len(names), cfg.data.partition, cfg.run.seed, cfg.data.dirichlet_alpha)
+    parts = site_partition(cfg, ds.y, len(names))
     if len(names) > SUMMARY_SITES:
         sizes = parts.sizes()
         return {"dataset": cfg.data.name, "partition": cfg.data.partition, "sites_total": len(names),

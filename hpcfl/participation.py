@@ -13,11 +13,12 @@ would make the participants (and so the weights) differ from run to run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
 from .errors import RankFailure
+from .sitelist import UniformSites, names_of
 
 # Per-site codes of a plan (float-safe small integers: they travel in a float64 control vector).
 NOT_SAMPLED, RETURNS, DROPOUT, STRAGGLER, DISCARDED, NONFINITE = 0, 1, 2, 3, 4, 5
@@ -62,9 +63,10 @@ def draw(rng: np.random.Generator, fl, sites, steps: Sequence[int]) -> Plan:
     u = rng.random(k)  # one uniform per site, sampled or not: the stream does not depend on who was sampled
     codes = np.full(k, NOT_SAMPLED, dtype=np.int64)
     codes[chosen] = RETURNS
-    times = sim_times(steps, [s.speed for s in sites], fl.stragglers.step_time_s)
+    lazy = isinstance(sites, UniformSites)  # every site speed 1, dropout 0: no per-site objects each round
+    times = sim_times(steps, np.ones(k) if lazy else [s.speed for s in sites], fl.stragglers.step_time_s)
     for i in chosen:
-        if u[i] < sites[i].dropout:
+        if not lazy and u[i] < sites[i].dropout:
             codes[i] = DROPOUT
         elif fl.stragglers.deadline_s is not None and times[i] > fl.stragglers.deadline_s:
             codes[i] = STRAGGLER
@@ -89,8 +91,9 @@ def plan_round(rng: np.random.Generator, fl, sites, steps: Sequence[int], round_
             return plan
         if fl.on_too_few == "fail":
             break
-    names: List[str] = [s.name for s in sites]
-    why = ", ".join(f"{s}: {r}" for s, r in plan.dropped(names).items())
+    names = names_of(sites)
+    gone = np.flatnonzero((plan.codes != RETURNS) & (plan.codes != NOT_SAMPLED))  # the 9,950 unsampled: unnamed
+    why = ", ".join(f"{names[i]}: {REASONS[int(plan.codes[i])]}" for i in gone)
     raise RankFailure(f"round {round_}: only {n} of {len(sites)} sites returned, fewer than fl.min_sites = "
                       f"{fl.min_sites}" + (f" after {fl.max_retries} retries" if fl.on_too_few == "retry" else "")
                       + f" ({why})")

@@ -102,6 +102,10 @@ class Progress:
         for m in self.headline:
             v = s.get(f"val_{m}")
             cells.append(f"val_{abbrev.get(m, m)} " + (f"{v:.4f}" if isinstance(v, (int, float)) else "-"))
+        for m in self.headline:  # eval.central_fraction: the held-out set, in the rounds it is evaluated
+            v = s.get(f"central_{m}")
+            if isinstance(v, (int, float)):
+                cells.append(f"central_{abbrev.get(m, m)} {v:.4f}")
         return "  ".join(cells)
 
     def breakdown(self) -> Dict[str, Dict[str, float]]:

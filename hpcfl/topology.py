@@ -20,8 +20,10 @@ federation gives the same result whatever number of slots simulates it.
 """
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,7 +50,7 @@ class Site:
 class Slot:
     index: int
     ranks: Tuple[int, ...]  # world ranks, contiguous, first one leads
-    sites: Tuple[int, ...]  # indices of the sites it simulates, in order
+    sites: Sequence[int]  # indices of the sites it simulates, in order (a range for {count, ranks})
 
     @property
     def leader(self) -> int:
@@ -91,10 +93,39 @@ class Role:
                 f"rank {self.rank_in_slot} of {self.slot.size} in slot)")
 
 
+class LazySites(SequenceABC):
+    """The sites of ``sites: {count, ranks}`` on ``n`` slots, each made when asked for (``build_topology``
+    with a ``hpcfl.sitelist.UniformSites``): rank 0 of 10,000 sites holds no Site per site. Slot j
+    simulates the contiguous run ``starts[j]..starts[j+1]-1``, as ``assign_slots`` cuts one rank count."""
+
+    def __init__(self, names: Sequence[str], size: int, starts: Sequence[int]):
+        self.names, self.size, self.starts = names, int(size), tuple(starts)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        j = int(i.__index__()) + (len(self) if int(i.__index__()) < 0 else 0)
+        if not 0 <= j < len(self):
+            raise IndexError(f"site index {i} is out of range ({len(self)} sites)")
+        return Site(index=j, name=self.names[j], size=self.size, slot=bisect.bisect_right(self.starts, j) - 1,
+                    first_rank=1 + j * self.size)
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SequenceABC) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True)
 class Topology:
     world_size: int
-    sites: Tuple[Site, ...]
+    sites: Sequence[Site]  # a tuple, or LazySites for the config's {count, ranks}
     slots: Tuple[Slot, ...]
 
     def role(self, rank: int) -> Role:
@@ -118,7 +149,9 @@ class Topology:
         return tuple(r for s in self.slots for r in s.ranks)
 
     @property
-    def names(self) -> List[str]:
+    def names(self) -> Sequence[str]:
+        if isinstance(self.sites, LazySites):
+            return self.sites.names
         return [s.name for s in self.sites]
 
     def slot_sites(self, slot: Slot) -> Tuple[Site, ...]:
@@ -130,6 +163,19 @@ class Topology:
         return tuple(tuple(r - 1 for r in s.ranks) for s in self.slots)
 
     horovod_process_sets = process_sets
+
+
+LISTED_MAX = 64  # above this many sites, a manifest or rank record names the first and last only
+
+
+def listed(names: Sequence[str], which: Optional[Sequence[int]] = None) -> Any:
+    """Site names (of the sites ``which``, default all) for manifest.json and the per-rank records: a list up
+    to LISTED_MAX, else {count, first, last} (a slot of 5,000 sites listed by every rank made rank 0's
+    records grow with K)."""
+    which = range(len(names)) if which is None else which
+    if len(which) <= LISTED_MAX:
+        return [names[i] for i in which]
+    return {"count": len(which), "first": names[which[0]], "last": names[which[-1]]}
 
 
 def expected_layout(sites: Sequence[Tuple[str, int]], slots: Optional[int] = None) -> str:
@@ -260,13 +306,40 @@ def build_topology(world_size: int, sites: Sequence[Tuple[str, int]], slots: Opt
     return Topology(world_size=world_size, sites=out_sites, slots=tuple(out_slots))
 
 
+def build_uniform(world_size: int, names: Sequence[str], size: int, slots: Optional[int] = None) -> Topology:
+    """``build_topology`` for sites of one rank count given by a lazy name sequence: the same sites and slots
+    (contiguous runs, as np.array_split cuts them), in memory that does not grow with the number of sites."""
+    k = len(names)
+    if slots is None or slots <= 0:
+        slots, extra = divmod(world_size - 1, size)
+        if extra or not 1 <= slots <= k:
+            slots_for_world([size] * k, world_size)  # raises its one-line error
+    if not 1 <= slots <= k:
+        raise TopologyError(f"launch.slots: {slots} slots cannot simulate {k} sites with 1 different rank count(s); "
+                            f"choose between 1 and {k}")
+    if world_size != 1 + slots * size:
+        raise TopologyError(f"the job has {world_size} ranks but the config needs {1 + slots * size} ranks = "
+                            f"1 aggregator + {slots} slots simulating {k} sites; launch with -n {1 + slots * size} "
+                            "(or use `hpcfl launch`, which counts for you)")
+    q, rem = divmod(k, slots)
+    starts = [j * q + min(j, rem) for j in range(slots + 1)]
+    out_slots = tuple(Slot(index=j, ranks=tuple(range(1 + j * size, 1 + (j + 1) * size)),
+                           sites=range(starts[j], starts[j + 1])) for j in range(slots))
+    return Topology(world_size=world_size, sites=LazySites(names, size, starts[:-1]), slots=out_slots)
+
+
 def topology_for(cfg, world_size: Optional[int] = None, slots: Optional[int] = None) -> Topology:
     """Topology of a Config. ``slots`` defaults to ``launch.slots`` when set; the world size to what that needs
     (one slot per site when neither is given)."""
-    pairs = [(s.name, s.ranks) for s in cfg.sites]
     if slots is None:
         configured = getattr(getattr(cfg, "launch", None), "slots", 0) or 0
         slots = configured if configured > 0 else None
+    sites = cfg.sites
+    if hasattr(sites, "names") and hasattr(sites, "ranks"):  # hpcfl.sitelist.UniformSites: kept lazy
+        if world_size is None:
+            world_size = 1 + (slots or len(sites)) * sites.ranks
+        return build_uniform(world_size, sites.names, sites.ranks, slots)
+    pairs = [(s.name, s.ranks) for s in sites]
     if world_size is None:
         world_size = world_size_for([r for _, r in pairs], slots or len(pairs))
     return build_topology(world_size, pairs, slots)

@@ -14,6 +14,8 @@ from ..tasks.dino.config import check as _check_dino
 from ..tasks.mil_config import check as _check_mil
 from ..tasks.segment.config import check as _check_segment
 from ..fields import suggest
+from .. import sitelist
+from ..sitelist import UniformSites
 from .schema import Config
 
 # The built-in tasks (hpcfl.tasks.base.BUILTIN names their classes; a unit test keeps the two equal) and the
@@ -29,7 +31,7 @@ def validate(cfg: Config, src: str) -> None:
     if not cfg.sites:
         raise ConfigError(f"{src}: sites: at least one site is required")
     seen = set()
-    for i, s in enumerate(cfg.sites):
+    for i, s in enumerate(() if isinstance(cfg.sites, UniformSites) else cfg.sites):  # the shorthand's are valid
         if not _SITE_NAME.match(s.name):
             raise ConfigError(f"{src}: sites[{i}].name: {s.name!r} must be letters, digits, '-', '_' or '.'")
         if s.name in seen:
@@ -54,12 +56,15 @@ def validate(cfg: Config, src: str) -> None:
             check(cfg)
         except ConfigError as exc:
             raise ConfigError(f"{src}: {exc}") from None
-    rank_counts = len({s.ranks for s in cfg.sites})
+    rank_counts = len(sitelist.rank_counts(cfg.sites))
     if cfg.launch.slots and not rank_counts <= cfg.launch.slots <= len(cfg.sites):
         raise ConfigError(f"{src}: launch.slots: {cfg.launch.slots} slots cannot simulate {len(cfg.sites)} sites with "
                           f"{rank_counts} different rank count(s); choose between {rank_counts} and {len(cfg.sites)} "
                           "(0 = automatic)")
     _validate_assign(cfg, src)
+    if cfg.eval.central_fraction > 0 and (cfg.task != "classify" or cfg.data.name not in ("digits", "synthetic", "arrays")):
+        raise ConfigError(f"{src}: eval.central_fraction: a central held-out set is cut from data.name digits, synthetic "
+                          f"or arrays for task classify (this config: task {cfg.task}, data.name {cfg.data.name})")
     inj = cfg.debug.inject_failure
     if inj is not None and inj.rank >= cfg.world_size:
         raise ConfigError(f"{src}: debug.inject_failure.rank: {inj.rank} is not a rank of this {cfg.world_size}-rank federation")
@@ -89,7 +94,7 @@ def _validate_assign(cfg: Config, src: str) -> None:
     """launch.assign: balanced moves sites between slots, so nothing may be tied to a slot."""
     if cfg.launch.assign != "balanced":
         return
-    if len({s.ranks for s in cfg.sites}) > 1:
+    if len(sitelist.rank_counts(cfg.sites)) > 1:
         raise ConfigError(f"{src}: launch.assign: balanced deals sites to any slot, so every site needs the same "
                           "number of ranks")
     if cfg.fl.strategy in ROBUST:

@@ -13,6 +13,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..fields import join, suggest
+from ..sitelist import UniformSites
 from .schema import Config, SiteConfig, SiteOverrides
 
 
@@ -130,6 +131,18 @@ def expand_sites(raw: Any, path: str, src: str) -> Any:
     return raw
 
 
+def _lazy_sites(raw: Any, path: str, src: str) -> Any:
+    """The shorthand as a count (hpcfl.sitelist.UniformSites): 10,000 sites cost rank 0 no per-site objects."""
+    if not isinstance(raw, Mapping):
+        return None
+    expand_sites({**raw, "count": 1}, path, src)  # unknown keys, as the list form says them
+    count = _convert(int, raw.get("count", 1), join(path, "count"), src)
+    _check_range({"min": 1, "max": MAX_SITES}, count, join(path, "count"), src)
+    ranks = _convert(int, raw.get("ranks", 1), join(path, "ranks"), src)
+    _check_range({f.name: f.metadata for f in dataclasses.fields(SiteConfig)}["ranks"], ranks, join(path, "ranks"), src)
+    return UniformSites(count, ranks)
+
+
 @functools.lru_cache(maxsize=None)
 def _hints(cls: Any) -> Dict[str, Any]:
     """A dataclass's resolved field types, once per class: `sites: {count: 10000}` builds 10,000 SiteConfigs,
@@ -155,8 +168,10 @@ def build(cls: Any, raw: Any, path: str, src: str) -> Any:
                 raise ConfigError(f"{src}: {p}: required key is missing")
             continue
         value = raw[name]
-        if cls is Config and name == "sites":
-            value = expand_sites(value, p, src)
+        lazy = _lazy_sites(value, p, src) if cls is Config and name == "sites" else None
+        if lazy is not None:
+            kwargs[name] = lazy
+            continue
         value = _convert(hints[name], value, p, src)
         _check_range(f.metadata, value, p, src)
         kwargs[name] = value
@@ -167,6 +182,8 @@ def to_dict(cfg: Any) -> Any:
     """Plain-Python form of a config (tuples become lists), for YAML/JSON output."""
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, UniformSites):
+        return cfg.as_dict()  # the shorthand stays one: config.yaml, the broadcast config, MLflow params
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
     if isinstance(cfg, dict):
@@ -185,6 +202,8 @@ def dump_yaml(cfg: Config) -> str:
 def _sites_shorthand(sites: Sequence[SiteConfig]) -> Optional[Dict[str, int]]:
     """``{count, ranks}`` for a long list of sites that the shorthand would give back exactly (a run's
     config.yaml for 10,000 sites was 1.4 MB, and PyYAML took minutes to read it back for the report)."""
+    if isinstance(sites, UniformSites):
+        return sites.as_dict() if len(sites) > 256 else None
     if len(sites) <= 256 or len({s.ranks for s in sites}) != 1:
         return None
     plain = SiteOverrides()

@@ -14,6 +14,7 @@ from ..tasks.dino.config import DinoConfig
 from ..tasks.mil_config import MilConfig
 from ..tasks.segment.config import SegmentConfig, VolumesConfig
 from ..wsi.config import TilesConfig
+from .. import sitelist
 from ..fields import setting as _f
 
 # The aggregation rules a config may name (hpcfl.aggregation.STRATEGIES implements them; a unit test keeps
@@ -195,6 +196,7 @@ class EvalConfig:
     sites_every: int = _f(1, help="evaluate the global model on the sites' validation data every N rounds (and in the last round); the round's val_* metrics are null in the rounds between", min=1)
     sites_max: int = _f(128, help="sites the global model is evaluated on per evaluation: every site up to this many, above it a seeded sample of this many, drawn afresh each round (the round's val_* are then over the sample)", min=1)
     cross_site_max: int = _f(16, help="cross-site validation covers every site up to this many sites; above it, a seeded sample of this many (their final local models and the global model on their validation data), and the printed table is summarised per model", min=1)
+    central_fraction: float = _f(0.0, help="central evaluation: hold out this fraction of the data set (seeded) before it is split over the sites; the global model is evaluated on it when the sites' validation data is (eval.sites_every), its batches split across every slot rank and summed exactly (the round's central_* metrics); 0 = off. data.name digits, synthetic or arrays, task classify", min=0.0, max=0.9)
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,7 @@ class Config:
 
     @property
     def world_size(self) -> int:
-        return 1 + sum(s.ranks for s in self.sites)
+        return 1 + sitelist.total_ranks(self.sites)
 
     def site_local(self, site: SiteConfig) -> Tuple[Optional[int], Optional[int]]:
         """(epochs, steps) a site trains per round; exactly one is not None."""

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from .convert import to_dict
+from ..sitelist import UniformSites
 from .schema import Config
 
 
@@ -30,6 +31,19 @@ def trajectory_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of everything that determines the training trajectory (not rounds, paths or launch)."""
-    blob = json.dumps(trajectory_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """Hash of everything that determines the training trajectory (not rounds, paths or launch).
+
+    The shorthand `sites: {count}` is hashed as the list it stands for, one site at a time: the hash of a
+    run started before the shorthand stayed lazy is unchanged (its checkpoints resume), and 10,000 sites
+    are never held at once."""
+    d = trajectory_dict(cfg)
+    sites = getattr(cfg, "sites", None)
+    if not isinstance(sites, UniformSites):
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    d["sites"] = mark = "\0sites\0"
+    head, tail = json.dumps(d, sort_keys=True, separators=(",", ":")).split(json.dumps(mark), 1)
+    h = hashlib.sha256(head.encode() + b"[")
+    for i, s in enumerate(sites):
+        h.update((b"," if i else b"") + json.dumps(to_dict(s), sort_keys=True, separators=(",", ":")).encode())
+    h.update(b"]" + tail.encode())
+    return h.hexdigest()[:16]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -72,13 +72,15 @@ def upload_filters(cfg, private_slices: Sequence[Tuple[int, int]]) -> List[Uploa
     return out
 
 
-def filter_update(filters: Sequence[UploadFilter], d: np.ndarray, clip: float) -> UploadInfo:
-    """Apply ``filters`` to ``d`` in place; the norm is the DP clipper's, else that of the filtered update."""
+def filter_update(filters: Sequence[UploadFilter], d: np.ndarray, clip: float,
+                  norm: Optional[float] = None) -> UploadInfo:
+    """Apply ``filters`` to ``d`` in place; the norm is the DP clipper's, else that of the filtered update
+    (``norm``: d's, already computed, used when no filter changes d: a 25M model's norm costs a pass)."""
     info = UploadInfo(clip=clip)
     for f in filters:
         f.apply(d, info)
     if not any(isinstance(f, ClipNorm) for f in filters):
-        info.norm = l2_norm(d)
+        info.norm = norm if norm is not None and not filters else l2_norm(d)
     return info
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,6 +52,23 @@ class SiteInfo(Message):
     site: int
     num_train: int
     steps: int  # planned local steps per round (simulated time, stragglers)
+
+    @staticmethod
+    def table(infos: Sequence["SiteInfo"]) -> np.ndarray:
+        """A slot's infos as one (n, 3) int64 array (site, num_train, steps)."""
+        return np.array([(i.site, i.num_train, i.steps) for i in infos], np.int64).reshape(-1, 3)
+
+    @staticmethod
+    def columns(tables: Sequence[Optional[np.ndarray]], k: int) -> np.ndarray:
+        """The slots' tables as one (k, 3) array in site order; every site must have reported once."""
+        out = np.full((k, 3), -1, np.int64)
+        for t in tables:
+            if t is not None and len(t):
+                out[t[:, 0]] = t
+        missing = np.flatnonzero(out[:, 0] < 0)
+        if len(missing):
+            raise RuntimeError(f"no report for sites {missing[:5].tolist()} (protocol out of step)")
+        return out
 
 
 @dataclass
@@ -110,6 +127,7 @@ class EvalReport(Message):
 
     times: SlotTimes
     rows: List[EvalRow]
+    central: Optional[Tuple[np.ndarray, np.ndarray]] = None  # eval.central_fraction: (batch numbers, sums)
 
 
 def _finite(x: float):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ..aggregation import strategy_for
+from ..central import total as central_total
 from ..checkpoint import save_checkpoint, write_npz_atomic
 from ..config import Config, config_hash
 from ..errors import CheckpointError, RankFailure
@@ -105,10 +106,11 @@ class SiteStats:
     work: np.ndarray  # (K,) samples a site trains on per round: what balanced slots are dealt by
 
     @classmethod
-    def of(cls, cfg: Config, info: Dict[int, Any], k: int) -> "SiteStats":
-        steps = np.array([info[i].steps for i in range(k)], np.int64)
+    def of(cls, cfg: Config, info: np.ndarray, k: int) -> "SiteStats":
+        """``info``: (K, 3) int64 site, num_train, steps (:meth:`SiteInfo.columns`)."""
+        steps = info[:, 2].copy()
         batch = np.array([s.overrides.batch_size or cfg.train.batch_size for s in cfg.sites], np.float64)
-        return cls(np.array([info[i].num_train for i in range(k)], np.float64), steps, steps * batch)
+        return cls(info[:, 1].astype(np.float64), steps, steps * batch)
 
 
 class Aggregator:
@@ -318,6 +320,7 @@ class Aggregator:
                                 self.task.metrics)
         summary = records[-1]
         summary.update(retries=plan.retries, sim_time_s=plan.sim_time_s, **agg_info)
+        summary.update(central_total([g.central for g in gathered], self.task.summarize, self.task.metrics))
         t5 = time.perf_counter()
         self._track_best(r, summary)  # best.npz: counted with the checkpoint
         if r % cfg.checkpoint.every == 0 or r == cfg.fl.rounds or nxt.stop:

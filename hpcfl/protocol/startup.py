@@ -21,7 +21,7 @@ from ..comm import recv_array, send_array
 from ..errors import CheckpointError, TopologyError
 from ..model import Entry, same_state, state_views
 from .message import Message
-from .records import SiteInfo, by_site
+from .records import SiteInfo
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ServerStart:
     where: str = ""  # the run directory, for errors
     entries: List[Entry] = field(default_factory=list)
     weights: Optional[np.ndarray] = None
-    sites: Dict[int, SiteInfo] = field(default_factory=dict)
+    sites: Optional[np.ndarray] = None  # (K, 3) int64: site, num_train, steps (SiteInfo.columns)
     extra: Dict[str, Any] = field(default_factory=dict)  # what an exchange defined elsewhere keeps
 
 
@@ -74,7 +74,10 @@ class Fresh(Message):
 
 @dataclass
 class SiteReport(Message):
-    rows: List[SiteInfo]
+    """A slot's sites' :class:`SiteInfo` as one (n, 3) int64 table: 10,000 sites' objects unpickled at rank 0
+    cost it 3 MB."""
+
+    table: np.ndarray
 
 
 @dataclass
@@ -148,11 +151,11 @@ class SiteInfoExchange(StartupExchange):
 
     @staticmethod
     def server(s: ServerStart) -> None:
-        s.sites = by_site([m.rows for m in s.fed.gather(None, root=0)[1:]], s.k)
+        s.sites = SiteInfo.columns([m.table for m in s.fed.gather(None, root=0)[1:]], s.k)
 
     @staticmethod
     def slot(s: SlotStart) -> None:
-        s.fed.gather(SiteReport(s.infos()), root=0)
+        s.fed.gather(SiteReport(SiteInfo.table(s.infos())), root=0)
 
 
 class KeysExchange(StartupExchange):

@@ -110,13 +110,14 @@ def _aggregate(cfg: Config, r: StartedRank, rundir, ckpt, start_round: int, info
     """Rank 0: the manifest, then the federation's rounds, then the summary."""
     from ..protocol.server import Aggregator
     from ..report import Progress
+    from ..topology import listed
 
-    topology = r.topology
+    topology, names = r.topology, r.topology.names
     part = next((p for _, p in infos if p is not None), None)
     rundir.write_json(rundir.manifest, {
         "run": cfg.run.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from_round": start_round - 1, "world_size": topology.world_size, "sites": len(topology.sites),
-        "slots": [{"ranks": list(s.ranks), "sites": [topology.sites[i].name for i in s.sites],
+        "slots": [{"ranks": list(s.ranks), "sites": listed(names, s.sites),
                    "backend": infos[s.leader][0].get("backend")} for s in topology.slots],  # as the slot really ran
         "argv": sys.argv, "ranks": [i for i, _ in infos], "partition": part,
     })

@@ -80,10 +80,11 @@ def _threads_for(cfg: Config, on_node: int) -> int:
 
 def rank_info(role, threads: int, device=None, backend=None, cfg: Optional[Config] = None) -> Dict[str, Any]:
     from ..device import cuda_aware_mpi, device_info
+    from ..topology import listed
 
     info = {
         "rank": role.rank, "role": role.kind, "site": role.names[0] if len(role.names) == 1 else None,
-        "sites": list(role.names), "slot": role.slot.index if role.slot else None,
+        "sites": listed(role.names), "slot": role.slot.index if role.slot else None,
         "rank_in_site": role.rank_in_slot, "site_leader": role.is_leader,
         "host": socket.gethostname(), "pid": os.getpid(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)), "torch_threads": threads,

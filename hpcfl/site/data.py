@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from ..data import epoch_shard, load_dataset, partition, partition_summary, steps_per_epoch, train_val_split
+from ..data import (epoch_shard, held_out, load_dataset, partition_summary, site_partition, steps_per_epoch,
+                    train_val_split)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ class SharedArrays:
         import torch
 
         self.ds = load_dataset(cfg)
-        self.parts = partition(self.ds.y, n_sites, cfg.data.partition, cfg.run.seed, cfg.data.dirichlet_alpha)
+        self.parts = site_partition(cfg, self.ds.y, n_sites)
+        self.held = held_out(len(self.ds.y), cfg.eval.central_fraction, cfg.run.seed)[0] \
+            if cfg.eval.central_fraction else None  # eval.central_fraction: hpcfl.central
         self.x = torch.from_numpy(self.ds.x)
         self.y = torch.from_numpy(self.ds.y)
         if device is not None and torch.device(device).type != "cpu":

@@ -12,6 +12,7 @@ change the result.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ..atomic import write_atomic
+from ..central import CentralEval
 from ..errors import CheckpointError
 from ..participation import NOT_SAMPLED, cross_site_sites, eval_sites
-from ..privacy.filters import filter_update, is_finite, upload_filters
+from ..privacy.dp import l2_norm
+from ..privacy.filters import filter_update, upload_filters
 from ..protocol.control import ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
 from ..protocol.kinds import make_kind
 from ..protocol.records import EvalReport, EvalRow, Packed, SiteInfo, SlotTimes, TrainReport, TrainRow
@@ -271,10 +274,11 @@ class SlotWorker:
     def _upload_site(self, site, row: TrainRow, ctl) -> None:
         """The site's filtered update d = w_local - w_global, added to this round's aggregation kind."""
         d = np.subtract(self.host_model(self.scratch), self.global_host, out=self.scratch)
-        row.finite = is_finite(d)
+        norm = l2_norm(d)  # once: is it finite, and (no filters) the recorded update norm
+        row.finite = math.isfinite(norm)
         if not row.finite:
             return
-        info = filter_update(self.filters, d, ctl.clip)
+        info = filter_update(self.filters, d, ctl.clip, norm)
         row.update_norm, row.unclipped = info.norm, not info.clipped
         self.kind.add_site(site.index, d, self.strategy.upload_weight(row.num_train))
         if self.cfg.debug.save_local_weights and self.cfg.privacy.secure_aggregation is not None:
@@ -327,6 +331,7 @@ class SlotWorker:
         cfg, role, tr = self.cfg, self.role, self.trainer
         slot_comm = self.comms.site
         self._setup()
+        self.central = CentralEval.for_slot(self)
         ctl = PlanExchange.slot(self.fed, slot_comm, self.k, self.balanced)
         for r in range(self.start_round, cfg.fl.rounds + 1):
             if ctl.stop:
@@ -351,11 +356,12 @@ class SlotWorker:
                 self.stager.to_host(self.global_, self.global_host)
             times.upload_s = t1 - t0
             evals = self._evaluate_global(r, times)
+            central = self.central.evaluate(r, times) if self.central is not None else None  # eval.central_fraction
             log.info("round %d: trained %d of %d sampled sites in %.3fs", r, sum(1 for x in rows if x.trained),
                      len(rows), times.train_s)
             if role.is_leader:
                 self._phase("report evaluations", r)
-                RowsExchange.slot(self.fed, EvalReport(times, evals))
+                RowsExchange.slot(self.fed, EvalReport(times, evals, central))
             if r < cfg.fl.rounds:
                 self._phase("wait for the next plan", r)
                 ctl = PlanExchange.slot(self.fed, slot_comm, self.k, self.balanced)

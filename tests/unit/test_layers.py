@@ -25,7 +25,7 @@ LAYERS = [
               # package alone, not its modules
               "=hpcfl.cluster", "=hpcfl.wsi", "=hpcfl.tasks", "=hpcfl.tasks.dino", "=hpcfl.tasks.segment",
               "=hpcfl.site"]),
-    ("config", ["hpcfl.config", "hpcfl.fields",
+    ("config", ["hpcfl.config", "hpcfl.fields", "hpcfl.sitelist",
                 # the sections kept beside their owners, registered in the schema
                 "hpcfl.wsi.config", "hpcfl.tasks.dino.config", "hpcfl.tasks.segment.config",
                 "hpcfl.tasks.mil_config"]),
@@ -33,7 +33,7 @@ LAYERS = [
                    "hpcfl.cluster.placement", "hpcfl.cluster.slurmcmd", "hpcfl.cluster.nodecheck",
                    "hpcfl.cluster.render"]),
     ("data", ["hpcfl.data", "hpcfl.wsi", "hpcfl.tasks", "hpcfl.features", "hpcfl.model", "hpcfl.stain",
-              "hpcfl.metrics", "hpcfl.site.data", "hpcfl.site.layout"]),
+              "hpcfl.metrics", "hpcfl.site.data", "hpcfl.site.layout", "hpcfl.central"]),
     ("federation", ["hpcfl.site", "hpcfl.protocol", "hpcfl.aggregation", "hpcfl.privacy"]),
     ("observe", ["hpcfl.observe", "hpcfl.report",
                  "hpcfl.cluster.slurm"]),  # the SLURM client: a job's state for `hpcfl status`, and sbatch
