@@ -272,6 +272,7 @@ class SynthConfig:
     hospitals: int = _f(0, help="> 0: slides with slide-level labels (tumour focus or none) from this many hospitals, each with its own stain shift and share of tumour slides; written to labels.csv (slide_id,label,site) for data.tiles.labels / data.bags.labels", min=0, max=26)
     prevalence: Tuple[float, ...] = _f((0.35, 0.65), help="hospitals: share of tumour slides per hospital (cycled)")
     stain_shift: float = _f(0.1, help="hospitals: spread of each hospital's stain direction and strength shift", min=0.0, max=1.0)
+    pattern: Literal["focus", "atypia"] = _f("focus", help="hospitals: what makes a slide `tumour`: focus (a tumour focus is present; a random encoder's features already tell it) or atypia (every slide has an epithelial focus; only its nuclei's shape and size variation differ, colour and density are matched)")
 
 
 @dataclass(frozen=True)
@@ -459,6 +460,9 @@ class MilConfig:
     attention: int = _f(64, help="width of the gated attention's hidden layer", min=1)
     dropout: float = _f(0.25, help="dropout on tile embeddings in training", min=0.0, max=0.9)
     attention_maps: bool = _f(True, help="at the end, each site writes the final global model's attention per tile of its validation slides to <run>/attention/ (heatmaps in the report)")
+    instance_loss: Literal["none", "svm", "ce"] = _f("none", help="CLAM-SB's instance clustering loss: each training bag's instance_k most attended tiles are positives, its instance_k least attended negatives of its class's instance classifier, scored by smooth top-1 SVM (svm, as CLAM) or cross-entropy (ce); none = attention MIL alone")
+    instance_k: int = _f(8, help="instance_loss: tiles pseudo-labelled at each end of a bag's attention (capped at half its tiles)", min=1)
+    bag_weight: float = _f(0.7, help="instance_loss: loss = bag_weight * slide loss + (1 - bag_weight) * instance loss", min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,12 @@ class GatedAttentionMIL(nn.Module):
     (slide AUC 0.66 with a per-tile LayerNorm, 0.81 with BatchNorm over one bag, 0.99 with features
     standardized over all training tiles, on bench/pathology.py's data, centrally). Then a ReLU embedding,
     gated attention softmaxed over each bag's valid tiles, the attention-weighted mean embedding and a
-    linear classifier."""
+    linear classifier. ``instance`` (``svm`` / ``ce``): CLAM-SB's instance classifiers too, one
+    ``Linear(hidden, 2)`` per class (:meth:`instance_loss`); ``none`` builds none, so the model's weights
+    and their initialisation are the plain network's."""
 
-    def __init__(self, dim: int, hidden: int, attention: int, classes: int, dropout: float = 0.25):
+    def __init__(self, dim: int, hidden: int, attention: int, classes: int, dropout: float = 0.25,
+                 instance: str = "none", instance_k: int = 8):
         super().__init__()
         self.norm = RunningStandardize(dim)
         self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
@@ -52,15 +55,56 @@ class GatedAttentionMIL(nn.Module):
         self.attention_u = nn.Linear(hidden, attention)
         self.attention_w = nn.Linear(attention, 1)
         self.classifier = nn.Linear(hidden, classes)
+        self.instance, self.instance_k = instance, instance_k
+        if instance != "none":
+            self.instance_classifiers = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(classes))
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+    def attend(self, x: torch.Tensor, lengths: torch.Tensor):
+        """(tile embeddings h (B, N, hidden), attention (B, N), valid-tile mask (B, N))."""
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
         z = torch.zeros_like(x)
         z[valid] = self.norm(x[valid])  # statistics of real tiles only, never of the padding
         h = self.embed(z)
         a = self.attention_w(torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))).squeeze(-1)
-        a = torch.softmax(a.masked_fill(~valid, float("-inf")), dim=1)
+        return h, torch.softmax(a.masked_fill(~valid, float("-inf")), dim=1), valid
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        h, a, _ = self.attend(x, lengths)
         return self.classifier((a.unsqueeze(-1) * h).sum(1)), a
+
+    def bag_and_instance(self, x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor):
+        """(bag logits, CLAM-SB instance loss) in one pass: see :func:`instance_loss`."""
+        h, a, _ = self.attend(x, lengths)
+        logits = self.classifier((a.unsqueeze(-1) * h).sum(1))
+        return logits, instance_loss(h, a, lengths, labels, self.instance_classifiers, self.instance_k, self.instance)
+
+
+def smooth_top1_svm(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, tau: float = 1.0) -> torch.Tensor:
+    """Smooth top-1 SVM (Berrada et al. 2018; CLAM's instance loss, the `topk` package's SmoothTop1SVM):
+    the mean over rows of ``tau * logsumexp((s_j + alpha [j != y] - s_y) / tau)``."""
+    margin = alpha * (1 - nn.functional.one_hot(target, scores.shape[1]).to(scores.dtype))
+    return (tau * torch.logsumexp((scores + margin - scores.gather(1, target[:, None])) / tau, dim=1)).mean()
+
+
+def instance_loss(h: torch.Tensor, a: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
+                  classifiers: nn.ModuleList, k: int, kind: str = "svm") -> torch.Tensor:
+    """CLAM-SB's instance clustering loss (Lu et al. 2021, without subtyping): for each bag of class c, the
+    k most attended tiles are positives and the k least attended negatives of class c's instance
+    classifier; smooth top-1 SVM (``svm``) or cross-entropy (``ce``) over those 2k tiles, averaged over
+    bags. k is capped at half a bag's tiles; bags of fewer than 2 tiles add nothing."""
+    losses = []
+    for b in range(h.shape[0]):
+        n = int(lengths[b])
+        kb = min(k, n // 2)
+        if kb < 1:
+            continue
+        att = a[b, :n]
+        idx = torch.cat([torch.topk(att, kb).indices, torch.topk(-att, kb).indices])
+        target = torch.cat([torch.ones(kb, dtype=torch.long, device=h.device),
+                            torch.zeros(kb, dtype=torch.long, device=h.device)])
+        scores = classifiers[int(labels[b])](h[b, idx])
+        losses.append(smooth_top1_svm(scores, target) if kind == "svm" else nn.functional.cross_entropy(scores, target))
+    return torch.stack(losses).mean() if losses else h.sum() * 0.0
 
 
 def write_attention(module: Any, data: Any, ctx: Any, run_dir: Any) -> None:
