@@ -539,11 +539,15 @@ class LabelPlan:
 
 def _labelled_plan(i: int, tumour: bool, focus_always: bool = False) -> Tuple[List[int], List[int], List[int]]:
     """(required, pool, fill) of slide i: every non-tumour class (rotating which two are required, the two
-    largest regions), and tumour only on tumour slides (on every slide if ``focus_always``), as the third
-    largest region (a minority of the tissue, 10-25%); further regions never draw tumour."""
+    largest regions), and tumour only on tumour slides, as the third largest region (a minority of the
+    tissue, 10-25%); further regions never draw tumour. ``focus_always`` (pattern atypia): the focus on
+    every slide, as the second largest region (20-40% of the tissue), the label being its nuclei's."""
     normal = [_STROMA, _LYMPH, _NECROSIS]
+    if focus_always:
+        required = [normal[i % 3], _TUMOR]
+        return required, required + [normal[(i + 1) % 3], normal[(i + 2) % 3]], normal
     required = [normal[i % 3], normal[(i + 1) % 3]]
-    pool = required + ([_TUMOR] if tumour or focus_always else []) + [normal[(i + 2) % 3]]
+    pool = required + ([_TUMOR] if tumour else []) + [normal[(i + 2) % 3]]
     return required, pool, normal
 
 
