@@ -2,10 +2,12 @@
 """Slide AUC of federated attention MIL on (a) the federated DINO encoder's features, (b) the same encoder
 randomly initialised, (c) MIL trained centrally on the pooled features of (a): the upper bound.
 
-The data are configs/pathology.yaml's: 40 synthetic slides from 2 hospitals (each its own stain shift and
-share of tumour slides; a slide is `tumour` when a tumour region covers part of its tissue, so a few of
-its ~100 tiles decide it), each hospital owning its slides. The pipeline's own stages make the slides,
-the DINO encoder (configs/pathology-dino.yaml) and its features; this bench adds
+The data are configs/pathology.yaml's: 80 synthetic slides from 2 hospitals (each its own stain shift and
+share of tumour slides), each hospital owning its slides. Every slide has an epithelial focus (20-40% of its
+tissue); a slide is `tumour` when the focus's nuclei are atypical (pleomorphic) and `normal` when they are
+uniform, at equal colour, nuclear area and density (data.tiles.synthesize.pattern: atypia), so the label
+needs features that see nuclear shape. The pipeline's own stages make the slides, the DINO encoder
+(configs/pathology-dino.yaml) and its features; this bench adds
 
   random init   a run directory holding the DINO federation's initial weights (same seed, untrained),
                 embedded by `hpcfl features` into data/pathology/features-random
@@ -21,6 +23,7 @@ the final global model over both sites' validation slides (rank 0's val_auc of t
 
     python bench/pathology.py                  # seeds 0-4
     python bench/pathology.py --seeds 0,1,2
+    python bench/pathology.py --seeds 0,1,2 --set mil.instance_loss=svm   # with CLAM's instance loss
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def hpcfl(*args: str) -> None:
         sys.exit(f"failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
-def random_encoder_run(pre_cfg_path: Path, out: Path) -> Path:
+def random_encoder_run(pre_cfg_path: Path, out: Path, overrides: Sequence[str] = ()) -> Path:
     """A run directory holding the DINO federation's initial weights (what its round 1 starts from)."""
     import torch
 
@@ -57,7 +60,7 @@ def random_encoder_run(pre_cfg_path: Path, out: Path) -> Path:
     from hpcfl.tasks import DataSpec, make_task
     from hpcfl.wsi.index import load_index
 
-    cfg = load_config(pre_cfg_path)
+    cfg = load_config(pre_cfg_path, overrides)
     run = out / "random-init"
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(dump_yaml(cfg))
@@ -82,16 +85,16 @@ def federated_auc(name: str, features: str, seed: int, extra: Sequence[str]) -> 
 
 
 def central_auc(cfg, seed: int) -> Dict[str, float]:
-    """MIL on the pooled training slides of every site (the federation's split for this seed), one process."""
+    """MIL on the pooled training slides of every site (the federation's split for this seed), one process:
+    the task's own network and loss (so mil.instance_loss applies here too)."""
     import dataclasses
 
     import torch
-    import torch.nn.functional as F
 
     from hpcfl.features.bags import pad, slide_labels, split
     from hpcfl.features.store import load_bags
-    from hpcfl.tasks.mil import roc_auc
-    from hpcfl.tasks.mil_net import GatedAttentionMIL
+    from hpcfl.tasks import DataSpec
+    from hpcfl.tasks.mil import MilTask, roc_auc
 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
     lab = slide_labels(cfg)
@@ -100,8 +103,8 @@ def central_auc(cfg, seed: int) -> Dict[str, float]:
     val = np.concatenate([p[1] for p in parts])
     bags = dict(zip(range(len(lab.slide_ids)), load_bags(cfg.data.bags.dir, lab.slide_ids)))
     torch.manual_seed(seed)
-    m = cfg.mil
-    net = GatedAttentionMIL(bags[0].features.shape[1], m.hidden, m.attention, len(lab.classes), m.dropout)
+    task = MilTask(cfg)
+    net = task.build_model(DataSpec((bags[0].features.shape[1],), len(lab.classes)))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng(seed)
     cap, bs = cfg.data.bags.max_tiles, cfg.train.batch_size
@@ -114,8 +117,7 @@ def central_auc(cfg, seed: int) -> Dict[str, float]:
             for p in chunk:
                 f = bags[p].features
                 feats.append(f[np.sort(rng.choice(len(f), cap, replace=False))] if len(f) > cap else f)
-            x, y = pad(feats, [(lab.labels[p], p) for p in chunk], feats[0].shape[1])
-            loss = F.cross_entropy(net(x, y[:, 1])[0], y[:, 0])
+            loss, _ = task.loss(net, pad(feats, [(lab.labels[p], p) for p in chunk], feats[0].shape[1]), None)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -132,14 +134,15 @@ def central_auc(cfg, seed: int) -> Dict[str, float]:
 def main(argv: Sequence[str] = ()) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4", help="run.seed values (default 0-4)")
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="more --set for the MIL federations")
+    ap.add_argument("--set", dest="extra", action="append", default=[],
+                    help="more --set for the MIL runs, e.g. mil.instance_loss=svm (all three columns)")
     args = ap.parse_args(list(argv) or None)
     seeds = [int(s) for s in args.seeds.split(",")]
     from hpcfl.config import load_config
 
     t0 = time.perf_counter()
     hpcfl("launch", "configs/pathology.yaml", "--no-report", "--set", "pipeline.stages=[pretrain, features]")
-    cfg = load_config(ROOT / "configs" / "pathology.yaml")
+    cfg = load_config(ROOT / "configs" / "pathology.yaml", args.extra)  # (c) gets the same --set as (a), (b)
     dino_dir = cfg.data.bags.dir
     rand_dir = str(Path(dino_dir).parent / "features-random")
     rand_run = random_encoder_run(ROOT / cfg.pipeline.pretrain, OUT)
