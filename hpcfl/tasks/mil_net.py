@@ -79,11 +79,14 @@ class GatedAttentionMIL(nn.Module):
         return logits, instance_loss(h, a, lengths, labels, self.instance_classifiers, self.instance_k, self.instance)
 
 
-def smooth_top1_svm(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, tau: float = 1.0) -> torch.Tensor:
+def smooth_top1_svm(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, tau: float = 1.0,
+                    reduction: str = "mean") -> torch.Tensor:
     """Smooth top-1 SVM (Berrada et al. 2018; CLAM's instance loss, the `topk` package's SmoothTop1SVM):
-    the mean over rows of ``tau * logsumexp((s_j + alpha [j != y] - s_y) / tau)``."""
-    margin = alpha * (1 - nn.functional.one_hot(target, scores.shape[1]).to(scores.dtype))
-    return (tau * torch.logsumexp((scores + margin - scores.gather(1, target[:, None])) / tau, dim=1)).mean()
+    per row ``tau * logsumexp((s_j + alpha [j != y] - s_y) / tau)`` over the last axis; their mean, or
+    (``reduction="none"``) the rows' losses."""
+    margin = alpha * (1 - nn.functional.one_hot(target, scores.shape[-1]).to(scores.dtype))
+    rows = tau * torch.logsumexp((scores + margin - scores.gather(-1, target[..., None])) / tau, dim=-1)
+    return rows.mean() if reduction == "mean" else rows
 
 
 def instance_loss(h: torch.Tensor, a: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
@@ -91,20 +94,30 @@ def instance_loss(h: torch.Tensor, a: torch.Tensor, lengths: torch.Tensor, label
     """CLAM-SB's instance clustering loss (Lu et al. 2021, without subtyping): for each bag of class c, the
     k most attended tiles are positives and the k least attended negatives of class c's instance
     classifier; smooth top-1 SVM (``svm``) or cross-entropy (``ce``) over those 2k tiles, averaged over
-    bags. k is capped at half a bag's tiles; bags of fewer than 2 tiles add nothing."""
-    losses = []
-    for b in range(h.shape[0]):
-        n = int(lengths[b])
-        kb = min(k, n // 2)
-        if kb < 1:
-            continue
-        att = a[b, :n]
-        idx = torch.cat([torch.topk(att, kb).indices, torch.topk(-att, kb).indices])
-        target = torch.cat([torch.ones(kb, dtype=torch.long, device=h.device),
-                            torch.zeros(kb, dtype=torch.long, device=h.device)])
-        scores = classifiers[int(labels[b])](h[b, idx])
-        losses.append(smooth_top1_svm(scores, target) if kind == "svm" else nn.functional.cross_entropy(scores, target))
-    return torch.stack(losses).mean() if losses else h.sum() * 0.0
+    bags. k is capped at half a bag's tiles; bags of fewer than 2 tiles add nothing. All on the device,
+    padded bags in one batch: no per-bag reads to the host."""
+    b, n, _ = h.shape
+    kk = min(k, n // 2)
+    if kk < 1:
+        return h.sum() * 0.0
+    kb = torch.clamp(lengths // 2, max=kk)  # this bag's k
+    valid = torch.arange(n, device=h.device)[None, :] < lengths[:, None]
+    top = torch.topk(a.masked_fill(~valid, float("-inf")), kk, dim=1).indices
+    bottom = torch.topk((-a).masked_fill(~valid, float("-inf")), kk, dim=1).indices
+    tiles = h[torch.arange(b, device=h.device)[:, None], torch.cat([top, bottom], 1)]  # (B, 2kk, hidden)
+    weight = torch.stack([c.weight for c in classifiers])[labels]  # (B, 2, hidden): the bag's class's
+    bias = torch.stack([c.bias for c in classifiers])[labels]
+    scores = torch.einsum("bkh,boh->bko", tiles, weight) + bias[:, None, :]
+    target = torch.cat([torch.ones(kk, dtype=torch.long, device=h.device),
+                        torch.zeros(kk, dtype=torch.long, device=h.device)]).expand(b, -1)
+    if kind == "svm":
+        per_tile = smooth_top1_svm(scores, target, reduction="none")
+    else:
+        per_tile = nn.functional.cross_entropy(scores.reshape(-1, 2), target.reshape(-1), reduction="none").view(b, -1)
+    slot = (torch.arange(kk, device=h.device)[None, :] < kb[:, None]).repeat(1, 2).to(per_tile.dtype)
+    per_bag = (per_tile * slot).sum(1) / slot.sum(1).clamp(min=1)
+    used = (kb >= 1).to(per_bag.dtype)
+    return (per_bag * used).sum() / used.sum().clamp(min=1)
 
 
 def write_attention(module: Any, data: Any, ctx: Any, run_dir: Any) -> None:
