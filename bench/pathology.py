@@ -2,10 +2,12 @@
 """Slide AUC of federated attention MIL on (a) the federated DINO encoder's features, (b) the same encoder
 randomly initialised, (c) MIL trained centrally on the pooled features of (a): the upper bound.
 
-The data are configs/pathology.yaml's: 40 synthetic slides from 2 hospitals (each its own stain shift and
-share of tumour slides; a slide is `tumour` when a tumour region covers part of its tissue, so a few of
-its ~100 tiles decide it), each hospital owning its slides. The pipeline's own stages make the slides,
-the DINO encoder (configs/pathology-dino.yaml) and its features; this bench adds
+The data are configs/pathology.yaml's: 80 synthetic slides from 2 hospitals (each its own stain shift and
+share of tumour slides), each hospital owning its slides. Every slide has an epithelial focus (20-40% of its
+tissue); a slide is `tumour` when the focus's nuclei are atypical (pleomorphic) and `normal` when they are
+uniform, at equal colour, nuclear area and density (data.tiles.synthesize.pattern: atypia), so the label
+needs features that see nuclear shape. The pipeline's own stages make the slides, the DINO encoder
+(configs/pathology-dino.yaml) and its features; this bench adds
 
   random init   a run directory holding the DINO federation's initial weights (same seed, untrained),
                 embedded by `hpcfl features` into data/pathology/features-random
@@ -21,6 +23,7 @@ the final global model over both sites' validation slides (rank 0's val_auc of t
 
     python bench/pathology.py                  # seeds 0-4
     python bench/pathology.py --seeds 0,1,2
+    python bench/pathology.py --seeds 0,1,2 --set mil.instance_loss=svm   # with CLAM's instance loss
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def hpcfl(*args: str) -> None:
         sys.exit(f"failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
-def random_encoder_run(pre_cfg_path: Path, out: Path) -> Path:
+def random_encoder_run(pre_cfg_path: Path, out: Path, overrides: Sequence[str] = ()) -> Path:
     """A run directory holding the DINO federation's initial weights (what its round 1 starts from)."""
     import torch
 
@@ -57,7 +60,7 @@ def random_encoder_run(pre_cfg_path: Path, out: Path) -> Path:
     from hpcfl.tasks import DataSpec, make_task
     from hpcfl.wsi.index import load_index
 
-    cfg = load_config(pre_cfg_path)
+    cfg = load_config(pre_cfg_path, overrides)
     run = out / "random-init"
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(dump_yaml(cfg))
@@ -82,16 +85,16 @@ def federated_auc(name: str, features: str, seed: int, extra: Sequence[str]) -> 
 
 
 def central_auc(cfg, seed: int) -> Dict[str, float]:
-    """MIL on the pooled training slides of every site (the federation's split for this seed), one process."""
+    """MIL on the pooled training slides of every site (the federation's split for this seed), one process:
+    the task's own network and loss (so mil.instance_loss applies here too)."""
     import dataclasses
 
     import torch
-    import torch.nn.functional as F
 
     from hpcfl.features.bags import pad, slide_labels, split
     from hpcfl.features.store import load_bags
-    from hpcfl.tasks.mil import roc_auc
-    from hpcfl.tasks.mil_net import GatedAttentionMIL
+    from hpcfl.tasks import DataSpec
+    from hpcfl.tasks.mil import MilTask, roc_auc
 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
     lab = slide_labels(cfg)
@@ -100,8 +103,8 @@ def central_auc(cfg, seed: int) -> Dict[str, float]:
     val = np.concatenate([p[1] for p in parts])
     bags = dict(zip(range(len(lab.slide_ids)), load_bags(cfg.data.bags.dir, lab.slide_ids)))
     torch.manual_seed(seed)
-    m = cfg.mil
-    net = GatedAttentionMIL(bags[0].features.shape[1], m.hidden, m.attention, len(lab.classes), m.dropout)
+    task = MilTask(cfg)
+    net = task.build_model(DataSpec((bags[0].features.shape[1],), len(lab.classes)))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng(seed)
     cap, bs = cfg.data.bags.max_tiles, cfg.train.batch_size
@@ -114,8 +117,7 @@ def central_auc(cfg, seed: int) -> Dict[str, float]:
             for p in chunk:
                 f = bags[p].features
                 feats.append(f[np.sort(rng.choice(len(f), cap, replace=False))] if len(f) > cap else f)
-            x, y = pad(feats, [(lab.labels[p], p) for p in chunk], feats[0].shape[1])
-            loss = F.cross_entropy(net(x, y[:, 1])[0], y[:, 0])
+            loss, _ = task.loss(net, pad(feats, [(lab.labels[p], p) for p in chunk], feats[0].shape[1]), None)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -129,19 +131,65 @@ def central_auc(cfg, seed: int) -> Dict[str, float]:
     return {"auc": roc_auc(y == 1, np.asarray(probs)), "balanced_accuracy": float(bal)}
 
 
+def focus_probe(cfg, feature_dirs: Dict[str, str]) -> None:
+    """What the features hold, without MIL: a logistic regression on the focus tiles only (the tiles whose mask
+    class is `tumor`, which MIL never sees) predicting their slide's label, 5-fold CV grouped by slide; tile AUC,
+    and slide AUC of the mean score of a slide's focus tiles."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from hpcfl.features.bags import slide_labels
+    from hpcfl.features.store import load_bags
+    from hpcfl.wsi.index import load_index
+
+    lab = slide_labels(cfg)
+    index = load_index(load_config_of(cfg.pipeline.pretrain).data.tiles.index_dir)
+    focus = index.classes.index("tumor")
+    print("\nfocus-tile probe (logistic regression on the focus tiles' features, 5-fold CV grouped by slide)")
+    for name, d in feature_dirs.items():
+        x, y, g = [], [], []
+        for s, bag in zip(range(len(lab.slide_ids)), load_bags(d, lab.slide_ids)):
+            keep = index.label[index.slide == index.slide_ids.index(bag.slide_id)] == focus
+            x.append(bag.features[keep].astype(np.float32))
+            y += [lab.labels[s]] * int(keep.sum())
+            g += [s] * int(keep.sum())
+        x, y, g = np.concatenate(x), np.asarray(y), np.asarray(g)
+        p = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)), x, y, groups=g,
+                              cv=GroupKFold(5), method="predict_proba")[:, 1]
+        slides = np.unique(g)
+        slide_auc = roc_auc_score([y[g == s][0] for s in slides], [p[g == s].mean() for s in slides])
+        print(f"  {name}: {len(y)} focus tiles of {len(slides)} slides, tile AUC {roc_auc_score(y, p):.4f}, "
+              f"slide AUC (mean of its focus tiles) {slide_auc:.4f}")
+
+
+def load_config_of(path: str):
+    from hpcfl.config import load_config
+
+    return load_config(ROOT / path)
+
+
 def main(argv: Sequence[str] = ()) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4", help="run.seed values (default 0-4)")
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="more --set for the MIL federations")
+    ap.add_argument("--set", dest="extra", action="append", default=[],
+                    help="more --set for the MIL runs, e.g. mil.instance_loss=svm (all three columns)")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="only the focus-tile probe of the existing feature sets (after a full run)")
     args = ap.parse_args(list(argv) or None)
     seeds = [int(s) for s in args.seeds.split(",")]
     from hpcfl.config import load_config
 
     t0 = time.perf_counter()
-    hpcfl("launch", "configs/pathology.yaml", "--no-report", "--set", "pipeline.stages=[pretrain, features]")
-    cfg = load_config(ROOT / "configs" / "pathology.yaml")
+    cfg = load_config(ROOT / "configs" / "pathology.yaml", args.extra)  # (c) gets the same --set as (a), (b)
     dino_dir = cfg.data.bags.dir
     rand_dir = str(Path(dino_dir).parent / "features-random")
+    if args.probe_only:
+        focus_probe(cfg, {"DINO": dino_dir, "random encoder": rand_dir})
+        return 0
+    hpcfl("launch", "configs/pathology.yaml", "--no-report", "--set", "pipeline.stages=[pretrain, features]")
     rand_run = random_encoder_run(ROOT / cfg.pipeline.pretrain, OUT)
     hpcfl("features", str(rand_run), "--out", rand_dir, "--redo")
     extra = [a for e in args.extra for a in ("--set", e)]
@@ -153,6 +201,7 @@ def main(argv: Sequence[str] = ()) -> int:
         rows.append(row)
         print(f"seed {s}: " + "  ".join(f"{k} auc {v['auc']:.4f}" for k, v in row.items()), flush=True)
     print_table(seeds, rows, time.perf_counter() - t0)
+    focus_probe(cfg, {"DINO": dino_dir, "random encoder": rand_dir})
     return 0
 
 

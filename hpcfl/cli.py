@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hospitals", type=int, default=0,
                    help="> 0: slide labels (tumour focus or none) from this many hospitals with their own stain "
                         "shift and tumour share, written to labels.csv (slide_id,label,site)")
+    p.add_argument("--pattern", choices=["focus", "atypia"], default="focus",
+                   help="with --hospitals: what makes a slide tumour: a tumour focus (focus) or the nuclear atypia "
+                        "of an epithelial focus every slide has, at matched colour (atypia)")
 
     p = sub.add_parser("tile", help="tile slides into a Feather index (one file per slide) with thumbnails",
                        description="Tissue detection (Otsu on HSV saturation at a low-resolution level), a tile grid, "
@@ -215,7 +218,7 @@ def _synth(args) -> int:
     if args.hospitals:
         from .wsi.synth import LabelPlan
 
-        plan = LabelPlan(args.hospitals)
+        plan = LabelPlan(args.hospitals, pattern=args.pattern)
     infos = synthesize_slides(args.out_dir, n_slides=args.slides, size=args.size, seed=args.seed, labels=plan)
     print(f"wrote {len(infos)} slides to {args.out_dir} (masks *.mask.png, slides.json"
           f"{', slide labels labels.csv' if plan else ''})")

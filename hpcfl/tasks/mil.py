@@ -3,8 +3,9 @@
 A slide is a bag of tile feature vectors (``hpcfl features``); one label per
 slide. The model embeds each tile, scores it with gated attention
 (``w . (tanh(V h) * sigmoid(U h))``), takes the attention-weighted mean of the
-embeddings and classifies it: the CLAM-SB / HistoFL recipe without the instance
-clustering loss. Bags vary in size: a batch pads them, and padded tiles get no
+embeddings and classifies it: the CLAM-SB / HistoFL recipe; CLAM-SB's instance
+clustering loss is optional (``mil.instance_loss``: the most and least attended
+tiles of a bag are pseudo-labelled for a per-class instance classifier). Bags vary in size: a batch pads them, and padded tiles get no
 attention.
 
 Evaluation sums, exact over ranks and sites: loss, correct and per-class counts,
@@ -101,14 +102,20 @@ class MilTask(Task):
         m = self.cfg.mil
         if len(spec.input_shape) != 1:
             raise ConfigError(f"task: mil needs feature vectors; data {self.cfg.data.name!r} gives {spec.input_shape}")
-        return GatedAttentionMIL(spec.input_shape[0], m.hidden, m.attention, spec.num_classes, m.dropout)
+        return GatedAttentionMIL(spec.input_shape[0], m.hidden, m.attention, spec.num_classes, m.dropout,
+                                 m.instance_loss, m.instance_k)
 
     def loss(self, module: Any, batch: Tuple[Any, Any], ctx: StepContext):
         import torch.nn.functional as F
 
         x, y = batch
-        logits, _ = module(x, y[:, 1])
-        return F.cross_entropy(logits, y[:, 0]), {}
+        m = self.cfg.mil
+        if m.instance_loss == "none":
+            logits, _ = module(x, y[:, 1])
+            return F.cross_entropy(logits, y[:, 0]), {}
+        logits, inst = module.bag_and_instance(x, y[:, 1], y[:, 0])
+        bag = F.cross_entropy(logits, y[:, 0])
+        return m.bag_weight * bag + (1 - m.bag_weight) * inst, {"bag_loss": bag.detach(), "instance_loss": inst.detach()}
 
     def eval_size(self, spec: DataSpec) -> int:
         slides, c = self._layout()

@@ -19,6 +19,7 @@ class SynthConfig:
     hospitals: int = _f(0, help="> 0: slides with slide-level labels (tumour focus or none) from this many hospitals, each with its own stain shift and share of tumour slides; written to labels.csv (slide_id,label,site) for data.tiles.labels / data.bags.labels", min=0, max=26)
     prevalence: Tuple[float, ...] = _f((0.35, 0.65), help="hospitals: share of tumour slides per hospital (cycled)")
     stain_shift: float = _f(0.1, help="hospitals: spread of each hospital's stain direction and strength shift", min=0.0, max=1.0)
+    pattern: Literal["focus", "atypia"] = _f("focus", help="hospitals: what makes a slide `tumour`: focus (a tumour focus is present; a random encoder's features already tell it) or atypia (every slide has an epithelial focus; only its nuclei's shape and size variation differ, colour and density are matched)")
 
 
 @dataclass(frozen=True)

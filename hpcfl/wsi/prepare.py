@@ -35,7 +35,8 @@ def stale_synthesis(slides_dir: Path, want) -> str:
         return ""
     plan = label_plan(want)
     asked = None if plan is None else {"hospitals": plan.hospitals, "prevalence": list(plan.prevalence),
-                                       "stain_shift": plan.stain_shift, "file": "labels.csv"}
+                                       "stain_shift": plan.stain_shift, "file": "labels.csv",
+                                       **({"pattern": plan.pattern} if plan.pattern != "focus" else {})}
     if have == (want.slides, want.size, want.seed) and labels == asked:
         return ""
     kind = f" labelled ({labels.get('hospitals')} hospitals)" if isinstance(labels, dict) else ""
@@ -48,7 +49,7 @@ def label_plan(s):
         return None
     from .synth import LabelPlan
 
-    return LabelPlan(s.hospitals, tuple(s.prevalence), s.stain_shift)
+    return LabelPlan(s.hospitals, tuple(s.prevalence), s.stain_shift, s.pattern)
 
 
 def _drop_synthesis(slides_dir: Path) -> None:
@@ -88,6 +89,7 @@ def prepare_tiles(cfg, progress: bool = True) -> Path:
             print(f"hpcfl: {slides_dir} holds {old}; data.tiles.synthesize asks for {s.slides} of {s.size} px, "
                   f"seed {s.seed}: synthesizing them again", file=sys.stderr, flush=True)
             _drop_synthesis(slides_dir)
+            (index_dir / "index.json").unlink(missing_ok=True)  # same slide paths, new pixels and masks: retile
     have = slides_dir.is_dir() and list_slides(slides_dir)
     if not have:
         if t.synthesize is None:

@@ -26,6 +26,7 @@ TISSUE_CLASSES: Tuple[str, ...] = ("stroma", "tumor", "lymphocytes", "necrosis")
 MASK_BACKGROUND = 0
 
 _STROMA, _TUMOR, _LYMPH, _NECROSIS = range(4)
+PATTERNS: Tuple[str, ...] = ("focus", "atypia")  # what makes a labelled synthetic slide `tumour` (LabelPlan)
 _GRID = 8  # full-resolution pixels per cell of the coarse geometry grid
 # Ruifrok-style optical-density directions (R, G, B); eosin tilted to blue so it renders pink, not magenta.
 _H_VECTOR = np.array([0.65, 0.70, 0.29])
@@ -277,6 +278,27 @@ def _sprite_banks(rng: np.random.Generator) -> Dict[str, List[_Sprite]]:
     return banks
 
 
+def _atypia_banks(rng: np.random.Generator) -> Tuple[List[_Sprite], List[_Sprite]]:
+    """(malignant, benign) nuclei of an epithelial focus whose slide label is its atypia, not its colour.
+
+    Malignant nuclei are pleomorphic (sizes vary 2.4x, elongated, lobulated contours, nucleoli, coarse
+    chromatin); benign ones are uniform, round and smooth. Both banks have the same mean nuclear area and
+    the same total haematoxylin (the benign bank is rescaled to it), so a focus's mean colour, darkness
+    and nuclear density do not tell the two apart: only nuclear shape and size variation do. Both are
+    drawn on every slide, so a slide's label changes nothing but its focus's nuclei."""
+    mal: List[_Sprite] = []
+    ben: List[_Sprite] = []
+    for _ in range(48):
+        a = rng.uniform(7.0, 17.0)
+        mal.append(_nucleus(rng, a, a * rng.uniform(0.5, 1.0), rng.uniform(0, np.pi), rng.uniform(0.15, 0.3),
+                            rng.uniform(0.45, 0.6), rng.uniform(0.2, 0.4), int(rng.integers(1, 4)), 0.25))
+        b = rng.uniform(10.4, 11.4)
+        ben.append(_nucleus(rng, b, b * rng.uniform(0.88, 1.0), rng.uniform(0, np.pi), 0.03,
+                            0.55, 0.08, 0, 0.1))
+    k = sum(float(v.sum()) for *_, v in mal) / sum(float(v.sum()) for *_, v in ben)
+    return mal, [(dy, dx, (v * k).astype(np.float32)) for dy, dx, v in ben]
+
+
 def _place(rng: np.random.Generator, labels: np.ndarray, cls: int, shape: Tuple[int, int], spacing: float,
            jitter: float, keep: float) -> Tuple[np.ndarray, np.ndarray]:
     """Nucleus centres on a jittered grid (jitter 0.5 ~ Poisson-like), kept where the coarse label is ``cls``."""
@@ -322,11 +344,14 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: Sequence[int],
             mask_downsample: int, fill: Sequence[int] = (),
-            stain_shift: Tuple[np.ndarray, np.ndarray, float] = None) -> Tuple[np.ndarray, np.ndarray]:
+            stain_shift: Tuple[np.ndarray, np.ndarray, float] = None,
+            atypia: "bool | None" = None) -> Tuple[np.ndarray, np.ndarray]:
     """One slide: RGB uint8 (size, size, 3) and its class mask at 1/mask_downsample.
 
     ``stain_shift``: (haematoxylin offset, eosin offset, strength factor) of the slide's hospital,
-    added to the per-slide stain after it is drawn (so the random stream is the same)."""
+    added to the per-slide stain after it is drawn (so the random stream is the same). ``atypia``:
+    None draws the tumour class's usual nuclei; True / False the malignant / benign nuclei of
+    :func:`_atypia_banks` (both banks drawn either way, so nothing else on the slide changes)."""
     h = w = size
     hl, wl = -(-h // _GRID), -(-w // _GRID)
     dist = _tissue_field(rng, hl, wl)
@@ -335,7 +360,7 @@ def _render(rng: np.random.Generator, size: int, required: Sequence[int], pool: 
     stain = _slide_stain(rng, stain_shift)
     hem, eos = _ground_substance(rng, soft, (h, w))
     fibre_dir = _texture(rng, labels, soft, eos, (h, w))
-    hem += _stamp((h, w), _nuclei(rng, labels, fibre_dir, (h, w)))
+    hem += _stamp((h, w), _nuclei(rng, labels, fibre_dir, (h, w), atypia))
     rgb = _to_rgb(rng, hem, eos, dist, stain, (h, w))
     return rgb, _class_mask(dist, soft, mask_downsample, (h, w))
 
@@ -390,17 +415,20 @@ def _texture(rng: np.random.Generator, labels: np.ndarray, soft: np.ndarray, eos
         across += (np.cos(th) * np.arange(w, dtype=np.float32))[None, :]
         across += (np.sin(th) * np.arange(h, dtype=np.float32))[:, None]
         profile = _fibre_profile(rng)
-        fib = np.take(profile, across.astype(np.int32), mode="wrap")
+        fib = profile[np.mod(across.astype(np.int32), profile.size)]  # = np.take(mode="wrap"), whose wrap loops per element
         eos += _upsample(0.32 * soft[_STROMA], _GRID, (h, w)) * fib
         fibre_dir = (np.sin(th) + amp * gwy / _GRID, np.cos(th) + amp * gwx / _GRID)  # gradient of `across`
     return fibre_dir
 
 
 def _nuclei(rng: np.random.Generator, labels: np.ndarray, fibre_dir: tuple | None,
-            shape: Tuple[int, int]) -> list:
-    """Nuclei: positions per class region, shapes from this slide's sprite banks (groups for :func:`_stamp`)."""
+            shape: Tuple[int, int], atypia: "bool | None" = None) -> list:
+    """Nuclei: positions per class region, shapes from this slide's sprite banks (groups for :func:`_stamp`);
+    ``atypia``: as :func:`_render`'s."""
     h, w = shape
     banks = _sprite_banks(rng)
+    if atypia is not None:
+        banks["tumor"] = _atypia_banks(rng)[0 if atypia else 1]
     groups = []
     ly, lx = _place(rng, labels, _LYMPH, (h, w), rng.uniform(15.5, 18.0), 0.3, 0.93)
     groups.append((ly, lx, rng.integers(len(banks["lymph"]), size=ly.size), banks["lymph"]))
@@ -502,11 +530,22 @@ class LabelPlan:
     tumour focus (one of its smaller class regions, a minority of its tiles) and ``normal`` when it holds
     none, so no single tile's texture average decides it and a model must find the focus. Slide i comes
     from hospital ``i % hospitals``; each hospital has its own share of tumour slides (``prevalence``,
-    cycled) and its own stain shift (haematoxylin/eosin direction and strength), as between real labs."""
+    cycled) and its own stain shift (haematoxylin/eosin direction and strength), as between real labs.
+
+    ``pattern``: ``focus`` as above (the focus's large dark nuclei alone tell a tumour slide, even to a
+    random encoder); ``atypia``: EVERY slide holds an epithelial focus of the same size plan (the mask's
+    tumor class) and the label is its nuclei's atypia alone (:func:`_atypia_banks`: pleomorphic vs uniform
+    nuclei of equal mean area and haematoxylin), so colour, darkness, nuclear density and the focus's
+    size are the same for both labels and only features that see nuclear shape separate them."""
 
     hospitals: int = 2
     prevalence: Tuple[float, ...] = (0.35, 0.65)
     stain_shift: float = 0.1
+    pattern: str = "focus"
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"slide label pattern must be one of {', '.join(PATTERNS)}, got {self.pattern!r}")
 
     def hospital_name(self, h: int) -> str:
         return f"hospital-{chr(ord('a') + h)}" if h < 26 else f"hospital-{h}"
@@ -531,11 +570,15 @@ class LabelPlan:
         return rng.normal(0, s, 3), rng.normal(0, s, 3), float(np.exp(rng.normal(0, s)))
 
 
-def _labelled_plan(i: int, tumour: bool) -> Tuple[List[int], List[int], List[int]]:
+def _labelled_plan(i: int, tumour: bool, focus_always: bool = False) -> Tuple[List[int], List[int], List[int]]:
     """(required, pool, fill) of slide i: every non-tumour class (rotating which two are required, the two
     largest regions), and tumour only on tumour slides, as the third largest region (a minority of the
-    tissue, 10-25%); further regions never draw tumour."""
+    tissue, 10-25%); further regions never draw tumour. ``focus_always`` (pattern atypia): the focus on
+    every slide, as the second largest region (20-40% of the tissue), the label being its nuclei's."""
     normal = [_STROMA, _LYMPH, _NECROSIS]
+    if focus_always:
+        required = [normal[i % 3], _TUMOR]
+        return required, required + [normal[(i + 1) % 3], normal[(i + 2) % 3]], normal
     required = [normal[i % 3], normal[(i + 1) % 3]]
     pool = required + ([_TUMOR] if tumour else []) + [normal[(i + 2) % 3]]
     return required, pool, normal
@@ -574,9 +617,11 @@ def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 
     for i, (required, pool) in enumerate(plan):
         fill, shift = (), None
         if labels is not None:
-            required, pool, fill = _labelled_plan(i, assigned[i][1])
+            atypia = labels.pattern == "atypia"
+            required, pool, fill = _labelled_plan(i, assigned[i][1], atypia)
             shift = labels.shift(seed, assigned[i][0])
-        rgb, mask = _render(np.random.default_rng([seed, i]), size, required, pool, mask_downsample, fill, shift)
+        rgb, mask = _render(np.random.default_rng([seed, i]), size, required, pool, mask_downsample, fill, shift,
+                            assigned[i][1] if labels is not None and atypia else None)
         slide_id = f"slide-{i:03d}"
         path, mask_path = out / f"{slide_id}.tiff", out / f"{slide_id}.mask.png"
         write_pyramid(path, rgb, tile=tile)
@@ -590,7 +635,8 @@ def synthesize_slides(out_dir, n_slides: int = 8, size: int = 4096, seed: int = 
     }
     if labels is not None:
         manifest["labels"] = {"hospitals": labels.hospitals, "prevalence": list(labels.prevalence),
-                              "stain_shift": labels.stain_shift, "file": "labels.csv"}
+                              "stain_shift": labels.stain_shift, "file": "labels.csv",
+                              **({"pattern": labels.pattern} if labels.pattern != "focus" else {})}
         write_labels_csv(out / "labels.csv", [(s.slide_id, "tumour" if t else "normal", labels.hospital_name(h))
                                               for s, (h, t) in zip(infos, assigned)])
     tmp = out / f".slides.json.tmp-{os.getpid()}"

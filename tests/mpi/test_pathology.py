@@ -20,7 +20,7 @@ def pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pathology")
     pre = [f"run.root={tmp}", f"data.tiles.slides_dir={tmp}/slides", f"data.tiles.index_dir={tmp}/index",
            f"data.tiles.labels={tmp}/slides/labels.csv", "fl.rounds=1", "fl.local_steps=2", "train.batch_size=16",
-           "data.tiles.synthesize={slides: 12, size: 1024, seed: 0, hospitals: 2, prevalence: [0.5, 0.5]}",
+           "data.tiles.synthesize={slides: 12, size: 1024, seed: 0, hospitals: 2, prevalence: [0.5, 0.5], pattern: atypia}",
            "dino.width=8", "data.val_fraction=0.34"]
     r = hpcfl("launch", "configs/pathology.yaml",
               *sets(f"run.root={tmp}", "pipeline.pretrain_set=" + json.dumps(pre), f"data.bags.dir={tmp}/features",
@@ -43,7 +43,7 @@ def test_pipeline_stages_run_in_order_and_resume_skips_them(pipeline):
                       [f"run.root={tmp}", f"data.tiles.slides_dir={tmp}/slides", f"data.tiles.index_dir={tmp}/index",
                        f"data.tiles.labels={tmp}/slides/labels.csv", "fl.rounds=1", "fl.local_steps=2",
                        "train.batch_size=16", "dino.width=8", "data.val_fraction=0.34",
-                       "data.tiles.synthesize={slides: 12, size: 1024, seed: 0, hospitals: 2, prevalence: [0.5, 0.5]}"]),
+                       "data.tiles.synthesize={slides: 12, size: 1024, seed: 0, hospitals: 2, prevalence: [0.5, 0.5], pattern: atypia}"]),
                         f"data.bags.dir={tmp}/features", f"data.bags.labels={tmp}/slides/labels.csv",
                         "data.val_fraction=0.34", "fl.rounds=2", "fl.local_epochs=1",
                         "privacy.dp={noise_multiplier: 0.3, clip_norm: 1.0}", "privacy.secure_aggregation={frac_bits: 24}"),

@@ -92,3 +92,81 @@ def test_tumour_is_the_third_planned_region_and_never_fills_other_cells():
     required, pool, fill = _labelled_plan(4, True)
     assert pool[2] == 1 and 1 not in required and 1 not in fill  # 1 = tumor, the third planned region
     assert 1 not in _labelled_plan(4, False)[1]
+
+
+# ---------------------------------------------------------------------------------------- pattern: atypia
+
+def _focus_pair(i=0, size=1024):
+    """Slide i rendered with the malignant and with the benign focus (same seed: same slide otherwise)."""
+    from hpcfl.wsi.synth import _TUMOR, _render
+
+    req, pool, fill = _labelled_plan(i, False, focus_always=True)
+    shift = LabelPlan().shift(0, 0)
+    return [_render(np.random.default_rng([0, i]), size, req, pool, 8, fill, shift, atypia) for atypia in (True, False)], _TUMOR
+
+
+def test_atypia_changes_only_the_focus_nuclei_not_its_colour():
+    from scipy import ndimage as ndi
+
+    ((mal, mask_m), (ben, mask_b)), tumor = _focus_pair()
+    assert np.array_equal(mask_m, mask_b) and (mask_m == tumor + 1).mean() > 0.05  # same focus, on both labels
+    focus = np.kron(mask_m == tumor + 1, np.ones((8, 8), bool))[:mal.shape[0], :mal.shape[1]]
+    near = ndi.binary_dilation(focus, iterations=24)
+    differ = np.any(mal != ben, axis=2)
+    assert differ[focus].mean() > 0.3 and not differ[~near].any()  # nothing outside the focus changes
+    # matched colour: the focus's mean RGB within 2.5 grey levels, well inside the slides' stain spread
+    assert np.abs(mal[focus].mean(0) - ben[focus].mean(0)).max() < 2.5
+    # ... made by nuclei of equal mean area and equal total haematoxylin, but of very different shape variety
+    from hpcfl.wsi.synth import _atypia_banks
+
+    mal_bank, ben_bank = _atypia_banks(np.random.default_rng(3))
+    area = lambda bank: np.array([v.size for *_, v in bank], float)  # noqa: E731
+    mass = lambda bank: sum(float(v.sum()) for *_, v in bank)  # noqa: E731
+    assert mass(mal_bank) == pytest.approx(mass(ben_bank), rel=1e-5)
+    assert area(mal_bank).mean() == pytest.approx(area(ben_bank).mean(), rel=0.15)
+    cv = lambda a: a.std() / a.mean()  # noqa: E731
+    assert cv(area(mal_bank)) > 4 * cv(area(ben_bank))
+
+
+def test_atypia_slides_all_have_a_focus_and_the_manifest_records_the_pattern(tmp_path):
+    import json
+
+    from hpcfl.wsi.synth import synthesize_slides
+
+    infos = synthesize_slides(tmp_path, 4, 512, 0, labels=LabelPlan(pattern="atypia"), progress=False)
+    assert all("tumor" in s.classes_present for s in infos)
+    rows = (tmp_path / "labels.csv").read_text().splitlines()[1:]
+    assert sorted({r.split(",")[1] for r in rows}) == ["normal", "tumour"]
+    assert json.loads((tmp_path / "slides.json").read_text())["labels"]["pattern"] == "atypia"
+    with pytest.raises(ValueError, match="pattern must be one of focus, atypia"):
+        LabelPlan(pattern="glands")
+
+
+def test_switching_the_pattern_makes_the_slides_and_their_index_again(tmp_path, capsys):
+    import json
+
+    from hpcfl.config import from_dict
+    from hpcfl.wsi.prepare import prepare_tiles
+
+    def cfg(pattern):
+        return from_dict({"sites": [{"name": "a"}], "data": {"name": "tiles", "tiles": {
+            "slides_dir": str(tmp_path / "slides"), "index_dir": str(tmp_path / "index"), "level": 0, "tile_size": 64,
+            "synthesize": {"slides": 4, "size": 512, "seed": 0, "hospitals": 2, "prevalence": [0.5, 0.5],
+                           "pattern": pattern}}}})
+
+    def tumour_slides():
+        index = json.loads((tmp_path / "index" / "index.json").read_text())
+        return index, (tmp_path / "slides" / "slides.json").read_text()
+
+    prepare_tiles(cfg("focus"), progress=False)
+    before = json.loads((tmp_path / "slides" / "slides.json").read_text())
+    prepare_tiles(cfg("atypia"), progress=False)
+    assert "synthesizing them again" in capsys.readouterr().err
+    after = json.loads((tmp_path / "slides" / "slides.json").read_text())
+    assert "pattern" not in before["labels"] and after["labels"]["pattern"] == "atypia"
+    assert all("tumor" in s["classes_present"] for s in after["slides"])
+    from hpcfl.wsi.index import load_index
+
+    idx = load_index(tmp_path / "index")  # retiled: every slide now has tumour-class tiles
+    tumor = idx.classes.index("tumor")
+    assert all((idx.label[idx.slide == s] == tumor).any() for s in range(4))
