@@ -360,8 +360,11 @@ class RunDir(RunPaths):
                     os.replace(p, p.with_name(p.name + ".corrupt"))
             self._mkdir(self.logs)
             self._mkdir(self.checkpoints)
-            for stale in self.logs.glob("rank-*.error.json"):
-                stale.unlink()
+            # a previous launch's errors, heartbeats and stack-dump request: the watchdog must judge this launch's
+            # ranks, not a dead node's last beat, and no rank should dump its stack at its first beat
+            for stale in [*self.logs.glob("rank-*.error.json"), *self.logs.glob("rank-*.beat"),
+                          self.logs / "dump-stacks"]:
+                stale.unlink(missing_ok=True)
             write_atomic(self.path / "config.yaml", dump_yaml(self.cfg), error=RunDirError)
             self._trim_metrics(ckpt)
         except BaseException:
