@@ -75,12 +75,16 @@ CONF
   pgrep -x slurmctld >/dev/null || slurmctld -c  # -c: forget jobs a previous cluster left behind
   pgrep -x slurmd >/dev/null || slurmd
   for _ in $(seq 60); do
-    pgrep -x slurmd >/dev/null || { echo "local_slurm: slurmd exited: $(tail -3 /var/log/slurm/slurmd.log | tr '\n' ' ')" >&2; exit 1; }
+    # with HPCFL_SLURM_CGROUP=1, a slurmd that cannot manage cgroups here exits: 77, what this machine lacks
+    pgrep -x slurmd >/dev/null || { echo "local_slurm: slurmd exited: $(tail -3 /var/log/slurm/slurmd.log | tr '\n' ' ')" >&2
+                                    [ "$cgroup" = 1 ] && exit 77; exit 1; }
     if sinfo -h -o "%t" 2>/dev/null | grep -qE "idle|mix|alloc"; then echo "local_slurm: up ($host, $cpus CPUs)"; return 0; fi
     scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
     sleep 1
   done
-  echo "local_slurm: the node did not come up; see /var/log/slurm/" >&2; exit 1
+  echo "local_slurm: the node did not come up; see /var/log/slurm/ ($(tail -2 /var/log/slurm/slurmd.log | tr '\n' ' '))" >&2
+  [ "$cgroup" = 1 ] && exit 77  # most likely slurmd's cgroup plugin: what this machine lacks
+  exit 1
 }
 
 stop() {
