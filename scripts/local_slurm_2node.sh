@@ -175,6 +175,11 @@ restart_node() {
     sleep 0.25
   done
   [ -z "$left" ] || die "restart-node: processes$left in $n survive kill -9 after 10 s (uninterruptible I/O?)"
+  # a node that comes back has an empty /tmp, as after a reboot, and none of its dead steps' PMIx sockets: a
+  # requeued job keeps its id, and the killed run's stepd.slurm.pmix.JOB.0 in the node's spool made the requeued
+  # step's launch there fail ("Cannot bind() UNIX socket ...: Address already in use", then "Cannot create directory .../pmix.JOB.0/: File exists")
+  find "$base/tmp/$n" -mindepth 1 -delete 2>/dev/null || true
+  rm -rf "$base/spool/$n"/stepd.slurm.pmix.* "$base/spool/$n"/pmix.*
   rm -f "$base/run/slurmd-$n.pid"
   start_node "$n"
   wait_up
