@@ -42,6 +42,9 @@ FROZEN_S = 6.0
 # Phases that keep the long floor (fault.hang_floor_s) whatever the rounds took: start-up (imports, data),
 # and the end's cross-site evaluation (every site's model on every site's data, in one phase).
 LONG_PHASES = ("start-up", "cross-site evaluation")
+# A watchdog poll this much later than its interval means the watcher itself did not run (the machine stalled:
+# swap, I/O, a paused VM, far more runnable processes than cores); that time is not counted against any rank.
+LATE_S = 5.0
 # Phases in which a rank waits for others: no progress there is not its fault.
 WAITING = ("wait for uploads", "wait for evaluations", "upload", "receive global model", "report evaluations",
            "wait for the next plan", "start-up barrier", "done")
@@ -209,6 +212,25 @@ def lost_node(beats: Dict[int, Optional[Dict[str, Any]]], stale, own_host: Optio
     return None
 
 
+def excuse(beats: Dict[int, Optional[Dict[str, Any]]], stalls: Sequence[tuple],
+           now: float) -> Dict[int, Optional[Dict[str, Any]]]:
+    """Pure: ``beats`` with each rank's times (last beat, last progress, last reach of rank 0) moved forward by
+    the part of the watcher's ``stalls`` ((start, end) wall times) that came after them: no rank is judged on
+    time in which nobody could watch it. A real hang is still found, later by the length of the stall."""
+    if not stalls:
+        return beats
+    out: Dict[int, Optional[Dict[str, Any]]] = {}
+    for r, b in beats.items():
+        if b is not None:
+            b = dict(b)
+            for key in ("time", "progress_time", "reached_rank0"):
+                if isinstance(b.get(key), (int, float)):
+                    t = float(b[key])
+                    b[key] = t + sum(max(0.0, min(e, now) - max(s, t)) for s, e in stalls)
+        out[r] = b
+    return out
+
+
 def auto_timeout(round_times: Sequence[float], floor_s: float, min_s: float, factor: float = 5.0) -> float:
     """Pure: the automatic hang timeout after ``round_times`` (this launch's rounds, in order).
 
@@ -261,9 +283,16 @@ class Watchdog:
         self._stop.set()
 
     def _run(self) -> None:
+        last, stalls = time.monotonic(), []
         while not self._stop.wait(self.poll_s):
-            beats = {r: read_beat(beat_path(self.logs, r)) for r in self.ranks}
-            line = verdict(beats, time.time(), self.timeout(), self._started, startup_timeout=self.floor_s,
+            mono, now = time.monotonic(), time.time()
+            late, last = mono - last - self.poll_s, mono
+            if late > LATE_S:
+                stalls = [x for x in stalls if x[1] > now - 3600] + [(now - late, now)]
+                log.info("the watchdog itself did not run for %.0fs (the machine stalled): not counted against "
+                         "any rank", late)
+            beats = excuse({r: read_beat(beat_path(self.logs, r)) for r in self.ranks}, stalls, now)
+            line = verdict(beats, now, self.timeout(), self._started, startup_timeout=self.floor_s,
                            stale_only=self.stale_only, own_host=socket.gethostname())
             if line is not None and not self._stop.is_set():
                 self.on_hang(line, beats)
@@ -308,4 +337,4 @@ def _stuck_rank(line: str, beats: Dict[int, Any]) -> int:
     return int(m.group(1)) if m else 0
 
 
-__all__ = ["Heartbeat", "Watchdog", "verdict", "auto_timeout", "end_job_on_hang", "beat_path", "read_beat", "DUMP_TRIGGER", "WAITING"]
+__all__ = ["Heartbeat", "Watchdog", "verdict", "excuse", "auto_timeout", "end_job_on_hang", "beat_path", "read_beat", "DUMP_TRIGGER", "WAITING"]

@@ -150,16 +150,56 @@ start_node() {
      && exec "$2" -f "$3" -N "$1"' sh "$n" "$slurmd" "$conf" "$base/tmp/$n"
 }
 
-# A node that was lost (every process in it killed, as tests/slurm/test_lost_node.py does) comes back:
-# its link up, whatever still runs in it killed, its slurmd started again.
+# A node that was lost (every process in it killed, as tests/slurm/test_lost_node.py does) or cut off (its
+# link down, test_unreachable_node.py) comes back: its link up and forwarding, whatever still runs in it
+# killed (and gone, so that the new slurmd can bind its port), its slurmd started again, then the same
+# checks as `start` (both nodes up in SLURM, each reaching the other).
 restart_node() {
-  local n="$1" pid
+  local n="$1" pid left
   [[ " ${nodes[*]} " == *" $n "* ]] || die "restart-node: no node $n (${nodes[*]})" 2
+  ip link show "$n-br" >/dev/null 2>&1 || die "restart-node: $n's link $n-br does not exist: the cluster is not up (start it)"
   ip link set "$n-br" up
-  for pid in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+  ip -n "$n" link set eth0 up
+  for _ in $(seq 40); do  # a bridge port that comes up may pass through listening/learning before forwarding
+    bridge link show dev "$n-br" 2>/dev/null | grep -q 'state forwarding' && break
+    sleep 0.25
+  done
+  bridge link show dev "$n-br" 2>/dev/null | grep -q 'state forwarding' \
+    || die "restart-node: $n's port $n-br on $bridge is not forwarding after 10 s: $(bridge link show dev "$n-br" 2>&1)"
+  for _ in $(seq 40); do
+    left=""
+    for pid in $(ip netns pids "$n" 2>/dev/null); do
+      alive "$pid" && { kill -9 "$pid" 2>/dev/null || true; left="$left $pid"; }
+    done
+    [ -z "$left" ] && break
+    sleep 0.25
+  done
+  [ -z "$left" ] || die "restart-node: processes$left in $n survive kill -9 after 10 s (uninterruptible I/O?)"
+  # a node that comes back has an empty /tmp, as after a reboot, and none of its dead steps' PMIx sockets: a
+  # requeued job keeps its id, and the killed run's stepd.slurm.pmix.JOB.0 in the node's spool made the requeued
+  # step's launch there fail ("Cannot bind() UNIX socket ...: Address already in use", then "Cannot create directory .../pmix.JOB.0/: File exists")
+  find "$base/tmp/$n" -mindepth 1 -delete 2>/dev/null || true
+  rm -rf "$base/spool/$n"/stepd.slurm.pmix.* "$base/spool/$n"/pmix.*
   rm -f "$base/run/slurmd-$n.pid"
   start_node "$n"
   wait_up
+}
+
+# Each node reaches the other's slurmd port (MPI goes node to node over the same bridge). Retried: a slurmd
+# just started may not listen yet, a port just up may not forward yet.
+reach_each_other() {
+  local a b why=""
+  for _ in $(seq 30); do
+    why=""
+    for a in 0 1; do
+      b=$((1 - a))
+      timeout 5 ip netns exec "${nodes[$a]}" bash -c "exec 3<>/dev/tcp/$net.$((b + 1))/6918" 2>/dev/null \
+        || why="$why ${nodes[$a]} -> ${nodes[$b]} ($net.$((b + 1)):6918) failed;"
+    done
+    [ -z "$why" ] && return 0
+    sleep 1
+  done
+  die "the two nodes cannot reach each other over $bridge after 30 s:$why links: $(ip -br link show master "$bridge" | tr '\n' ' ')(a firewall on bridged traffic? see $base/log/)"
 }
 
 wait_up() {
@@ -167,17 +207,14 @@ wait_up() {
   export SLURM_CONF="$conf"
   for _ in $(seq 60); do
     if [ "$(sinfo -h -N -o '%t' 2>/dev/null | grep -cE 'idle|mix|alloc')" = 2 ]; then
-      # the nodes reach the controller; now each other (MPI goes node to node): a TCP connect to the other slurmd
-      timeout 5 ip netns exec "${nodes[0]}" bash -c "exec 3<>/dev/tcp/$net.2/6918" \
-        && timeout 5 ip netns exec "${nodes[1]}" bash -c "exec 3<>/dev/tcp/$net.1/6918" \
-        || die "the two nodes cannot reach each other over $bridge (a firewall on bridged traffic?)"
+      reach_each_other
       echo "local_slurm_2node: up (${nodes[*]} at $net.1 and $net.2, $cpus CPUs each; SLURM_CONF=$conf)"
       return 0
     fi
     for n in "${nodes[@]}"; do scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true; done
     sleep 1
   done
-  die "the nodes did not come up; see $base/log/"
+  die "the nodes did not come up in 60 s ($(sinfo -h -N -o '%N %t' 2>&1 | tr '\n' ' ')); see $base/log/"
 }
 
 # Debian 12's Slurm 22.05.8: a job that ran an `srun --distribution=arbitrary` step (hpcfl's srun

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import Config
 from ..errors import LaunchError
+from ..rundir.paths import RunPaths
 from .render import render_sbatch
 from .slurmcmd import ControllerUnreachable, SlurmClientMissing, call, require_client, said  # noqa: F401 - re-exported
 
@@ -60,7 +61,7 @@ def submit(cfg: Config, config_path: str, overrides: Sequence[str] = (), launche
         raise ControllerUnreachable(f"{exc}; the job may have been submitted all the same: look with squeue --me "
                                     "before submitting again") from None
     job_id = out.split(";")[0]
-    jobs_path = d / "jobs.json"
+    jobs_path = RunPaths(run_dir).slurm_jobs
     jobs = json.loads(jobs_path.read_text()) if jobs_path.exists() else []
     jobs.append({"job_id": job_id, "script": str(script), "submitted_at": time.time(),
                  "launcher": launcher or cfg.cluster.launcher})
@@ -84,6 +85,8 @@ class JobStatus:
     reason: Optional[str] = None
     log: Optional[str] = None  # the job's output file
     error_line: Optional[str] = None  # the line in it that says what failed
+    memory: Optional[str] = None  # the job's --mem per node as SLURM records it (MinMemoryNode), e.g. "3G"
+    oom: Optional[str] = None  # who was killed for memory, from the log ("rank 2 (site 'hospital-b')"; "a rank")
 
     @property
     def active(self) -> bool:
@@ -108,10 +111,11 @@ class JobStatus:
             text += f": {self.error_line}"
             if self.log:
                 text += f" (log: {self.log})"
-        if self.state == "OUT_OF_MEMORY":
+        if self.state == "OUT_OF_MEMORY" or self.oom:
             from ..oom import ADVICE
 
-            text += f"; a rank was killed for memory: {ADVICE}"
+            limit = f"the job's limit is {self.memory} per node (--mem); " if self.memory else ""
+            text += f"; {self.oom or 'a rank'} was killed for memory: {limit}{ADVICE}"
         return text
 
 
@@ -143,11 +147,37 @@ def parse_sacct(out: str, job_id: str) -> Optional[Tuple[str, str, Optional[str]
 
 
 def parse_scontrol(out: str) -> Optional[Dict[str, Optional[str]]]:
-    """JobState, ExitCode, Reason, StdOut, Comment, WorkDir from ``scontrol show job``."""
+    """JobState, ExitCode, Reason, StdOut, Comment, WorkDir, MinMemoryNode from ``scontrol show job``."""
     state = _field(out, "JobState")
     if not state:
         return None
-    return {k: _field(out, k) for k in ("JobState", "ExitCode", "Reason", "StdOut", "Comment", "WorkDir")}
+    return {k: _field(out, k) for k in ("JobState", "ExitCode", "Reason", "StdOut", "Comment", "WorkDir",
+                                        "MinMemoryNode")}
+
+
+# A step's task killed by its cgroup's memory limit: srun names the task (= the MPI rank), slurmstepd counts the
+# kills; the job itself ends FAILED (its batch script's srun failed) unless the batch step was the one killed.
+_OOM_TASK = re.compile(r"srun: error: \S+: tasks? (\d+)(?:[-,]\S*)?: Out Of Memory")
+_OOM_EVENT = re.compile(r"Detected \d+ oom[-_]kill event", re.I)
+
+
+def oom_victim(log_text: str, run_dir: Optional[Path] = None) -> Optional[str]:
+    """Who the job log says was killed for memory: "rank 2 (site 'hospital-b')" (srun's task number is the
+    rank; its site from the run's manifest.json), "a rank" when only slurmstepd's count says so, else None."""
+    m = _OOM_TASK.search(log_text)
+    if m is None:
+        return "a rank" if _OOM_EVENT.search(log_text) else None
+    rank = int(m.group(1))
+    site = None
+    if run_dir is not None:
+        from ..observe.rundata import RunDirError, read_json
+
+        try:
+            ranks = (read_json(RunPaths(run_dir).manifest, dict) or {}).get("ranks") or []
+        except RunDirError:  # a damaged manifest: the rank is still named
+            ranks = []
+        site = next((r.get("site") for r in ranks if isinstance(r, dict) and r.get("rank") == rank), None)
+    return f"rank {rank}" + (f" (site {site!r})" if site else "")
 
 
 _FAILED = re.compile(r"^hpcfl: .*(failed|killed by signal|was killed)", re.I)
@@ -198,11 +228,12 @@ def job_status(job_id: str, run_dir: Optional[Path] = None) -> JobStatus:
                                     f"({acct_down})")
     if st.log is None and run_dir is not None:
         st.log = str(Path(run_dir) / "slurm" / f"{job_id}.out")
-    if not st.active and st.log:
+    if not st.active and st.log and st.state != "COMPLETED":
         try:
-            st.error_line = error_line(Path(st.log).read_text(errors="replace")) if st.state != "COMPLETED" else None
+            text = Path(st.log).read_text(errors="replace")
         except OSError:
-            pass
+            text = ""
+        st.error_line, st.oom = error_line(text), oom_victim(text, run_dir)
     return st
 
 
@@ -222,6 +253,7 @@ def _from_scontrol(st: JobStatus, job_id: str) -> None:
             st.state, st.exit_code, st.reason, st.source = info["JobState"] or "UNKNOWN", info["ExitCode"], \
                 info["Reason"], "scontrol"
         st.log = info["StdOut"]
+        st.memory = info["MinMemoryNode"] if info["MinMemoryNode"] not in (None, "0") else None
 
 
 def run_dir_of_job(job_id: str) -> Optional[Path]:
@@ -239,7 +271,7 @@ def recorded_jobs(run_dir: Path) -> List[str]:
     """Job ids ``hpcfl submit`` recorded in ``runs/<name>/slurm/jobs.json`` (oldest first); a corrupt file is named."""
     from ..observe.rundata import read_json
 
-    path = Path(run_dir) / "slurm" / "jobs.json"
+    path = RunPaths(run_dir).slurm_jobs
     jobs = read_json(path, list)
     if jobs is None:
         return []

@@ -98,8 +98,10 @@ class RunDir(RunPaths):
             self._set_aside_corrupt(ckpt)
             self._mkdir(self.logs)
             self._mkdir(self.checkpoints)
-            for stale in self.error_files():
-                stale.unlink()
+            # a previous launch's errors, heartbeats and stack-dump request: the watchdog must judge this launch's
+            # ranks, not a dead node's last beat, and no rank should dump its stack at its first beat
+            for stale in [*self.error_files(), *self.beat_files(), self.dump_trigger]:
+                stale.unlink(missing_ok=True)
             write_atomic(self.config, dump_yaml(self.cfg), error=RunDirError)
             self.metrics.trim(ckpt)
         except BaseException:

@@ -61,6 +61,7 @@ class RunPaths:
         self.mlflow_state = self.path / "mlflow.json"
         self.checkpoints = self.path / "checkpoints"
         self.logs = self.path / "logs"
+        self.dump_trigger = self.logs / "dump-stacks"  # the watchdog asks every rank for its stack
         self.attention = self.path / ATTENTION_DIR
         self.debug = self.path / "debug"
         self.slurm = self.path / "slurm"
@@ -84,6 +85,10 @@ class RunPaths:
     def error_files(self) -> list:
         """Every rank's error record of this launch (a launch removes older ones)."""
         return sorted(self.logs.glob(ERROR_GLOB))
+
+    def beat_files(self) -> list:
+        """Every rank's heartbeat file (a launch removes the previous launch's)."""
+        return sorted(self.logs.glob(BEAT_GLOB))
 
     def checkpoint(self, round_: int) -> Path:
         return checkpoint_path(self.checkpoints, round_)

@@ -28,9 +28,10 @@ N1, N2 = "hpcfl-n1", "hpcfl-n2"
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
     """The two-node cluster for this module's jobs, then gone (its daemons and namespaces), and a run root
-    outside /tmp (each node has its own /tmp)."""
+    outside /tmp (each node has its own /tmp), removed unless a test of the module failed (its runs' logs
+    and heartbeats are what tell why)."""
     if os.geteuid() != 0:
         pytest.skip("the two-node tier creates network namespaces and starts slurmd: it needs root")
     if ROOT.resolve().is_relative_to("/tmp"):
@@ -45,12 +46,16 @@ def cluster():
     env = subprocess.run([str(SCRIPT), "env"], capture_output=True, text=True).stdout
     conf = env.strip().split("SLURM_CONF=")[1]
     root = Path(tempfile.mkdtemp(prefix="hpcfl-2node-", dir="/var/tmp"))
+    failed = request.session.testsfailed
     try:
         assert r.returncode == 0, r.stdout + r.stderr
         yield {"SLURM_CONF": conf}, root
     finally:
         subprocess.run([str(SCRIPT), "stop"], capture_output=True, timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
+        if request.session.testsfailed == failed:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"\nthe two-node runs are kept in {root}")
 
 
 def sets(root, name, *extra):

@@ -1,6 +1,6 @@
 """The automatic hang timeout follows the rounds once they are known: the long floor through start-up, the first
 round and the final cross-site evaluation; then five times the slowest later round, at least fault.hang_min_s."""
-from hpcfl.watchdog import Heartbeat, Watchdog, auto_timeout, verdict
+from hpcfl.watchdog import Heartbeat, Watchdog, auto_timeout, excuse, verdict
 
 
 def test_the_rule():
@@ -113,3 +113,37 @@ def test_the_probe_reaches_rank_0(tmp_path):
         prober.stop()
     finally:
         reach.PROBE_S = old
+
+
+def test_time_in_which_the_watchdog_itself_did_not_run_is_not_counted_against_a_rank():
+    # the machine stalled for 14 s (the watchdog's 1 s poll came 14 s late): a rank whose last progress was 44 s
+    # ago at a 30 s timeout was watched for 30 s only; a rank stuck since before the stall is still named
+    now = 10_000.0
+    beats = {1: {"phase": "evaluate global model", "time": now - 1, "progress_time": now - 44, "who": "rank 1",
+                 "reached_rank0": now - 2},
+             2: None}
+    stalls = [(now - 20, now - 6)]
+    assert verdict(beats, now, 30, {2: now}) == "rank 1 made no progress for 44s (phase: evaluate global model)"
+    moved = excuse(beats, stalls, now)
+    assert moved[1]["progress_time"] == now - 30 and moved[1]["time"] == now - 1 and moved[1]["reached_rank0"] == now - 2
+    assert moved[2] is None and beats[1]["progress_time"] == now - 44  # the beats read are not changed
+    assert verdict(moved, now, 30, {2: now}) is None
+    beats[1]["progress_time"] = now - 60
+    assert verdict(excuse(beats, stalls, now), now, 30, {2: now}) == \
+        "rank 1 made no progress for 46s (phase: evaluate global model)"
+    assert excuse(beats, [], now) is beats
+
+
+def test_a_late_poll_of_the_watchdog_is_recorded_as_a_stall(tmp_path, monkeypatch):
+    import hpcfl.watchdog as wd
+
+    clock = iter([0.0, 15.0, 16.0])  # monotonic: a 1 s poll that returned after 15 s, then one on time
+    monkeypatch.setattr(wd.time, "monotonic", lambda: next(clock))
+    seen = []
+    monkeypatch.setattr(wd, "excuse", lambda beats, stalls, now: seen.append(list(stalls)) or beats)
+    dog = Watchdog(tmp_path, [1], 30.0, 300.0, lambda *a: None, poll_s=1.0)
+    dog._started = {1: wd.time.time() + 3600}  # no beat yet, and no verdict on that
+    waits = iter([False, False, True])
+    dog._stop.wait = lambda s: next(waits)
+    dog._run()
+    assert len(seen) == 2 and len(seen[0]) == 1 and abs(seen[0][0][1] - seen[0][0][0] - 14.0) < 1e-6 and seen[1] == seen[0]

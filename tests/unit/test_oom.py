@@ -57,3 +57,25 @@ def test_slurms_out_of_memory_state_says_what_to_change():
                            "train.batch_size or the ranks per node"), text
     assert "killed for memory" not in JobStatus("8", "FAILED", "sacct", "1:0").describe()
 
+
+
+def test_a_task_killed_by_the_jobs_mem_limit_is_named_from_the_job_log(tmp_path):
+    # what srun and slurmstepd write when the cgroup of --mem kills a task (Slurm 22.05, task/cgroup); the
+    # job itself ends FAILED: its batch script's srun failed
+    from hpcfl.cluster.slurm import oom_victim
+
+    log = ("srun: error: vm: task 2: Out Of Memory\nslurmstepd-vm: error: Detected 1 oom-kill event(s) in "
+           "StepId=43.0. Some of your processes may have been killed by the cgroup out-of-memory handler.\n")
+    (tmp_path / "manifest.json").write_text('{"ranks": [{"rank": 0, "site": null}, {"rank": 2, "site": "hospital-b"}]}')
+    assert oom_victim(log, tmp_path) == "rank 2 (site 'hospital-b')"
+    assert oom_victim(log, None) == "rank 2"
+    assert oom_victim(log.splitlines()[1], tmp_path) == "a rank"
+    assert oom_victim("srun: error: vm: task 2: Killed\n", tmp_path) is None
+    (tmp_path / "manifest.json").write_text("{damaged")
+    assert oom_victim(log, tmp_path) == "rank 2"
+    st = JobStatus("43", "FAILED", "scontrol", "1:0", "NonZeroExitCode", error_line="srun: error: vm: task 2: Out Of "
+                   "Memory", memory="3G", oom="rank 2 (site 'hospital-b')")
+    assert st.describe() == ("job 43: FAILED (exit code 1, NonZeroExitCode): srun: error: vm: task 2: Out Of Memory; "
+                             "rank 2 (site 'hospital-b') was killed for memory: the job's limit is 3G per node (--mem); "
+                             "lower train.batch_size or the ranks per node (launch.slots, cluster.cores_per_rank), or "
+                             "give the job more memory (cluster.mem_per_node under SLURM)")

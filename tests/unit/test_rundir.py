@@ -234,3 +234,14 @@ def test_the_lock_is_a_context_manager_that_releases_on_error(tmp_path):
         with RunLock(tmp_path):
             raise RuntimeError("a failure while holding the lock")
     assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_relaunch_forgets_the_previous_launchs_heartbeats_and_stack_dump_request(tmp_path):
+    # a lost node's ranks leave their last beat behind, rank 0's watchdog its dump-stacks request: the
+    # relaunch's watchdog must judge its own ranks, and no rank may dump its stack at its first beat
+    rd, cfg = run_with_checkpoint(tmp_path, BASE)
+    rd.close()
+    for name in ("rank-0003.beat", "rank-0004.beat", "dump-stacks", "rank-0003.error.json", "rank-0003.log"):
+        (rd.logs / name).write_text("{}")
+    assert RunDir(cfg).prepare()["round"] == 2
+    assert sorted(p.name for p in rd.logs.iterdir()) == ["rank-0003.log"]
