@@ -64,7 +64,7 @@ class CentralEval:
         module.eval()
         site, st = self.ctx_of
         ctx = tr.context(site, r, st.settings, st.data)
-        out = np.zeros((len(self.rows), tr.eval_size), np.float64)
+        out = np.zeros((len(self.rows), tr.task.eval_size(tr.spec)), np.float64)
         with tr.precision.autocast():
             for k, b in enumerate(self.rows):
                 if int(b) in self.mine:
