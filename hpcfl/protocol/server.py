@@ -374,7 +374,7 @@ class Aggregator:
 
 def best_metric(cfg: Config, task) -> str:
     """``eval.best_metric`` as a summary key: ``val_<metric of the task>``; ``auto`` = the first headline metric."""
-    from ..config import suggest as _suggest
+    from ..config import suggest
     from ..errors import ConfigError
 
     want = cfg.eval.best_metric
@@ -383,7 +383,7 @@ def best_metric(cfg: Config, task) -> str:
         return f"val_{(task.headline or task.metrics)[0]}"
     if want not in names:
         raise ConfigError(f"eval.best_metric: {want!r} is not a metric of task {cfg.task!r} ({', '.join(names)})"
-                          f"{_suggest(want, names)}")
+                          f"{suggest(want, names)}")
     return want
 
 
