@@ -298,8 +298,8 @@ def _start_reach_probe(rank: int, beat, rundir) -> None:
 
 def build_slot(cfg, topology, role, comms, rundir, start_round, local_index, beat, clock):
     """This rank's device, backend, data of every site its slot simulates, trainer and slot worker."""
-    from ..aggregation import strategy_for
     from ..device import Stager, cuda_aware_mpi, select_device
+    from ..privacy.server import run_strategy
     from ..site.backend import make_backend
     from ..site.data import SiteRank, make_site_data
     from ..site.slot import SiteCache, SiteState, SlotWorker
@@ -322,11 +322,7 @@ def build_slot(cfg, topology, role, comms, rundir, start_round, local_index, bea
     backend = make_backend(cfg.site.backend, topology, role, comms.trainers, device)
     clock.lap(f"start {backend.name}")
     task = make_task(cfg)
-    strategy = strategy_for(cfg.fl)
-    if cfg.privacy.dp is not None:
-        from ..privacy.server import DifferentialPrivacy
-
-        strategy = DifferentialPrivacy(strategy, cfg.privacy.dp)  # sites need its upload weight only
+    strategy = run_strategy(cfg, len(topology.sites))  # rank 0's, without its noise: sites need its upload weight
     spec = DataSpec(tuple(first.input_shape), int(first.num_classes))
     trainer = SiteTrainer(cfg, task, spec, backend, device, strategy)
     clock.lap("build model and optimizer")
