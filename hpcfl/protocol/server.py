@@ -23,9 +23,9 @@ from ..central import total as central_total
 from ..checkpoint import save_checkpoint, write_npz_atomic
 from ..config import Config, config_hash
 from ..errors import CheckpointError, RankFailure
-from ..privacy.server import run_strategy
 from ..model import state_views
 from ..participation import NONFINITE, NOT_SAMPLED, RETURNS, plan_round
+from ..privacy.server import run_strategy
 from ..tasks import task_class
 from ..topology import balance
 from .control import Control, ModelExchange, PlanExchange
