@@ -23,18 +23,23 @@ random stream is marked for a resume just before it is drawn.
 
 A new per-round exchange is one class, anywhere (a module of hpcfl, or the program every rank runs)::
 
-    class Tag(RoundExchange):
+    @dataclass
+    class Trained(Message):  # what it says: named, typed fields
+        slot: int = 0
+        sites: int = 0
+
+    class TrainedExchange(RoundExchange):
         at = AFTER_EVALUATION
 
         @staticmethod
         def server(s: ServerRound) -> None:
-            s.record["tags"] = s.fed.gather(None, root=0)[1:]   # into the round's summary
+            s.record["trained"] = [m.sites for m in s.fed.gather(None, root=0)[1:]]  # into the round's summary
 
         @staticmethod
         def slot(s: SlotRound) -> None:
-            s.fed.gather({"slot": s.slot, "trained": len(s.rows)}, root=0)
+            s.fed.gather(Trained(s.slot, sum(row.trained for row in s.rows)), root=0)
 
-    ROUND.append(Tag)
+    ROUND.append(TrainedExchange)
 
 Neither loop changes. A slot half runs on each slot's leader (``s.fed``: the federation communicator),
 or on every slot rank when ``every_slot_rank`` is set (``s.fed`` is then None on the others; ``s.slot_comm``

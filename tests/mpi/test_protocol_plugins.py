@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("need_mpirun")
 
 PLUGGED = r'''
 import json, os, sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +105,15 @@ class TagOut(rounds.RoundExchange):
         s.extra["tag"] = Tag.bcast((s.fed, s.slot_comm), s.k).tag
 
 
+@dataclass
+class Echo(Message):
+    slot: int
+    round: int
+    tag: int
+    trained: int
+    evaluated: int
+
+
 class TagBack(rounds.RoundExchange):
     """After evaluation: each slot leader returns the tag with what its slot trained and evaluated."""
 
@@ -112,12 +121,11 @@ class TagBack(rounds.RoundExchange):
 
     @staticmethod
     def server(s):
-        s.record["plugin_tags"] = s.fed.gather(None, root=0)[1:]
+        s.record["plugin_tags"] = [asdict(m) for m in s.fed.gather(None, root=0)[1:]]
 
     @staticmethod
     def slot(s):
-        s.fed.gather({"slot": s.slot, "round": s.r, "tag": s.extra["tag"],
-                      "trained": sum(row.trained for row in s.rows), "evaluated": len(s.evals)}, root=0)
+        s.fed.gather(Echo(s.slot, s.r, s.extra["tag"], sum(row.trained for row in s.rows), len(s.evals)), root=0)
 
 
 def strategy_for(fl):
