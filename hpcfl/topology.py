@@ -197,9 +197,6 @@ def sites_by_rank_count(sizes: Sequence[int]) -> Dict[int, List[int]]:
     return out
 
 
-_groups = sites_by_rank_count  # the name other branches may still use
-
-
 def assign_slots(sizes: Sequence[int], n_slots: int) -> List[Tuple[int, ...]]:
     """Which sites each of ``n_slots`` slots simulates, given each site's rank count.
 

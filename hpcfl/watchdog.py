@@ -1,6 +1,6 @@
 """Hung ranks end the job: heartbeats, a watchdog, and everyone's Python stack in their log.
 
-Every rank runs a :class:`Heartbeat` thread that rewrites ``logs/rank-NNNN.beat``
+Every rank runs a :class:`Heartbeat` thread that rewrites its beat file (``RunPaths.beat_path``)
 (JSON: phase, round, site, a progress counter and when it last moved) every
 ``interval`` seconds; the main thread moves the counter at every training step
 and phase change. The thread keeps beating while the main thread waits in MPI,
@@ -18,7 +18,7 @@ round, then five times the slowest round measured after the first, at least
 ``fault.hang_min_s``), it names the rank,
 its site and the phase it is stuck in, in one line, asks every rank to write its
 Python stack to its log (faulthandler, through a trigger file every heartbeat
-thread looks for), records the error for ``hpcfl launch``'s failure line, and
+thread looks for: ``RunPaths.dump_trigger``), records the error for ``hpcfl launch``'s failure line, and
 ends the job with MPI_Abort.
 """
 from __future__ import annotations
@@ -34,9 +34,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
+from .rundir.paths import RunPaths
+
 log = logging.getLogger("hpcfl")
 
-DUMP_TRIGGER = "dump-stacks"
 # A heartbeat thread writes every 2 s: silent this long, the process is stopped or frozen.
 FROZEN_S = 6.0
 # Phases that keep the long floor (fault.hang_floor_s) whatever the rounds took: start-up (imports, data),
@@ -50,10 +51,6 @@ WAITING = ("wait for uploads", "wait for evaluations", "upload", "receive global
            "wait for the next plan", "start-up barrier", "done")
 
 
-def beat_path(logs: Path, rank: int) -> Path:
-    return Path(logs) / f"rank-{rank:04d}.beat"
-
-
 def read_beat(path: Path) -> Optional[Dict[str, Any]]:
     try:
         return json.loads(Path(path).read_text())
@@ -64,9 +61,9 @@ def read_beat(path: Path) -> Optional[Dict[str, Any]]:
 class Heartbeat:
     """This rank's progress, written to its beat file by a daemon thread every ``interval`` seconds."""
 
-    def __init__(self, logs: Path, rank: int, describe: str = "", interval: float = 2.0, log_file: Any = None):
-        self.logs, self.rank, self.describe, self.interval = Path(logs), rank, describe, interval
-        self.path = beat_path(self.logs, rank)
+    def __init__(self, paths: RunPaths, rank: int, describe: str = "", interval: float = 2.0, log_file: Any = None):
+        self.paths, self.rank, self.describe, self.interval = paths, rank, describe, interval
+        self.path = paths.beat_path(rank)
         self.state: Dict[str, Any] = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(),
                                       "who": describe, "phase": "start-up", "round": 0, "site": None}
         self.progress = 0
@@ -110,7 +107,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._write()
-            if not self._dumped and (self.logs / DUMP_TRIGGER).exists():
+            if not self._dumped and self.paths.dump_trigger.exists():
                 self._dumped = True
                 self.dump_stacks("the watchdog asked for it")
 
@@ -260,10 +257,10 @@ def _where(b: Dict[str, Any]) -> str:
 class Watchdog:
     """Watches ``ranks``' beat files; on a hang calls ``on_hang(line, beats)`` once."""
 
-    def __init__(self, logs: Path, ranks: Iterable[int], timeout_s: Optional[float], floor_s: float,
+    def __init__(self, paths: RunPaths, ranks: Iterable[int], timeout_s: Optional[float], floor_s: float,
                  on_hang: Callable[[str, Dict[int, Any]], None], own: Optional[Heartbeat] = None,
                  poll_s: float = 1.0, stale_only: bool = False, min_s: Optional[float] = None):
-        self.logs, self.ranks, self.stale_only = Path(logs), list(ranks), stale_only
+        self.paths, self.ranks, self.stale_only = paths, list(ranks), stale_only
         self.timeout_s, self.floor_s, self.on_hang, self.own, self.poll_s = timeout_s, floor_s, on_hang, own, poll_s
         self.min_s = floor_s if min_s is None else min_s
         self._stop = threading.Event()
@@ -291,7 +288,7 @@ class Watchdog:
                 stalls = [x for x in stalls if x[1] > now - 3600] + [(now - late, now)]
                 log.info("the watchdog itself did not run for %.0fs (the machine stalled): not counted against "
                          "any rank", late)
-            beats = excuse({r: read_beat(beat_path(self.logs, r)) for r in self.ranks}, stalls, now)
+            beats = excuse({r: read_beat(self.paths.beat_path(r)) for r in self.ranks}, stalls, now)
             line = verdict(beats, now, self.timeout(), self._started, startup_timeout=self.floor_s,
                            stale_only=self.stale_only, own_host=socket.gethostname())
             if line is not None and not self._stop.is_set():
@@ -299,14 +296,14 @@ class Watchdog:
                 return
 
 
-def end_job_on_hang(rundir, world, own: Heartbeat, grace_s: float = 3.0) -> Callable[[str, Dict[int, Any]], None]:
+def end_job_on_hang(rundir: RunPaths, world, own: Heartbeat, grace_s: float = 3.0) -> Callable[[str, Dict[int, Any]], None]:
     """The action of a hang: one line, every rank's stack in its log, an error record, MPI_Abort."""
 
     def act(line: str, beats: Dict[int, Any]) -> None:
         msg = f"hpcfl: {line}; ending the job (fault.hang_timeout_s)"
         log.info("%s", msg)  # the log file; the console gets it once, below
         try:
-            (Path(rundir.logs) / DUMP_TRIGGER).touch()
+            rundir.dump_trigger.touch()
         except OSError:
             pass
         own.dump_stacks("a hang was detected")
@@ -337,4 +334,4 @@ def _stuck_rank(line: str, beats: Dict[int, Any]) -> int:
     return int(m.group(1)) if m else 0
 
 
-__all__ = ["Heartbeat", "Watchdog", "verdict", "excuse", "auto_timeout", "end_job_on_hang", "beat_path", "read_beat", "DUMP_TRIGGER", "WAITING"]
+__all__ = ["Heartbeat", "Watchdog", "verdict", "excuse", "auto_timeout", "end_job_on_hang", "read_beat", "WAITING"]

@@ -40,8 +40,6 @@ from .schema import (STRATEGIES, CheckpointConfig, ClusterConfig, Config, DataCo
                      SiteBackendConfig, SiteConfig, SiteOverrides, StragglerConfig, TrainConfig)
 from .trajectory import config_hash, trajectory_dict
 
-_suggest = suggest  # the name other branches import (protocol/server.py); use suggest
-
 __all__ = [
     "MAX_CONFIG_BYTES", "MAX_SITES", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "ROBUST", "STRATEGIES", "TASK_CHECKS",
     "CacheConfig", "CheckpointConfig", "ClusterConfig", "Config", "DataConfig", "DebugConfig", "DinoConfig",

@@ -5,6 +5,9 @@ Sites upload clipped updates with weight 1 (so one site's influence is bounded);
 the wrapper adds Gaussian noise of std ``z * C`` to their sum, adapts ``C``
 toward a quantile of the update norms when asked (Andrew et al. 2021), and
 steps the RDP accountant. Everything else is the wrapped strategy's.
+
+:func:`run_strategy` is the one place a run's strategy is built, wrapped or not: rank 0's and the
+sites' (which need only its upload weight) come from it.
 """
 from __future__ import annotations
 
@@ -101,3 +104,20 @@ class DifferentialPrivacy(Strategy):
         self.clip = float(state.get("clip_norm", self.dp.clip_norm))
         if self.accountant is not None and "accountant" in state:
             self.accountant.load_state_dict(state["accountant"])
+
+
+def run_strategy(cfg: Any, k: int, rng: Optional[np.random.Generator] = None) -> Strategy:
+    """The strategy of a run of ``k`` sites: ``fl``'s rule, wrapped by DP-FedAvg when ``privacy.dp`` is set.
+
+    Rank 0 passes its random stream: the wrapper then draws the noise and keeps the accountant (sampling
+    rate: the sites sampled per round over ``k``). The sites pass none: they need its upload weight only."""
+    from .. import aggregation
+    from ..participation import sample_size
+
+    strategy = aggregation.strategy_for(cfg.fl)
+    if cfg.privacy.dp is None:
+        return strategy
+    if rng is None:
+        return DifferentialPrivacy(strategy, cfg.privacy.dp)
+    q = sample_size(cfg.fl.sampling.fraction, cfg.fl.sampling.min_sites, k) / k
+    return DifferentialPrivacy(strategy, cfg.privacy.dp, rng, q)

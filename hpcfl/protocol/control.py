@@ -6,18 +6,26 @@
   or inf is left out under ``fault.nonfinite_update: skip_site``), to the leaders;
 * rows: per-site reports gathered from the slot leaders;
 * the global model, from rank 0 to the leaders and inside every slot.
+
+The plan frames the rounds (both loops call :class:`PlanExchange` themselves); the others are the
+transports of the registered per-round exchanges (:mod:`hpcfl.protocol.rounds`), and the global model's
+also of start-up.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..comm import bcast_array, quiet_barrier
+from ..errors import RankFailure
 from ..participation import DROPOUT, RETURNS, STRAGGLER, Plan
 from .message import Message, per_site
+
+log = logging.getLogger("hpcfl")
 
 
 @dataclass
@@ -60,6 +68,41 @@ class Participation(Message):
     """Which sites' updates the aggregate takes (those that returned, minus non-finite ones)."""
 
     counts: np.ndarray = per_site(bool)
+
+
+class Exchange:
+    """Base of an exchange run from a registry (:data:`hpcfl.protocol.startup.STARTUP`,
+    :data:`hpcfl.protocol.rounds.ROUND`): ``server`` and ``slot`` are its two halves, each reading and filling
+    in one context; ``wanted(cfg)`` says whether a launch runs it at all (both sides read the same config)."""
+
+    @staticmethod
+    def wanted(cfg: Any) -> bool:
+        return True
+
+    @staticmethod
+    def server(s: Any) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def slot(s: Any) -> None:
+        raise NotImplementedError
+
+
+def final_participation(r: int, ctl: Control, train: Dict[int, Any], names: Sequence[str],
+                        nonfinite: str) -> np.ndarray:
+    """Which sites' updates the aggregate takes: those that returned, minus non-finite ones (``nonfinite``:
+    ``fault.nonfinite_update``; ``fail`` raises instead)."""
+    back = ctl.returns().copy()
+    bad = [i for i in np.flatnonzero(back) if not train[i].finite]
+    if bad:
+        which = ", ".join(repr(names[i]) for i in bad)
+        if nonfinite == "fail":
+            raise RankFailure(f"round {r}: site(s) {which} uploaded an update with NaN or inf (their local "
+                              "training diverged); lower train.lr, or set fault.nonfinite_update: skip_site "
+                              "to leave such sites out of a round")
+        log.warning("round %d: leaving out site(s) %s: their update holds NaN or inf", r, which)
+        back[bad] = False
+    return back
 
 
 class PlanExchange:
@@ -123,4 +166,4 @@ class ModelExchange:
         return t1 - t, time.perf_counter() - t1
 
 
-__all__ = ["Control", "Participation", "PlanExchange", "ParticipationExchange", "RowsExchange", "ModelExchange"]
+__all__ = ["Control", "Exchange", "Participation", "final_participation", "PlanExchange", "ParticipationExchange", "RowsExchange", "ModelExchange"]

@@ -3,7 +3,9 @@ NumPy array, aggregates, logs and checkpoints; it never imports torch.
 
 The slots' side is :class:`hpcfl.site.slot.SlotWorker`. Every exchange between the two
 is a class in :mod:`hpcfl.protocol` with both halves side by side, in the order that
-module's docstring gives; the aggregation itself is the kind's (:mod:`hpcfl.protocol.kinds`).
+module's docstring gives: the start-up ones of :data:`hpcfl.protocol.startup.STARTUP`, the
+per-round ones of :data:`hpcfl.protocol.rounds.ROUND` at their points of a round; the
+aggregation itself is the kind's (:mod:`hpcfl.protocol.kinds`).
 """
 from __future__ import annotations
 
@@ -17,19 +19,21 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from ..aggregation import strategy_for
 from ..central import total as central_total
 from ..checkpoint import save_checkpoint, write_npz_atomic
 from ..config import Config, config_hash
 from ..errors import CheckpointError, RankFailure
 from ..model import state_views
-from ..participation import NONFINITE, NOT_SAMPLED, RETURNS, eval_sites, plan_round, sample_size
+from ..participation import NONFINITE, NOT_SAMPLED, RETURNS, plan_round
+from ..privacy.server import run_strategy
 from ..tasks import task_class
 from ..topology import balance
-from .control import Control, ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
-from .records import by_site, round_records, strict
-from .state import BestModel, ExtraState, GlobalModel, ServerRng, assemble, restore
+from .control import Control, ModelExchange, PlanExchange
 from .kinds import make_kind
+from .records import round_records, strict
+from .rounds import (AFTER_AGGREGATION, AFTER_EVALUATION, AFTER_TRAINING, BEFORE_TRAINING, END_OF_RUN, ServerRound,
+                     run_server)
+from .state import BestModel, ExtraState, GlobalModel, ServerRng, assemble, restore
 
 log = logging.getLogger("hpcfl")
 # Set by the SIGUSR1 handler of rank 0 (runtime.py) or by a stop file: finish the round, checkpoint, exit.
@@ -125,7 +129,7 @@ class Aggregator:
         self.k, self.names = len(topology.sites), topology.names
         self.rss_before_model = current_rss()
         self.rng = ServerRng(cfg.run.seed)  # server-side randomness (plans, DP noise)
-        self.strategy = self._strategy(cfg)
+        self.strategy = run_strategy(cfg, self.k, self.rng.gen)  # DP-wrapped when asked: it owns clip, noise, accountant
         self.task = task_class(cfg.task)(cfg)
         key = best_metric(cfg, self.task)
         self.best = BestModel(key, key.removeprefix("val_") in self.task.minimize)
@@ -145,16 +149,6 @@ class Aggregator:
             self._restore = ckpt["model"]
             restore(self.parts(), ckpt, self._bad_state)
             ckpt.clear()  # restored: the caller's reference no longer holds the arrays
-
-    def _strategy(self, cfg: Config):
-        """The rule, wrapped by DP-FedAvg when asked (it then owns the clip norm, noise and accountant)."""
-        strategy = strategy_for(cfg.fl)
-        if cfg.privacy.dp is None:
-            return strategy
-        from ..privacy.server import DifferentialPrivacy
-
-        q = sample_size(cfg.fl.sampling.fraction, cfg.fl.sampling.min_sites, self.k) / self.k
-        return DifferentialPrivacy(strategy, cfg.privacy.dp, self.rng.gen, q)
 
     def parts(self) -> Dict[str, Any]:
         """What a checkpoint is assembled from (:data:`hpcfl.protocol.state.PLACES`), in the file's order."""
@@ -223,20 +217,6 @@ class Aggregator:
         self.strategy.finalize(m.acc, m.weights, r)
         return info
 
-    def final_participation(self, r: int, ctl: Control, train) -> np.ndarray:
-        """Which sites' updates the aggregate takes: those that returned, minus non-finite ones."""
-        back = ctl.returns().copy()
-        bad = [i for i in np.flatnonzero(back) if not train[i].finite]
-        if bad:
-            names = ", ".join(repr(self.names[i]) for i in bad)
-            if self.cfg.fault.nonfinite_update == "fail":
-                raise RankFailure(f"round {r}: site(s) {names} uploaded an update with NaN or inf (their local "
-                                  "training diverged); lower train.lr, or set fault.nonfinite_update: skip_site "
-                                  "to leave such sites out of a round")
-            log.warning("round %d: leaving out site(s) %s: their update holds NaN or inf", r, names)
-            back[bad] = False
-        return back
-
     # -- the loop -------------------------------------------------------------------------------------
     def _phase(self, what: str, r: int) -> None:
         if self.heartbeat is not None:
@@ -282,45 +262,53 @@ class Aggregator:
             if self.heartbeat is not None:
                 self.heartbeat.round_done(r, last["time"]["round_s"])
         else:
-            if cfg.eval.cross_site:
-                self._phase("cross-site evaluation", cfg.fl.rounds)
-                self._cross_site()
+            run_server(END_OF_RUN, self._context(cfg.fl.rounds, ctl))
         if stopped_after is not None and self.checkpointed_round < stopped_after:
             self.checkpoint(stopped_after, self.last_records)
             self.writes.start()
         self.writes.wait()
         return stopped_after, last
 
+    def _context(self, r: int, ctl: Control) -> ServerRound:
+        """What the per-round exchanges' rank 0 halves (:mod:`hpcfl.protocol.rounds`) read and fill in."""
+        return ServerRound(self.comms.federation, self.cfg, r, ctl, self.names, self.model, self.task, self.rundir,
+                           self._phase)
+
     def _round(self, r: int, ctl: Control):
-        """Rank 0's half of round ``r`` (the order of :mod:`hpcfl.protocol`); returns (next plan, the round's
-        records, its summary last)."""
-        cfg, fed, plan = self.cfg, self.comms.federation, self.plan
+        """Rank 0's half of round ``r`` (the order of :mod:`hpcfl.protocol`; the registered exchanges at their
+        points, :mod:`hpcfl.protocol.rounds`); returns (next plan, the round's records, its summary last)."""
+        cfg, plan, s = self.cfg, self.plan, self._context(r, ctl)
+        run_server(BEFORE_TRAINING, s)
         self._phase("wait for uploads", r)
         t0 = time.perf_counter()
-        train = by_site([m.rows for m in RowsExchange.server(fed)], self.k, np.flatnonzero(ctl.codes != NOT_SAMPLED))
-        back = ParticipationExchange.server(fed, self.final_participation(r, ctl, train))
+        run_server(AFTER_TRAINING, s)  # the training reports; which sites' updates count
         t1 = time.perf_counter()
         self._phase("aggregate", r)
         self.writes.wait()  # the previous round's checkpoint reads the weights this changes
-        agg_info = self._aggregate(r, back, train) if ctl.aggregate and back.any() else {"skipped": True}
+        agg_info = self._aggregate(r, s.back, s.train) if ctl.aggregate and s.back.any() else {"skipped": True}
         t2 = time.perf_counter()
-        ModelExchange.server(fed, self.model.weights, cfg.launch.chunk_mb)
+        run_server(AFTER_AGGREGATION, s)  # the new global model, to every slot
         t3 = time.perf_counter()
         self._phase("wait for evaluations", r)
-        gathered = RowsExchange.server(fed)
-        evals = by_site([m.rows for m in gathered], self.k, eval_sites(cfg.eval, cfg.run.seed, self.k, r, cfg.fl.rounds))
-        slots = [m.times for m in gathered]
+        run_server(AFTER_EVALUATION, s)  # the evaluation reports
         t4 = time.perf_counter()
         self.rng.mark()  # what round r+1 resumes from: before its plan is drawn
         nxt = self.send_plan(r + 1) if r < cfg.fl.rounds else Control.idle(self.k, cfg.launch.assign == "balanced")  # slots start round r+1 now
         server = {"wait_upload_s": t1 - t0, "aggregate_s": t2 - t1, "send_s": t3 - t2, "wait_eval_s": t4 - t3}
         codes = plan.codes.copy()
-        codes[[i for i in np.flatnonzero((codes == RETURNS) & ~back) if not train[i].finite]] = NONFINITE
-        records = round_records(r, self.names, train, evals, slots, server, codes, self.task.summarize,
+        codes[[i for i in np.flatnonzero((codes == RETURNS) & ~s.back) if not s.train[i].finite]] = NONFINITE
+        records = round_records(r, self.names, s.train, s.evals, s.slot_times, server, codes, self.task.summarize,
                                 self.task.metrics)
         summary = records[-1]
         summary.update(retries=plan.retries, sim_time_s=plan.sim_time_s, **agg_info)
-        summary.update(central_total([g.central for g in gathered], self.task.summarize, self.task.metrics))
+        summary.update(central_total(s.central, self.task.summarize, self.task.metrics))
+        summary.update(s.record)
+        self._end_round(r, records, nxt)
+        return nxt, records
+
+    def _end_round(self, r: int, records: List[Dict[str, Any]], nxt: Control) -> None:
+        """Round ``r``'s best model, checkpoint (in the background), times and metrics."""
+        cfg, summary = self.cfg, records[-1]
         t5 = time.perf_counter()
         self._track_best(r, summary)  # best.npz: counted with the checkpoint
         if r % cfg.checkpoint.every == 0 or r == cfg.fl.rounds or nxt.stop:
@@ -332,7 +320,6 @@ class Aggregator:
         summary["time"]["overhead_s"] = max(0.0, summary["time"]["round_s"] - summary["time"]["train_s"])
         self._t_prev = now
         self.rundir.append_metrics(strict(records))
-        return nxt, records
 
     def _track_best(self, r: int, summary: Dict[str, Any]) -> None:
         if self.best.better(r, summary):
@@ -340,12 +327,6 @@ class Aggregator:
             arrays = {f"model/{k}": v for k, v in state_views(m.weights, m.entries).items()}
             meta = {"round": r, "metric": self.best.key, "value": self.best.best["value"], "signature": m.signature}
             self.writes.pending.append(lambda: write_npz_atomic(self.rundir.best, arrays, meta))
-
-    def _cross_site(self) -> None:
-        from .crosssite import CrossSite
-
-        CrossSite.server(self.comms.federation, self.cfg, self.names, self.model.weights, self.model.acc,
-                         self.task, self.rundir)
 
     def memory(self) -> Dict[str, float]:
         """Rank 0's memory: FedAvg by Reduce must keep it at a constant number of model copies."""
@@ -374,7 +355,7 @@ class Aggregator:
 
 def best_metric(cfg: Config, task) -> str:
     """``eval.best_metric`` as a summary key: ``val_<metric of the task>``; ``auto`` = the first headline metric."""
-    from ..config import suggest as _suggest
+    from ..config import suggest
     from ..errors import ConfigError
 
     want = cfg.eval.best_metric
@@ -383,7 +364,7 @@ def best_metric(cfg: Config, task) -> str:
         return f"val_{(task.headline or task.metrics)[0]}"
     if want not in names:
         raise ConfigError(f"eval.best_metric: {want!r} is not a metric of task {cfg.task!r} ({', '.join(names)})"
-                          f"{_suggest(want, names)}")
+                          f"{suggest(want, names)}")
     return want
 
 

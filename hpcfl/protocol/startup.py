@@ -20,6 +20,7 @@ import numpy as np
 from ..comm import recv_array, send_array
 from ..errors import CheckpointError, TopologyError
 from ..model import Entry, same_state, state_views
+from .control import Exchange
 from .message import Message
 from .records import SiteInfo
 
@@ -85,20 +86,8 @@ class PublicKeys(Message):
     keys: Dict[int, bytes]
 
 
-class StartupExchange:
-    """Base: ``wanted(cfg)`` says whether this launch runs it (both sides read the same config)."""
-
-    @staticmethod
-    def wanted(cfg: Any) -> bool:
-        return True
-
-    @staticmethod
-    def server(s: ServerStart) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def slot(s: SlotStart) -> None:
-        raise NotImplementedError
+class StartupExchange(Exchange):
+    """Base of a start-up exchange: ``server(s: ServerStart)``, ``slot(s: SlotStart)``, ``wanted(cfg)``."""
 
 
 class LayoutExchange(StartupExchange):

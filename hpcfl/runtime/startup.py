@@ -255,7 +255,7 @@ def start_rank(world, cfg: Config, rundir, launch: RankLaunch, state: Dict[str, 
     topology = topology_for(cfg, world.Get_size())
     role = topology.role(rank)
     state["role"] = role
-    beat = Heartbeat(rundir.logs, rank, role.describe(), log_file=log_stream).start()
+    beat = Heartbeat(rundir, rank, role.describe(), log_file=log_stream).start()
     state["beat"] = beat
     _start_reach_probe(rank, beat, rundir)
     pinned = pin_rank(cfg, rank, launch.pin, [(f"slot{s.index}", s.size) for s in topology.slots])
@@ -274,10 +274,10 @@ def start_rank(world, cfg: Config, rundir, launch: RankLaunch, state: Dict[str, 
     watchdog = None
     f = cfg.fault
     if rank == 0:  # rank 0 watches every rank; slot leaders watch rank 0
-        watchdog = Watchdog(rundir.logs, range(1, world.Get_size()), f.hang_timeout_s, f.hang_floor_s,
+        watchdog = Watchdog(rundir, range(1, world.Get_size()), f.hang_timeout_s, f.hang_floor_s,
                             end_job_on_hang(rundir, world, beat), own=beat, min_s=f.hang_min_s).start()
     elif role.is_leader:
-        watchdog = Watchdog(rundir.logs, [0], f.hang_timeout_s, f.hang_floor_s,
+        watchdog = Watchdog(rundir, [0], f.hang_timeout_s, f.hang_floor_s,
                             end_job_on_hang(rundir, world, beat), own=beat, stale_only=True).start()
     return StartedRank(topology, role, beat, clock, comms, threads, local_index, watchdog)
 
@@ -286,21 +286,20 @@ def _start_reach_probe(rank: int, beat, rundir) -> None:
     """Rank 0 listens, the others check every few seconds that they reach it (hpcfl.reach): a node cut off
     from the network is then named, not taken for a stuck rank on another node."""
     from ..reach import Prober, ProbeServer
-    from ..watchdog import beat_path
 
     try:
         if rank == 0:
             beat.state["probe"] = ProbeServer().address
         else:
-            Prober(beat, beat_path(rundir.logs, 0))
+            Prober(beat, rundir.beat_path(0))
     except OSError as exc:  # no TCP here: the watchdog judges without it
         log.info("no reachability probe: %s", exc)
 
 
 def build_slot(cfg, topology, role, comms, rundir, start_round, local_index, beat, clock):
     """This rank's device, backend, data of every site its slot simulates, trainer and slot worker."""
-    from ..aggregation import strategy_for
     from ..device import Stager, cuda_aware_mpi, select_device
+    from ..privacy.server import run_strategy
     from ..site.backend import make_backend
     from ..site.data import SiteRank, make_site_data
     from ..site.slot import SiteCache, SiteState, SlotWorker
@@ -323,11 +322,7 @@ def build_slot(cfg, topology, role, comms, rundir, start_round, local_index, bea
     backend = make_backend(cfg.site.backend, topology, role, comms.trainers, device)
     clock.lap(f"start {backend.name}")
     task = make_task(cfg)
-    strategy = strategy_for(cfg.fl)
-    if cfg.privacy.dp is not None:
-        from ..privacy.server import DifferentialPrivacy
-
-        strategy = DifferentialPrivacy(strategy, cfg.privacy.dp)  # sites need its upload weight only
+    strategy = run_strategy(cfg, len(topology.sites))  # rank 0's, without its noise: sites need its upload weight
     spec = DataSpec(tuple(first.input_shape), int(first.num_classes))
     trainer = SiteTrainer(cfg, task, spec, backend, device, strategy)
     clock.lap("build model and optimizer")

@@ -1,7 +1,8 @@
 """A slot: the ranks that train, one after another, every site assigned to them.
 
 The slots' side of the round protocol (rank 0's is :class:`hpcfl.protocol.server.Aggregator`;
-the exchanges and their order are in :mod:`hpcfl.protocol`). A slot holds ONE model and
+the exchanges and their order are in :mod:`hpcfl.protocol`: the per-round ones run at their points of
+a round, :mod:`hpcfl.protocol.rounds`). A slot holds ONE model and
 ONE optimizer (in :class:`SiteTrainer`) and switches per-site state in place: each site
 has its own data, training settings, the entries it keeps private (``exclude_vars`` and
 what its task does not exchange), its final local model for cross-site validation and,
@@ -27,9 +28,11 @@ from ..errors import CheckpointError
 from ..participation import NOT_SAMPLED, cross_site_sites, eval_sites
 from ..privacy.dp import l2_norm
 from ..privacy.filters import filter_update, upload_filters
-from ..protocol.control import ModelExchange, ParticipationExchange, PlanExchange, RowsExchange
+from ..protocol.control import ModelExchange, PlanExchange
 from ..protocol.kinds import make_kind
-from ..protocol.records import EvalReport, EvalRow, Packed, SiteInfo, SlotTimes, TrainReport, TrainRow
+from ..protocol.records import EvalRow, Packed, SiteInfo, SlotTimes, TrainRow
+from ..protocol.rounds import (AFTER_AGGREGATION, AFTER_EVALUATION, AFTER_TRAINING, BEFORE_TRAINING, END_OF_RUN,
+                               SlotRound, run_slot)
 from ..protocol.server import maybe_fail
 from ..rundir import RunPaths
 from .data import SiteRank
@@ -328,50 +331,57 @@ class SlotWorker:
         return rows
 
     def run(self) -> None:
-        cfg, role, tr = self.cfg, self.role, self.trainer
-        slot_comm = self.comms.site
+        cfg = self.cfg
         self._setup()
         self.central = CentralEval.for_slot(self)
-        ctl = PlanExchange.slot(self.fed, slot_comm, self.k, self.balanced)
+        ctl = PlanExchange.slot(self.fed, self.comms.site, self.k, self.balanced)
         for r in range(self.start_round, cfg.fl.rounds + 1):
             if ctl.stop:
                 break
-            maybe_fail(cfg, role.rank, r)
-            if self.kind is not None:
-                self.kind.begin_round(ctl, r)
-            times = SlotTimes(slot=role.slot.index)
-            rows = self._train_sites(r, ctl, times)
-            t0 = time.perf_counter()
-            if role.is_leader:
-                self._phase("upload", r)
-                RowsExchange.slot(self.fed, TrainReport(rows))
-                back = ParticipationExchange.slot(self.fed, self.k)
-                if ctl.aggregate and back.any():
-                    self.kind.upload(self.fed, back, self.mine)
-            t1 = time.perf_counter()
-            self._phase("receive global model", r)
-            times.recv_s, times.site_bcast_s = ModelExchange.slot(self.fed, self.stager, tr.model.flat, tr.backend)
-            self.global_.copy_(tr.model.flat)
-            if self.global_host is not None and tr.model.array is None:
-                self.stager.to_host(self.global_, self.global_host)
-            times.upload_s = t1 - t0
-            evals = self._evaluate_global(r, times)
-            central = self.central.evaluate(r, times) if self.central is not None else None  # eval.central_fraction
-            log.info("round %d: trained %d of %d sampled sites in %.3fs", r, sum(1 for x in rows if x.trained),
-                     len(rows), times.train_s)
-            if role.is_leader:
-                self._phase("report evaluations", r)
-                RowsExchange.slot(self.fed, EvalReport(times, evals, central))
+            maybe_fail(cfg, self.role.rank, r)
+            self._round(r, ctl)
             if r < cfg.fl.rounds:
                 self._phase("wait for the next plan", r)
-                ctl = PlanExchange.slot(self.fed, slot_comm, self.k, self.balanced)
+                ctl = PlanExchange.slot(self.fed, self.comms.site, self.k, self.balanced)
         else:
-            if cfg.eval.cross_site:
-                from ..protocol.crosssite import CrossSite
-
-                self._phase("cross-site evaluation", cfg.fl.rounds)
-                CrossSite.slot(cfg, self._cross_site_side())
+            run_slot(END_OF_RUN, self._context(cfg.fl.rounds, ctl))
             self._end_of_run()
+
+    def _context(self, r: int, ctl) -> SlotRound:
+        """What the per-round exchanges' slot halves (:mod:`hpcfl.protocol.rounds`) read and fill in."""
+        tr = self.trainer
+        return SlotRound(self.fed, self.comms.site, self.cfg, r, ctl, self.role.slot.index, self.k, tr.model.flat,
+                         self.stager, tr.backend, self._phase, SlotTimes(slot=self.role.slot.index),
+                         cross_site=self._cross_site_side)
+
+    def _round(self, r: int, ctl) -> None:
+        """This slot rank's half of round ``r``: the registered exchanges at their points, training, the kind's
+        upload, evaluation of the new global model."""
+        lead, tr = self.role.is_leader, self.trainer
+        s = run_slot(BEFORE_TRAINING, self._context(r, ctl))
+        if self.kind is not None:
+            self.kind.begin_round(ctl, r)
+        s.rows = self._train_sites(r, ctl, s.times)
+        t0 = time.perf_counter()
+        if lead:
+            self._phase("upload", r)
+        run_slot(AFTER_TRAINING, s)  # the training report; which sites' updates count
+        if lead and ctl.aggregate and s.back.any():
+            self.kind.upload(self.fed, s.back, self.mine)
+        t1 = time.perf_counter()
+        self._phase("receive global model", r)
+        run_slot(AFTER_AGGREGATION, s)  # the new global model
+        self.global_.copy_(tr.model.flat)
+        if self.global_host is not None and tr.model.array is None:
+            self.stager.to_host(self.global_, self.global_host)
+        s.times.upload_s = t1 - t0
+        s.evals = self._evaluate_global(r, s.times)
+        s.central = self.central.evaluate(r, s.times) if self.central is not None else None  # eval.central_fraction
+        log.info("round %d: trained %d of %d sampled sites in %.3fs", r, sum(1 for x in s.rows if x.trained),
+                 len(s.rows), s.times.train_s)
+        if lead:
+            self._phase("report evaluations", r)
+        run_slot(AFTER_EVALUATION, s)  # the evaluation report
 
     def _cross_site_side(self):
         """What this slot lends cross-site evaluation (:class:`hpcfl.protocol.crosssite.CrossSiteSlot`)."""

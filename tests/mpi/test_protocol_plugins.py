@@ -1,7 +1,9 @@
-"""A new aggregation kind and a new start-up exchange plug into the round protocol without an edit to hpcfl/:
-each is one class, defined here (in the program every rank runs), the kind registered with
-``hpcfl.protocol.kinds.register`` and named by a strategy's ``kind``, the exchange added to
-``hpcfl.protocol.startup.STARTUP``. Both sides of the federation then use them.
+"""A new aggregation kind, a new start-up exchange and new per-round exchanges plug into the round protocol
+without an edit to hpcfl/: each is one class, defined here (in the program every rank runs), the kind
+registered with ``hpcfl.protocol.kinds.register`` and named by a strategy's ``kind``, the start-up exchange
+added to ``hpcfl.protocol.startup.STARTUP``, the per-round ones to ``hpcfl.protocol.rounds.ROUND`` (one at the
+point before training, rank 0 to every slot rank; one after evaluation, the slot leaders back to rank 0, into
+the round's record). Both sides of the federation then run them, every round.
 
 The test-only kind sends each slot's sum of weighted updates pickled, through a gather, and rank 0 adds
 them up: with one site per slot that is the same float arithmetic as FedAvg's Reduce, so the run must end
@@ -22,14 +24,16 @@ pytestmark = pytest.mark.usefixtures("need_mpirun")
 
 PLUGGED = r'''
 import json, os, sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 import hpcfl.aggregation as aggregation
 from hpcfl.aggregation.strategies import FedAvg
-from hpcfl.protocol import startup
+from hpcfl.protocol import rounds, startup
 from hpcfl.protocol.kinds import Kind, mean_of_sum, register
+from hpcfl.protocol.message import Message
 
 
 @register("test_gathered_sum")
@@ -81,14 +85,56 @@ class PidsExchange(startup.StartupExchange):
         s.fed.gather({"slot": s.slot, "pid": os.getpid()}, root=0)
 
 
+@dataclass
+class Tag(Message):
+    tag: int = 0
+
+
+class TagOut(rounds.RoundExchange):
+    """Before training: rank 0 sends every slot rank the round's tag (1000 + r), packed."""
+
+    at = rounds.BEFORE_TRAINING
+    every_slot_rank = True
+
+    @staticmethod
+    def server(s):
+        Tag.bcast((s.fed,), s.k, Tag(1000 + s.r))
+
+    @staticmethod
+    def slot(s):
+        s.extra["tag"] = Tag.bcast((s.fed, s.slot_comm), s.k).tag
+
+
+@dataclass
+class Echo(Message):
+    slot: int
+    round: int
+    tag: int
+    trained: int
+    evaluated: int
+
+
+class TagBack(rounds.RoundExchange):
+    """After evaluation: each slot leader returns the tag with what its slot trained and evaluated."""
+
+    at = rounds.AFTER_EVALUATION
+
+    @staticmethod
+    def server(s):
+        s.record["plugin_tags"] = [asdict(m) for m in s.fed.gather(None, root=0)[1:]]
+
+    @staticmethod
+    def slot(s):
+        s.fed.gather(Echo(s.slot, s.r, s.extra["tag"], sum(row.trained for row in s.rows), len(s.evals)), root=0)
+
+
 def strategy_for(fl):
     return GatheredFedAvg()
 
 
-aggregation.strategy_for = strategy_for
-import hpcfl.protocol.server as server  # noqa: E402
-server.strategy_for = strategy_for
+aggregation.strategy_for = strategy_for  # what hpcfl.privacy.server.run_strategy builds, on every rank
 startup.STARTUP.append(PidsExchange)
+rounds.ROUND.extend([TagOut, TagBack])
 
 from hpcfl.cli import main  # noqa: E402
 
@@ -96,7 +142,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def test_a_kind_and_an_exchange_defined_outside_hpcfl_run_on_both_sides(tmp_path):
+def test_a_kind_and_exchanges_defined_outside_hpcfl_run_on_both_sides(tmp_path):
     from hpcfl.config import load_config
     from hpcfl.launch import mpirun_argv, rank_argv
 
@@ -117,6 +163,10 @@ def test_a_kind_and_an_exchange_defined_outside_hpcfl_run_on_both_sides(tmp_path
     rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rounds = [x for x in rounds if x["kind"] == "round"]
     assert [(x["plugin_kind"], x["plugin_slots"]) for x in rounds] == [("test_gathered_sum", 2)] * 4
+    assert [x["plugin_tags"] for x in rounds] == [
+        [{"slot": slot, "round": r, "tag": 1000 + r, "trained": 1, "evaluated": 1} for slot in (0, 1)]
+        for r in range(1, 5)]
+    assert (run / "cross_site.json").exists()  # the built-in end-of-run exchange still ran
     pids = json.loads((run / "plugin-pids.json").read_text())
     assert [p["slot"] for p in pids] == [0, 1] and len({p["pid"] for p in pids}) == 2
     import numpy as np

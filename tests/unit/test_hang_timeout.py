@@ -1,5 +1,6 @@
 """The automatic hang timeout follows the rounds once they are known: the long floor through start-up, the first
 round and the final cross-site evaluation; then five times the slowest later round, at least fault.hang_min_s."""
+from hpcfl.rundir import RunPaths
 from hpcfl.watchdog import Heartbeat, Watchdog, auto_timeout, excuse, verdict
 
 
@@ -13,13 +14,13 @@ def test_the_rule():
 
 
 def test_the_watchdog_uses_its_own_heartbeats_rounds(tmp_path):
-    beat = Heartbeat(tmp_path, 0)
-    dog = Watchdog(tmp_path, [1], None, 300.0, lambda *a: None, own=beat, min_s=60.0)
+    beat = Heartbeat(RunPaths(tmp_path), 0)
+    dog = Watchdog(RunPaths(tmp_path), [1], None, 300.0, lambda *a: None, own=beat, min_s=60.0)
     assert dog.timeout() == 300
     for r, s in enumerate((5.0, 0.2, 0.4), start=1):
         beat.round_done(r, s)
     assert dog.timeout() == 60
-    assert Watchdog(tmp_path, [1], 8.0, 300.0, lambda *a: None, own=beat).timeout() == 8  # set by the user: stands
+    assert Watchdog(RunPaths(tmp_path), [1], 8.0, 300.0, lambda *a: None, own=beat).timeout() == 8  # set by the user: stands
 
 
 def test_start_up_and_cross_site_evaluation_keep_the_floor():
@@ -101,11 +102,13 @@ def test_the_probe_reaches_rank_0(tmp_path):
     from hpcfl import reach
 
     server = reach.ProbeServer()
-    (tmp_path / "rank-0000.beat").write_text(json.dumps({"probe": ["127.0.0.1", server.address[1]]}))
-    beat = Heartbeat(tmp_path, 1)
+    paths = RunPaths(tmp_path)
+    paths.logs.mkdir()
+    paths.beat_path(0).write_text(json.dumps({"probe": ["127.0.0.1", server.address[1]]}))
+    beat = Heartbeat(paths, 1)
     reach.PROBE_S, old = 0.05, reach.PROBE_S
     try:
-        prober = reach.Prober(beat, tmp_path / "rank-0000.beat")
+        prober = reach.Prober(beat, paths.beat_path(0))
         deadline = t.monotonic() + 30
         while "reached_rank0" not in beat.state:
             assert t.monotonic() < deadline, "the probe never reached rank 0's port"
@@ -141,7 +144,7 @@ def test_a_late_poll_of_the_watchdog_is_recorded_as_a_stall(tmp_path, monkeypatc
     monkeypatch.setattr(wd.time, "monotonic", lambda: next(clock))
     seen = []
     monkeypatch.setattr(wd, "excuse", lambda beats, stalls, now: seen.append(list(stalls)) or beats)
-    dog = Watchdog(tmp_path, [1], 30.0, 300.0, lambda *a: None, poll_s=1.0)
+    dog = Watchdog(RunPaths(tmp_path), [1], 30.0, 300.0, lambda *a: None, poll_s=1.0)
     dog._started = {1: wd.time.time() + 3600}  # no beat yet, and no verdict on that
     waits = iter([False, False, True])
     dog._stop.wait = lambda s: next(waits)
