@@ -79,7 +79,7 @@ def unreachable_node(beats: Dict[int, Optional[Dict[str, Any]]], now: float, tim
     judged). The watchdog asks only once ranks have made no progress for the hang timeout, and then names this
     node as the cause whenever its probes fail: not only when they have failed for the whole timeout, which
     depends on whether the last probe before the cut came before or after the ranks began to wait (seen on
-    the two-node tier: node 2's link cut 1.3 s after every rank began waiting at a hold, its last probe 0.3 s
+    the two-node tier: node 2's link cut 1.3 s after every rank began waiting at a hold, its last probe under 0.4 s
     before the cut; the "every rank waiting" verdict came 1 s before the probes were 30 s old, and named a
     deadlock). A node whose ranks were killed stops reaching rank 0 a little before its heartbeats look
     stale: it is not named here (its ranks no longer beat), but by the watchdog as lost."""
