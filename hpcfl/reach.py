@@ -2,8 +2,9 @@
 dead) keeps its processes alive and, on a cluster whose filesystem takes another path, its heartbeats fresh;
 MPI then waits, and the ranks that wait look stuck. Rank 0 listens on a TCP port (:class:`ProbeServer`, its
 address in rank 0's heartbeat); every other rank connects to it every few seconds (:class:`Prober`) and
-records when it last succeeded in its own heartbeat (``reached_rank0``). :func:`unreachable_node` names a
-node whose ranks are alive but have not reached rank 0 for longer than the hang timeout.
+records when it last succeeded in its own heartbeat (``reached_rank0``). When the ranks have made no progress
+for the hang timeout, :func:`unreachable_node` names as the cause a node whose ranks are alive but whose probes
+have all failed for a while (UNREACHED_S: several probes in a row).
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 PROBE_S = 3.0  # how often a rank tries to reach rank 0
+# A node none of whose ranks reached rank 0 for this long has failed at least two probes in a row (each waits
+# PROBE_S, then a connection that gets no answer gives up after PROBE_S): its link, not a slow probe.
+UNREACHED_S = 4 * PROBE_S
 
 
 class ProbeServer:
@@ -70,10 +74,15 @@ class Prober:
 def unreachable_node(beats: Dict[int, Optional[Dict[str, Any]]], now: float, timeout: float,
                      own_host: Optional[str]) -> Optional[str]:
     """Pure: "node X cannot reach rank 0's node ..." when every watched rank of a node other than
-    ``own_host`` beats (alive) but has not reached rank 0 for more than ``timeout`` seconds (each must
-    have reached it once: where the port is blocked from the start, nothing is judged). A node whose ranks
-    were killed stops reaching rank 0 a little before its heartbeats look stale: it is not named here (its
-    ranks no longer beat), but by the watchdog as lost."""
+    ``own_host`` beats (alive) but has not reached rank 0 for more than UNREACHED_S (or ``timeout``, if
+    shorter) seconds (each must have reached it once: where the port is blocked from the start, nothing is
+    judged). The watchdog asks only once ranks have made no progress for the hang timeout, and then names this
+    node as the cause whenever its probes fail: not only when they have failed for the whole timeout, which
+    depends on whether the last probe before the cut came before or after the ranks began to wait (seen on
+    the two-node tier: node 2's link cut 1.3 s after every rank began waiting at a hold, its last probe under 0.4 s
+    before the cut; the "every rank waiting" verdict came 1 s before the probes were 30 s old, and named a
+    deadlock). A node whose ranks were killed stops reaching rank 0 a little before its heartbeats look
+    stale: it is not named here (its ranks no longer beat), but by the watchdog as lost."""
     from .watchdog import FROZEN_S
 
     by_host: Dict[str, list] = {}
@@ -84,7 +93,7 @@ def unreachable_node(beats: Dict[int, Optional[Dict[str, Any]]], now: float, tim
         if host == own_host:
             continue
         ages = [now - float(b["reached_rank0"]) for _, b in rows if isinstance(b.get("reached_rank0"), (int, float))]
-        if len(ages) < len(rows) or min(ages) <= timeout:
+        if len(ages) < len(rows) or min(ages) <= min(timeout, UNREACHED_S):
             continue
         if any(now - float(b.get("time", now)) > FROZEN_S for _, b in rows):
             continue  # a rank there stopped beating: a lost node or a dead rank, not a cut-off one (watchdog)
@@ -98,4 +107,4 @@ def unreachable_node(beats: Dict[int, Optional[Dict[str, Any]]], now: float, tim
     return None
 
 
-__all__ = ["ProbeServer", "Prober", "unreachable_node", "PROBE_S"]
+__all__ = ["ProbeServer", "Prober", "unreachable_node", "PROBE_S", "UNREACHED_S"]

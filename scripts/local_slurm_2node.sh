@@ -14,6 +14,15 @@
 # state, munged (own socket and key) and daemon names (hpcfl2n-*, so `pkill -x slurmd` in the
 # other script does not reach them). Daemons are stopped by their pid files; `start` first
 # removes whatever a previous run left behind.
+#
+# Both slurmd (and so every job step and rank they start) run in ONE cpu cgroup, hpcfl-2node: the two
+# "nodes" share this machine's cores, and srun starts each node's tasks in a session of their own, which
+# the kernel's autogroup scheduling (kernel.sched_autogroup_enabled, for tasks in the root cpu cgroup)
+# makes a task group of its own. MPI and Horovod wait by spinning (sched_yield, mpi_yield_when_idle), and a
+# yield only lets tasks of the yielder's own group run: a rank of node 2 spinning on core 0 for a message
+# from a rank of node 1 pinned to the same core kept that core for 44 s while the node-1 rank, runnable,
+# got no CPU at all (rounds of 0.1 s stalled 2-58 s at load average ~10). In one cgroup (no autogroup) the
+# ranks of both nodes share a task group, as one node's ranks do. A real cluster's nodes share no cores.
 set -euo pipefail
 cmd="${1:-status}"
 base="${HPCFL_2NODE_DIR:-/var/lib/hpcfl-2node}"
@@ -62,6 +71,8 @@ stop() {
   done
   ip link del "$bridge" 2>/dev/null || true
   kill_pidfile "$base/run/munged.pid"
+  local g
+  g="$(cpu_group_dir)"; [ -z "$g" ] || rmdir "$g" 2>/dev/null || true  # empty once its processes are gone
   rm -f "$sock" "$sock.lock"
   echo "local_slurm_2node: stopped"
 }
@@ -137,9 +148,34 @@ start() {
   wait_up
 }
 
+# The directory of the cpu cgroup hpcfl-2node (v1: the hierarchy mounted with the cpu controller; v2: the
+# unified tree, if it offers the cpu controller), or nothing where there is none.
+cpu_group_dir() {
+  local dev mnt type opts rest
+  while read -r dev mnt type opts rest; do
+    if [ "$type" = cgroup ] && [[ ",$opts," == *,cpu,* ]]; then echo "$mnt/hpcfl-2node"; return; fi
+  done < /proc/mounts
+  while read -r dev mnt type opts rest; do
+    if [ "$type" = cgroup2 ] && grep -qw cpu "$mnt/cgroup.controllers" 2>/dev/null; then echo "$mnt/hpcfl-2node"; return; fi
+  done < /proc/mounts
+}
+
+# Create the cgroup (see the top of this file); prints its cgroup.procs, or nothing (with a warning) where
+# this machine does not let root create one (a container may mount cgroups read-only).
+cpu_group() {
+  local g
+  g="$(cpu_group_dir)"
+  if [ -n "$g" ]; then
+    [[ "$(stat -f -c %T "$(dirname "$g")")" == cgroup2fs ]] && { echo +cpu > "$(dirname "$g")/cgroup.subtree_control"; } 2>/dev/null || true
+    mkdir -p "$g" 2>/dev/null && [ -w "$g/cgroup.procs" ] && { echo "$g/cgroup.procs"; return; }
+  fi
+  echo "local_slurm_2node: warning: no cpu cgroup for the two nodes here: their ranks share cores in separate task groups (autogroups) and can starve each other for seconds under load" >&2
+}
+
 start_node() {
-  local n="$1" slurmd
+  local n="$1" slurmd procs
   slurmd="$(bin slurmd)"
+  procs="$(cpu_group)"
   # its own network (the netns), hostname (--uts), and in its own mount namespace its /etc/hosts and a
   # node-local /tmp (as on a real cluster: the two slurmd's PMIx and Open MPI's session directories,
   # named by job and step, would collide in one shared /tmp). Not `ip netns exec`: it remounts /sys
@@ -147,7 +183,7 @@ start_node() {
   mkdir -p "$base/tmp/$n"; chmod 1777 "$base/tmp/$n"
   nsenter --net="/run/netns/$n" unshare --uts --mount --propagation slave -- sh -c \
     'hostname "$1" && mount --bind "/etc/netns/$1/hosts" /etc/hosts && mount --bind "$4" /tmp \
-     && exec "$2" -f "$3" -N "$1"' sh "$n" "$slurmd" "$conf" "$base/tmp/$n"
+     && { [ -z "$5" ] || echo $$ > "$5"; } && exec "$2" -f "$3" -N "$1"' sh "$n" "$slurmd" "$conf" "$base/tmp/$n" "$procs"
 }
 
 # A node that was lost (every process in it killed, as tests/slurm/test_lost_node.py does) or cut off (its

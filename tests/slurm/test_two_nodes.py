@@ -31,7 +31,7 @@ N1, N2 = "hpcfl-n1", "hpcfl-n2"
 def cluster(request):
     """The two-node cluster for this module's jobs, then gone (its daemons and namespaces), and a run root
     outside /tmp (each node has its own /tmp), removed unless a test of the module failed (its runs' logs
-    and heartbeats are what tell why)."""
+    and heartbeats are what tell why) or HPCFL_KEEP_RUNS is set (to compare a passing run's round times)."""
     if os.geteuid() != 0:
         pytest.skip("the two-node tier creates network namespaces and starts slurmd: it needs root")
     if ROOT.resolve().is_relative_to("/tmp"):
@@ -52,7 +52,7 @@ def cluster(request):
         yield {"SLURM_CONF": conf}, root
     finally:
         subprocess.run([str(SCRIPT), "stop"], capture_output=True, timeout=120)
-        if request.session.testsfailed == failed:
+        if request.session.testsfailed == failed and not os.environ.get("HPCFL_KEEP_RUNS"):
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"\nthe two-node runs are kept in {root}")

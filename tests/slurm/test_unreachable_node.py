@@ -2,24 +2,11 @@
 still reach the shared filesystem, its MPI traffic does not): the job ends within the hang timeout, in one line
 naming the node (its ranks no longer reach rank 0's probe port, hpcfl.reach), not a rank of the other node that
 waits for it. Once the node is back, the same command resumes and ends bit-identical."""
-import os
 import subprocess
 import time
 
-import pytest
-
 from test_lost_node import HELD, ending_line, resume_when_back, running
 from test_two_nodes import N2, cluster  # noqa: F401 - cluster is a fixture
-
-# Opt-in (HPCFL_TWO_NODE_FAULTS=1) again: on the fresh-clone make test of 2026-12-02 (main 6b718e2) the cut was
-# named in 30 s as it should, but the RESUMED run (link back up, same command) stalled in round 7: slot 0's two
-# ranks on node 1 sat in a Horovod allreduce (evaluate local model) for 30 s while node 2's slot waited in its
-# report barrier and a Horovod broadcast, and the watchdog ended the job. A real stall after the link returns,
-# not a false verdict (docs/faults.md, "The two-node fault tests"); until it is understood this test does not
-# gate make test. The lost-node test does.
-pytestmark = pytest.mark.skipif(os.environ.get("HPCFL_TWO_NODE_FAULTS") != "1",
-                                reason="opt-in (HPCFL_TWO_NODE_FAULTS=1): the resumed run after the link returns "
-                                       "stalled once in a Horovod allreduce on a fresh clone (docs/faults.md)")
 
 
 def test_an_unreachable_node_ends_the_job_within_the_hang_timeout(cluster):  # noqa: F811

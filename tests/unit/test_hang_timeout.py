@@ -70,11 +70,33 @@ def test_a_node_whose_ranks_live_but_no_longer_reach_rank_0_is_named_unreachable
     line = verdict(beats, now, 30, {}, own_host="n1")
     assert line == ("node n2 is unreachable: its ranks 3, 4 (site hospital-b) still run but have not reached rank 0's "
                     "node n1 over the network for 34s")
-    assert unreachable_node(beats, now, 40, "n1") is None  # not yet past the timeout
+    assert verdict(beats, now, 40, {}, own_host="n1") is None  # no rank past the timeout yet: no verdict at all
     beats[4]["reached_rank0"] = now - 2  # one of them still reaches rank 0: not the node's network
     assert verdict(beats, now, 30, {}, own_host="n1").startswith("rank 1 (site 'hospital-a'")
     del beats[3]["reached_rank0"], beats[4]["reached_rank0"]  # never reached it (a blocked port): not judged
     assert unreachable_node(beats, now, 30, "n1") is None
+
+
+def test_a_node_cut_just_after_the_ranks_began_to_wait_is_named_unreachable_not_a_deadlock():
+    """Seen on the two-node tier: every rank waited at rank 0's hold from t=0; node 2's link was cut at t=1.3,
+    its ranks' last probes had succeeded at t=-1.4 and t=1.3. At t=31 every rank had waited past the 30 s
+    timeout while one probe was 29.7 s old: the cut node is the cause all the same (its probes have failed
+    for far longer than a probe period), not a deadlock."""
+    from hpcfl.reach import UNREACHED_S
+
+    now = 10_000.0
+
+    def beat(rank, host, site, reached):
+        return {"rank": rank, "host": host, "phase": "upload", "time": now - 1, "progress_time": now - 31,
+                "who": f"rank {rank} (site {site!r}, rank {(rank - 1) % 2} of 2 in site)", "reached_rank0": now - reached}
+    beats = {1: beat(1, "n1", "hospital-a", 1), 2: beat(2, "n1", "hospital-a", 2),
+             3: beat(3, "n2", "hospital-b", 32.4), 4: beat(4, "n2", "hospital-b", 29.7)}
+    assert verdict(beats, now, 30, {}, own_host="n1") == (
+        "node n2 is unreachable: its ranks 3, 4 (site hospital-b) still run but have not reached rank 0's node n1 "
+        "over the network for 30s")
+    # probes that failed for less than a few probe periods do not make a node the cause: the deadlock is named
+    beats[4]["reached_rank0"] = now - (UNREACHED_S - 1)
+    assert verdict(beats, now, 30, {}, own_host="n1").startswith("every rank has been waiting for 31s")
 
 
 def test_a_killed_node_is_lost_not_unreachable_while_its_last_beats_are_still_young():
