@@ -6,6 +6,7 @@ single message approaches MPI's 2 GiB count limit, and chunks pipeline.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -35,9 +36,21 @@ def split_comms(world: Any, role: Role) -> Comms:
     return Comms(world=world, **{k: (None if v == MPI.COMM_NULL else v) for k, v in made.items()})
 
 
+def bcast_chunk(comm: Any, buf: Any, root: int = 0) -> None:
+    """One chunk of a model broadcast (every rank of ``comm`` calls it with its chunk), waited for quietly.
+
+    Why not ``Bcast``: a blocking MPI call spins, and the ranks of a model broadcast wait for each other
+    (the slots for rank 0 to finish aggregating, rank 0 for the slots to copy each chunk out); on shared
+    cores the spinning ranks took the CPU from the ones they waited for. Measured on 2 cores with 3 ranks
+    and 38 MB (docs/benchmarks.md section 12.7): ~30 ms instead of ~50, and rank 0's CPU 1 ms instead of up
+    to 10. All ranks of one broadcast must use it (a blocking collective never matches a non-blocking one).
+    """
+    wait_quietly(comm.Ibcast(buf, root=root))
+
+
 def bcast_array(comm: Any, arr: np.ndarray, root: int = 0, chunk_mb: int = 8) -> None:
     for s, e in chunks(arr.size, arr.itemsize, chunk_mb):
-        comm.Bcast(arr[s:e], root=root)
+        bcast_chunk(comm, arr[s:e], root)
 
 
 def send_array(comm: Any, arr: np.ndarray, dest: int, chunk_mb: int = 8) -> None:
@@ -87,3 +100,28 @@ def quiet_barrier(comm: Any, wait: bool = True) -> Any:
         wait_quietly(req)
         return None
     return req
+
+
+SESSION_ENV = "HPCFL_RANK_SESSION"  # "own" (hpcfl launch sets it): each rank starts its own session
+
+
+def own_session() -> bool:
+    """Move this rank into a session of its own when ``HPCFL_RANK_SESSION=own`` (``hpcfl launch`` sets it, as
+    torchrun starts each worker in its own session); True when it did.
+
+    Why: Linux with ``sched_autogroup_enabled`` (the default of most distributions) shares the CPU fairly between
+    sessions, not processes. Open MPI starts every local rank in mpirun's session, so on a machine where other
+    sessions keep the cores busy, all the ranks of a job together got the CPU share of ONE process, where the
+    same number of torchrun workers got one share each (docs/benchmarks.md section 12.6). Without contention
+    from other sessions it changes nothing. The rank stays the leader of a process group of its own (mpirun's
+    signals reach it by pid as before); it loses no terminal, having none (its output goes through mpirun).
+    """
+    if os.environ.get(SESSION_ENV) != "own" or os.getsid(0) == os.getpid():
+        return False
+    try:
+        if os.getpgid(0) == os.getpid():  # a group leader (Open MPI makes each rank one) may not call setsid:
+            os.setpgid(0, os.getpgid(os.getppid()))  # join mpirun's group for a moment
+        os.setsid()
+    except OSError:  # another launcher's layout (a parent in another session): keep it
+        return False
+    return True
