@@ -123,7 +123,9 @@ class TreeWatch:
             st = proc_stat(pid)
             if st is None:
                 continue
-            p = self.procs.setdefault(pid, {"pid": pid, "label": proc_label(pid), "first": now, "series": []})
+            p = self.procs.setdefault(pid, {"pid": pid, "label": "?", "first": now, "series": []})
+            if not p["label"].startswith(("rank", "worker")) and len(p["series"]) < 100:
+                p["label"] = proc_label(pid)  # again: a launcher's fork is seen before it execs the rank
             p.update(st, last=now)
             p["series"].append((time.time(), st["cpu_s"]))
 

@@ -25,7 +25,13 @@ round; the global model evaluated on the validation data of the sites hpcfl's
 Sides, each with the same 2 cores:
   hpcfl    ``hpcfl launch`` on a config written for the case (data.name: arrays, the slots it picks,
            launch.assign: balanced for cohorts; checkpoints every round as always; no report,
-           TensorBoard, locally tuned or cross-site evaluation, which the others do not do).
+           TensorBoard, locally tuned or cross-site evaluation, which the others do not do). Each rank
+           in a session of its own (hpcfl launch's default, as torchrun does for pfl-2's workers).
+  hpcfl-1  the same with one slot (launch.slots=1): rank 0 and one training process.
+  hpcfl-shared, pfl-2-shared: the ranks / workers left in the bench's session. Why it matters: with
+           sched_autogroup_enabled (most distributions' default) Linux shares contended cores between
+           sessions, not processes, so on a machine other sessions load, N processes of one session
+           together get about one process's share (docs/benchmarks.md section 12.6).
   plain    one process, torch on 1 thread (--threads): for each round, for each cohort site, load the global
            weights, train, add n_s * (w_s - w); then w += sum / sum(n_s).
   pfl-1    pfl's SimulatedBackend + FederatedAveraging + PyTorchModel, one process, 1 thread (--threads).
@@ -38,13 +44,16 @@ and hands them to the other sides in a plan file, so none of them re-implements 
 Columns: wall (the whole command, start-up included), steady round (median of rounds 2..), overhead
 (median over rounds 2.. of max(0, round - training of the slowest slot or worker)), peak PSS of the
 process tree (sampled every 50 ms; shared pages counted once), final accuracy, and hpcfl/plain,
-pfl/plain. The script asserts that every side's accuracy agrees with the plain loop's at every
+pfl/plain; the CPU seconds (user + system) of each side's process tree, in all and per steady round, the
+sessions its busy processes ran in, and each process's cores in the steady rounds (sampled from /proc every
+50 ms); the load average when each side started. --repeat N runs the sides interleaved N times and adds
+medians. The script asserts that every side's accuracy agrees with the plain loop's at every
 evaluated round (within --tol: float rounding differs between the sides and grows over rounds).
 
     .venv/bin/python bench/vs_pfl.py --install    # creates .bench-pfl-venv first
     .venv/bin/python bench/vs_pfl.py              # (a), (b), (c); (b) and (c) take long on 2 cores
     .venv/bin/python bench/vs_pfl.py --quick      # smoke test: K = 2, 32; (b), (c) at 200 sites, 3 rounds
-    .venv/bin/python bench/vs_pfl.py --cases b --rounds 20 --repeat 1
+    .venv/bin/python bench/vs_pfl.py --cases b --rounds 5 --eval-every 5 --repeat 3 --sides hpcfl pfl-2 plain hpcfl-1 pfl-1
 
 The machine is shared: compare within one run (ratios), not across runs.
 """
@@ -221,6 +230,7 @@ def _measured(argv: List[str], cwd: Path, env: Dict[str, str], log: Path):
 
 
 SHARED = "-shared"  # a side's name + SHARED: every process of that side in the bench's one session
+# hpcfl-1: one slot (rank 0 and one training process: the single-process sides' counterpart)
 
 
 def run_hpcfl(case, config: Path, d: Path, side: str = "hpcfl", tag: str = "hpcfl") -> Dict[str, Any]:
@@ -228,7 +238,7 @@ def run_hpcfl(case, config: Path, d: Path, side: str = "hpcfl", tag: str = "hpcf
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"),  # hpcfl launch: each rank its own session, unless
                HPCFL_RANK_SESSION="keep" if side.endswith(SHARED) else "own")  # -shared (hpcfl.comm.own_session)
     argv = [sys.executable, "-m", "hpcfl", "launch", str(config), "--no-report", "--set", f"run.root={d}",
-            "--set", f"run.name={name}"]
+            "--set", f"run.name={name}"] + (["--set", "launch.slots=1"] if side == "hpcfl-1" else [])
     rc, wall, pss, procs = _measured(argv, ROOT, env, d / f"{name}.log")
     if rc != 0:
         sys.exit(f"hpcfl {case['name']} failed ({rc}); see {d / name}.log:\n{(d / f'{name}.log').read_text()[-3000:]}")
@@ -444,7 +454,17 @@ def summary(res: Dict[str, Any]) -> Dict[str, Any]:
             "overhead_ms": 1e3 * statistics.median(max(0.0, r["round_s"] - r["train_s"]) for r in steady),
             "pss_mb": res["pss"] / 2**20, "acc": accs[-1] if accs else float("nan"), "note": res["note"],
             "cpu_s": sum(p["cpu_s"] for p in res["procs"]), "sessions": sessions(res["procs"]),
-            "procs": res["procs"], "window": steady_window(rounds)}
+            "procs": res["procs"], "window": steady_window(rounds), "round_cpu_s": round_cpu(res)}
+
+
+def round_cpu(res: Dict[str, Any]) -> float:
+    """CPU seconds (user + system, every process of the side) per steady round: the side's work, which the
+    machine's load stretches far less than its wall time."""
+    from scale_sites import cores_between
+
+    t0, t1 = steady_window(res["rounds"])
+    n = sum(1 for r in res["rounds"] if t0 < r["t"] <= t1)
+    return sum(cores_between(p["series"], t0, t1) for p in res["procs"]) * (t1 - t0) / max(n, 1)
 
 
 def sessions(procs: List[Dict[str, Any]]) -> int:
@@ -490,13 +510,16 @@ def check_agreement(case_name: str, results: Dict[str, Any], tol: float) -> None
 
 def table(rows: List[Dict[str, Any]]) -> str:
     head = (f"{'case':<28} {'side':<13} {'wall s':>8} {'round ms':>9} {'ovh ms':>8} {'PSS MiB':>8} {'acc':>7} "
-            f"{'/plain wall':>11} {'/plain round':>12} {'CPU s':>7} {'sess':>4} {'load':>5}  note")
+            f"{'/plain wall':>11} {'/plain round':>12} {'CPU s':>7} {'CPU/rnd':>7} {'/plain':>6} {'sess':>4} {'load':>5}  note")
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(f"{r['case']:<28} {r['side']:<13} {r['wall_s']:>8.2f} {r['round_ms']:>9.1f} {r['overhead_ms']:>8.1f} "
                    f"{r['pss_mb']:>8.0f} {r['acc']:>7.4f} {r['x_wall']:>11.2f} {r['x_round']:>12.2f} "
-                   f"{r['cpu_s']:>7.1f} {r['sessions']:>4} {r['load']:>5.1f}  {r['note']}")
-    out.append("CPU s: user + system seconds of the side's process tree; sess: the sessions its busy processes ran in. "
+                   f"{r['cpu_s']:>7.1f} {r['round_cpu_s']:>7.2f} {r['x_cpu']:>6.2f} {r['sessions']:>4} {r['load']:>5.1f}  "
+                   f"{r['note']}")
+    out.append("CPU s: user + system seconds of the side's process tree; CPU/rnd: of those, per steady round (end of "
+               "round 1 to the end of the last round without evaluation), and /plain its ratio to the plain loop's; "
+               "sess: the sessions its busy processes ran in. "
                "Per process: cores used from the end of round 1 to the end of the last round without evaluation "
                "(CPU s / s), then CPU s / s alive over the whole run; load: the 1-minute load average when the side "
                "started:")
@@ -521,7 +544,8 @@ def repetition(case, config: Path, plan: Path, d: Path, args, rep: int) -> List[
         s = summary(res)
         s.update(case=case["name"], side=side, load=loads[side], note=f"#{rep} {s['note']}".strip(),
                  x_wall=s["wall_s"] / base["wall_s"] if base else float("nan"),
-                 x_round=s["round_ms"] / base["round_ms"] if base else float("nan"))
+                 x_round=s["round_ms"] / base["round_ms"] if base else float("nan"),
+                 x_cpu=s["round_cpu_s"] / base["round_cpu_s"] if base and base["round_cpu_s"] else float("nan"))
         rows.append(s)
     return rows
 
@@ -532,7 +556,8 @@ def medians(rows: List[Dict[str, Any]], sides: List[str], n: int) -> List[Dict[s
     for side in sides:
         mine = [r for r in rows if r["side"] == side]
         m = {k: statistics.median(r[k] for r in mine) for k in ("wall_s", "round_ms", "overhead_ms", "pss_mb", "acc",
-                                                              "x_wall", "x_round", "cpu_s", "sessions", "load")}
+                                                              "x_wall", "x_round", "cpu_s", "sessions", "load",
+                                                              "round_cpu_s", "x_cpu")}
         m.update(case=mine[0]["case"], side=side, note=f"median of {n}", procs=[], window=(0.0, 0.0))
         out.append(m)
     return out
