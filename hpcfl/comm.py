@@ -6,6 +6,7 @@ single message approaches MPI's 2 GiB count limit, and chunks pipeline.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -44,8 +45,21 @@ def bcast_chunk(comm: Any, buf: Any, root: int = 0) -> None:
     cores the spinning ranks took the CPU from the ones they waited for. Measured on 2 cores with 3 ranks
     and 38 MB (docs/benchmarks.md section 12.7): ~30 ms instead of ~50, and rank 0's CPU 1 ms instead of up
     to 10. All ranks of one broadcast must use it (a blocking collective never matches a non-blocking one).
+    With a CUDA-aware MPI, where slots may hand it GPU memory, every rank keeps the blocking ``Bcast``:
+    Open MPI's non-blocking collectives are not documented to take device buffers (and rank 0, which has
+    no GPU, decides the same way, from the same library).
     """
+    if _cuda_aware():
+        comm.Bcast(buf, root=root)
+        return
     wait_quietly(comm.Ibcast(buf, root=root))
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_aware() -> bool:
+    from .device import cuda_aware_mpi
+
+    return bool(cuda_aware_mpi())
 
 
 def bcast_array(comm: Any, arr: np.ndarray, root: int = 0, chunk_mb: int = 8) -> None:
