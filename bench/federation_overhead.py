@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,21 +90,37 @@ BREAKDOWN = [("wait_upload_s", 13), ("aggregate_s", 9), ("send_s", 5), ("checkpo
 EXTRA: list = []  # --set arguments every run gets (device, mpirun)
 
 
+PROCS: List[dict] = []  # the last run's processes (bench/scale_sites.TreeWatch)
+
+
 def run(cfg: str, root: Path, name: str, sets: list) -> tuple:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scale_sites import measured
+
     argv = [sys.executable, "-m", "hpcfl", "launch", cfg, "--no-report", "--set", f"run.root={root}",
             "--set", f"run.name={name}", "--set", "observe.tensorboard=false"]
     for s in EXTRA:
         argv += ["--set", s]
     for s in sets:
         argv += ["--set", s]
-    t = time.perf_counter()
-    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t
-    if r.returncode != 0:
-        sys.exit(f"benchmark run {name} failed:\n{r.stdout}\n{r.stderr}")
+    log = root / f"{name}.log"
+    rc, wall, _ = measured(argv, ROOT, log=log, procs=PROCS)
+    if rc != 0:
+        sys.exit(f"benchmark run {name} failed:\n{log.read_text()[-3000:]}")
     recs = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((root / name / "summary.json").read_text())
     return wall, [x for x in recs if x["kind"] == "round"], summary
+
+
+def rank_cpu_ms(rounds: list) -> str:
+    """CPU milliseconds (user + system) per steady round of rank 0 and of each slot, from the process samples:
+    against the overhead they tell work (CPU) from waiting for a core or a peer."""
+    from scale_sites import cores_between
+
+    t0, t1 = rounds[0]["timestamp"], rounds[-1]["timestamp"]
+    per = (t1 - t0) / max(1, len(rounds) - 1)
+    ranks = sorted((p for p in PROCS if p["label"].startswith("rank ")), key=lambda p: int(p["label"].split()[1]))
+    return " ".join(f"{1e3 * per * cores_between(p['series'], t0, t1):>6.0f}" for p in ranks)
 
 
 def extra_sets(device: str, mpirun: Optional[str] = None) -> List[str]:
@@ -139,7 +154,7 @@ def main() -> None:
         sys.exit("--eval off needs --rounds 4 or more (rounds 2..rounds-1 are the steady ones)")
     print(f"{'params':>8} {'sites':>5} {'model MB':>9} {'overhead ms':>12} {'bound ms':>9} {'ratio':>6} "
           f"{'rank0 peak MB':>14} {'copies':>7}" + ("   wait_upload aggregate  send checkpoint  slot_upload"
-                                                      if off else ""))
+                                                      "  CPU ms/round: rank 0, 1, ..." if off else ""))
     root = Path(tempfile.mkdtemp(prefix="hpcfl-bench-"))
     for size in sizes:
         h = hidden_for(size * 1e6)
@@ -162,7 +177,7 @@ def main() -> None:
             print(f"{size:>7g}M {k:>5} {mem['model_mb']:>9.1f} {overhead * 1e3:>12.1f} {bound * 1e3:>9.1f} "
                   f"{overhead / bound:>6.1f} {mem['peak_rss_mb']:>14.0f} {mem['model_copies_above_baseline']:>7.1f}"
                   + ("".join(f" {1e3 * float(np.median([r['time'].get(f, 0.0) for r in steady])):>{w}.1f}"
-                             for f, w in BREAKDOWN) if off else ""), flush=True)
+                             for f, w in BREAKDOWN) + "  " + rank_cpu_ms(rounds[:-1]) if off else ""), flush=True)
             rows.append({"params_m": size, "sites": k, "device": args.device, "model_mb": mem["model_mb"],
                          "overhead_ms": overhead * 1e3, "bound_ms": bound * 1e3, "ratio": overhead / bound,
                          "rank0_peak_mb": mem["peak_rss_mb"], "copies": mem["model_copies_above_baseline"]})

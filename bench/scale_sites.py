@@ -47,6 +47,7 @@ import vs_flower  # noqa: E402  (the Flower side and its environment)
 
 ROUNDS = 10
 HIDDEN = [256]
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> List[int]:
@@ -64,12 +65,8 @@ def _children(pid: int) -> List[int]:
 
 def tree_pss(pid: int) -> int:
     """Proportional set size (bytes) of a process and all its descendants."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+    total = 0
+    for p in tree_pids(pid):
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -77,28 +74,105 @@ def tree_pss(pid: int) -> int:
                     break
         except OSError:
             continue
-        todo += _children(p)
     return total
 
 
-def measured(argv: List[str], cwd: Path, env: Optional[Dict[str, str]] = None, log: Optional[Path] = None):
-    """(exit code, wall seconds, peak PSS bytes of the process tree) of a command."""
+def proc_stat(pid: int) -> Optional[Dict[str, Any]]:
+    """A process's session, state and CPU seconds (user + system) from /proc/<pid>/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    f = raw[raw.rindex(")") + 2:].split()  # fields from the 3rd (state) on: the name may hold spaces
+    return {"sid": int(f[3]), "cpu_s": (int(f[11]) + int(f[12])) / TICKS}
+
+
+def proc_label(pid: int) -> str:
+    """'rank N' for an MPI rank, 'worker N' for a torchrun worker, else the command's name."""
+    try:
+        env = dict(x.split("=", 1) for x in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in x)
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return f"rank {env['OMPI_COMM_WORLD_RANK']}"
+    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env or "VS_PFL_WORKER_RANK" in env:
+        return f"worker {env.get('RANK', env.get('VS_PFL_WORKER_RANK'))}"
+    return name
+
+
+class TreeWatch:
+    """Samples a process tree every ``every`` s: peak PSS, and each process's last CPU seconds, session and
+    lifetime (so the accounting survives processes that exit before the root)."""
+
+    def __init__(self, root: int, every: float = 0.05):
+        self.root, self.every = root, every
+        self.peak = 0
+        self.procs: Dict[int, Dict[str, Any]] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.wait(self.every):
+            self.sample()
+
+    def sample(self) -> None:
+        now = time.perf_counter()
+        self.peak = max(self.peak, tree_pss(self.root))
+        for pid in tree_pids(self.root):
+            st = proc_stat(pid)
+            if st is None:
+                continue
+            p = self.procs.setdefault(pid, {"pid": pid, "label": "?", "first": now, "series": []})
+            if not p["label"].startswith(("rank", "worker")) and len(p["series"]) < 100:
+                p["label"] = proc_label(pid)  # again: a launcher's fork is seen before it execs the rank
+            p.update(st, last=now)
+            p["series"].append((time.time(), st["cpu_s"]))
+
+    def table(self) -> List[Dict[str, Any]]:
+        """Every process seen: label, session, CPU seconds, seconds alive, CPU share of its life."""
+        out = []
+        for p in self.procs.values():
+            alive = max(p["last"] - p["first"], 1e-9)
+            out.append({"pid": p["pid"], "label": p["label"], "sid": p["sid"], "cpu_s": p["cpu_s"],
+                        "alive_s": alive, "cpu_share": p["cpu_s"] / alive, "series": p["series"]})
+        return out
+
+
+def cores_between(series: List[tuple], t0: float, t1: float) -> float:
+    """The cores a process used on average between wall-clock times t0 and t1 (CPU seconds / seconds), from
+    :class:`TreeWatch`'s samples (time.time(), CPU seconds); 0 where it did not live through the window."""
+    inside = [(t, c) for t, c in series if t0 <= t <= t1]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return 0.0
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+def tree_pids(pid: int) -> List[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.append(p)
+            todo += _children(p)
+    return out
+
+
+def measured(argv: List[str], cwd: Path, env: Optional[Dict[str, str]] = None, log: Optional[Path] = None,
+             procs: Optional[List[Dict[str, Any]]] = None):
+    """(exit code, wall seconds, peak PSS bytes of the process tree) of a command; ``procs``, when given,
+    receives :meth:`TreeWatch.table`."""
     t = time.perf_counter()
     with open(log or os.devnull, "w") as out:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        peak = [0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.05):
-                peak[0] = max(peak[0], tree_pss(proc.pid))
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
+        watch = TreeWatch(proc.pid)
+        watch.thread.start()
         rc = proc.wait()
-        done.set()
-        th.join()
-    return rc, time.perf_counter() - t, peak[0]
+        watch.done.set()
+        watch.thread.join()
+    if procs is not None:
+        procs[:] = watch.table()
+    return rc, time.perf_counter() - t, watch.peak
 
 
 def run_hpcfl(tmp: Path, k: int) -> Dict[str, Any]:

@@ -25,7 +25,13 @@ round; the global model evaluated on the validation data of the sites hpcfl's
 Sides, each with the same 2 cores:
   hpcfl    ``hpcfl launch`` on a config written for the case (data.name: arrays, the slots it picks,
            launch.assign: balanced for cohorts; checkpoints every round as always; no report,
-           TensorBoard, locally tuned or cross-site evaluation, which the others do not do).
+           TensorBoard, locally tuned or cross-site evaluation, which the others do not do). Each rank
+           in a session of its own (hpcfl launch's default, as torchrun does for pfl-2's workers).
+  hpcfl-1  the same with one slot (launch.slots=1): rank 0 and one training process.
+  hpcfl-shared, pfl-2-shared: the ranks / workers left in the bench's session. Why it matters: with
+           sched_autogroup_enabled (most distributions' default) Linux shares contended cores between
+           sessions, not processes, so on a machine other sessions load, N processes of one session
+           together get about one process's share (docs/benchmarks.md section 12.6).
   plain    one process, torch on 1 thread (--threads): for each round, for each cohort site, load the global
            weights, train, add n_s * (w_s - w); then w += sum / sum(n_s).
   pfl-1    pfl's SimulatedBackend + FederatedAveraging + PyTorchModel, one process, 1 thread (--threads).
@@ -38,13 +44,16 @@ and hands them to the other sides in a plan file, so none of them re-implements 
 Columns: wall (the whole command, start-up included), steady round (median of rounds 2..), overhead
 (median over rounds 2.. of max(0, round - training of the slowest slot or worker)), peak PSS of the
 process tree (sampled every 50 ms; shared pages counted once), final accuracy, and hpcfl/plain,
-pfl/plain. The script asserts that every side's accuracy agrees with the plain loop's at every
+pfl/plain; the CPU seconds (user + system) of each side's process tree, in all and per steady round, the
+sessions its busy processes ran in, and each process's cores in the steady rounds (sampled from /proc every
+50 ms); the load average when each side started. --repeat N runs the sides interleaved N times and adds
+medians. The script asserts that every side's accuracy agrees with the plain loop's at every
 evaluated round (within --tol: float rounding differs between the sides and grows over rounds).
 
     .venv/bin/python bench/vs_pfl.py --install    # creates .bench-pfl-venv first
     .venv/bin/python bench/vs_pfl.py              # (a), (b), (c); (b) and (c) take long on 2 cores
     .venv/bin/python bench/vs_pfl.py --quick      # smoke test: K = 2, 32; (b), (c) at 200 sites, 3 rounds
-    .venv/bin/python bench/vs_pfl.py --cases b --rounds 20 --repeat 1
+    .venv/bin/python bench/vs_pfl.py --cases b --rounds 5 --eval-every 5 --repeat 3 --sides hpcfl pfl-2 plain hpcfl-1 pfl-1
 
 The machine is shared: compare within one run (ratios), not across runs.
 """
@@ -211,49 +220,78 @@ def make_plan(case: Dict[str, Any], config: Path, data_dir: Path, d: Path) -> Pa
 # ---------------------------------------------------------------------------------------------------
 
 def _measured(argv: List[str], cwd: Path, env: Dict[str, str], log: Path):
+    """(exit code, wall s, peak PSS, every process of the tree: label, session, CPU seconds)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from scale_sites import measured
 
-    return measured(argv, cwd, env=env, log=log)
+    procs: List[Dict[str, Any]] = []
+    rc, wall, pss = measured(argv, cwd, env=env, log=log, procs=procs)
+    return rc, wall, pss, [p for p in procs if p["cpu_s"] > 0.0]
 
 
-def run_hpcfl(case, config: Path, d: Path) -> Dict[str, Any]:
-    name = f"{case['name']}-hpcfl"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"))
+SHARED = "-shared"  # a side's name + SHARED: every process of that side in the bench's one session
+# hpcfl-1: one slot (rank 0 and one training process: the single-process sides' counterpart)
+
+
+def run_hpcfl(case, config: Path, d: Path, side: str = "hpcfl", tag: str = "hpcfl") -> Dict[str, Any]:
+    name = f"{case['name']}-{tag}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"),  # hpcfl launch: each rank its own session, unless
+               HPCFL_RANK_SESSION="keep" if side.endswith(SHARED) else "own")  # -shared (hpcfl.comm.own_session)
     argv = [sys.executable, "-m", "hpcfl", "launch", str(config), "--no-report", "--set", f"run.root={d}",
-            "--set", f"run.name={name}"]
-    rc, wall, pss = _measured(argv, ROOT, env, d / f"{name}.log")
+            "--set", f"run.name={name}"] + (["--set", "launch.slots=1"] if side == "hpcfl-1" else [])
+    rc, wall, pss, procs = _measured(argv, ROOT, env, d / f"{name}.log")
     if rc != 0:
         sys.exit(f"hpcfl {case['name']} failed ({rc}); see {d / name}.log:\n{(d / f'{name}.log').read_text()[-3000:]}")
     recs = [json.loads(x) for x in (d / name / "metrics.jsonl").read_text().splitlines()]
     rounds = [{"round": x["round"], "round_s": x["time"]["round_s"], "train_s": x["time"]["train_s"],
-               "val_accuracy": x["val_accuracy"], "straggler_s": x["time"].get("straggler_s", 0.0)}
+               "val_accuracy": x["val_accuracy"], "straggler_s": x["time"].get("straggler_s", 0.0),
+               "t": x["timestamp"]}
               for x in recs if x["kind"] == "round"]
     slots = len(json.loads((d / name / "manifest.json").read_text())["slots"])
-    return {"wall_s": wall, "pss": pss, "rounds": rounds, "note": f"{slots} slot(s)"}
+    return {"wall_s": wall, "pss": pss, "rounds": rounds, "note": f"{slots} slot(s)", "procs": procs}
 
 
-def run_worker(side: str, plan: Path, d: Path) -> Dict[str, Any]:
-    out = d / f"{plan.stem}-{side}.json"
+def run_worker(side: str, plan: Path, d: Path, tag: str = "") -> Dict[str, Any]:
+    tag = tag or side
+    out = d / f"{plan.stem}-{tag}.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"), VS_PFL_THREADS=str(THREADS[0]),
-               OMP_NUM_THREADS=str(THREADS[0]) if side != "pfl-2" else "1")
+               OMP_NUM_THREADS=str(THREADS[0]) if not side.startswith("pfl-2") else "1")
     script = str(ROOT / "bench" / "vs_pfl.py")
     if side == "plain":
         argv = [sys.executable, script, "--plain-worker", str(plan), str(out)]
     elif side == "pfl-1":
         argv = [str(VENV / "bin" / "python"), script, "--pfl-worker", str(plan), str(out)]
-    else:
-        argv = [str(VENV / "bin" / "torchrun"), "--standalone", "--nproc_per_node", "2", script, "--pfl-worker",
-                str(plan), str(out)]
-    rc, wall, pss = _measured(argv, d, env, d / f"{plan.stem}-{side}.log")
+    else:  # torchrun starts each worker in a session of its own; pfl-2-shared keeps them in this one
+        run = [str(VENV / "bin" / "torchrun")] if side == "pfl-2" else [str(VENV / "bin" / "python"), script, TORCHRUN_SHARED]
+        argv = run + ["--standalone", "--nproc_per_node", "2", script, "--pfl-worker", str(plan), str(out)]
+    rc, wall, pss, procs = _measured(argv, d, env, d / f"{plan.stem}-{tag}.log")
     if rc != 0 or not out.exists():
-        sys.exit(f"{side} {plan.stem} failed ({rc}); see {d / plan.stem}-{side}.log")
-    return {"wall_s": wall, "pss": pss, "rounds": json.loads(out.read_text()), "note": ""}
+        sys.exit(f"{side} {plan.stem} failed ({rc}); see {d / plan.stem}-{tag}.log")
+    return {"wall_s": wall, "pss": pss, "rounds": json.loads(out.read_text()), "note": "", "procs": procs}
 
 
 # ---------------------------------------------------------------------------------------------------
 # The plain loop and the pfl side (each in its own process)
 # ---------------------------------------------------------------------------------------------------
+
+TORCHRUN_SHARED = "--torchrun-shared-session"
+
+
+def torchrun_shared_session(argv: List[str]) -> None:
+    """torchrun, its workers left in the caller's session (torch's elastic agent starts each in its own)."""
+    import subprocess as sp
+
+    import torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler as sh
+    from torch.distributed.run import main as torchrun
+
+    class Popen(sp.Popen):
+        def __init__(self, *a, **kw):
+            kw["start_new_session"] = False
+            super().__init__(*a, **kw)
+
+    sh.Popen = Popen
+    torchrun(argv)
+
 
 def _load(plan_path: str):
     import numpy as np
@@ -320,7 +358,8 @@ def plain_worker(plan_path: str, out: str) -> None:
             for p, g, a in zip(params, glob, acc):
                 p.copy_(g + a / total)
         val = _accuracy(model, x, y, rnd["val"]) if rnd["val"] is not None else None
-        rows.append({"round": r, "round_s": time.perf_counter() - t0, "train_s": train_s, "val_accuracy": val})
+        rows.append({"round": r, "round_s": time.perf_counter() - t0, "train_s": train_s, "val_accuracy": val,
+                     "t": time.time()})
     Path(out).write_text(json.dumps(rows))
 
 
@@ -384,7 +423,7 @@ def pfl_worker(plan_path: str, out: str) -> None:
             val = _accuracy(model, x, y, rnd["val"]) if rnd["val"] is not None else None
             now = time.perf_counter()
             rows.append({"round": central_iteration + 1, "round_s": now - t_prev[0], "train_s": train_s[0],
-                         "val_accuracy": val})
+                         "val_accuracy": val, "t": time.time()})
             t_prev[0], train_s[0] = now, 0.0
             return False, Metrics()
 
@@ -413,7 +452,47 @@ def summary(res: Dict[str, Any]) -> Dict[str, Any]:
     accs = [r["val_accuracy"] for r in rounds if r["val_accuracy"] is not None]
     return {"wall_s": res["wall_s"], "round_ms": 1e3 * statistics.median(r["round_s"] for r in steady),
             "overhead_ms": 1e3 * statistics.median(max(0.0, r["round_s"] - r["train_s"]) for r in steady),
-            "pss_mb": res["pss"] / 2**20, "acc": accs[-1] if accs else float("nan"), "note": res["note"]}
+            "pss_mb": res["pss"] / 2**20, "acc": accs[-1] if accs else float("nan"), "note": res["note"],
+            "cpu_s": sum(p["cpu_s"] for p in res["procs"]), "sessions": sessions(res["procs"]),
+            "procs": res["procs"], "window": steady_window(rounds), "round_cpu_s": round_cpu(res)}
+
+
+def round_cpu(res: Dict[str, Any]) -> float:
+    """CPU seconds (user + system, every process of the side) per steady round: the side's work, which the
+    machine's load stretches far less than its wall time."""
+    from scale_sites import cores_between
+
+    t0, t1 = steady_window(res["rounds"])
+    n = sum(1 for r in res["rounds"] if t0 < r["t"] <= t1)
+    return sum(cores_between(p["series"], t0, t1) for p in res["procs"]) * (t1 - t0) / max(n, 1)
+
+
+def sessions(procs: List[Dict[str, Any]]) -> int:
+    """Sessions among a side's processes that used 2% or more of its CPU time: Linux's autogroup scheduler
+    (sched_autogroup_enabled) shares the cores between sessions, not processes, when they are contended."""
+    total = sum(p["cpu_s"] for p in procs) or 1.0
+    return len({p["sid"] for p in procs if p["cpu_s"] >= 0.02 * total})
+
+
+def steady_window(rounds: List[Dict[str, Any]]) -> tuple:
+    """Wall-clock times between which the steady rounds ran: the end of round 1 to the end of the last round
+    that did not evaluate (so training and the protocol, not evaluation), else of the last round."""
+    ends = [r["t"] for r in rounds]
+    quiet = [r["t"] for r in rounds[1:] if r["val_accuracy"] is None]
+    return ends[0], (quiet[-1] if quiet else ends[-1])
+
+
+def busy(row: Dict[str, Any]) -> str:
+    """A side's processes that used 2% or more of its CPU time: label, cores used in the steady rounds (CPU s per
+    s), CPU seconds / seconds alive over the whole run, session."""
+    from scale_sites import cores_between
+
+    total = row["cpu_s"] or 1.0
+    t0, t1 = row["window"]
+    procs = sorted((p for p in row["procs"] if p["cpu_s"] >= 0.02 * total), key=lambda p: p["label"])
+    return f"  {row['side']:<13} {row['note'].split()[0]:<3} " + ", ".join(
+        f"{p['label']} {cores_between(p['series'], t0, t1):.2f} cores ({p['cpu_s']:.1f}/{p['alive_s']:.1f} s, "
+        f"sid {p['sid']})" for p in procs)
 
 
 def check_agreement(case_name: str, results: Dict[str, Any], tol: float) -> None:
@@ -430,13 +509,65 @@ def check_agreement(case_name: str, results: Dict[str, Any], tol: float) -> None
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
-    head = (f"{'case':<28} {'side':<6} {'wall s':>8} {'round ms':>9} {'ovh ms':>8} {'PSS MiB':>8} {'acc':>7} "
-            f"{'/plain wall':>11} {'/plain round':>12}  note")
+    head = (f"{'case':<28} {'side':<13} {'wall s':>8} {'round ms':>9} {'ovh ms':>8} {'PSS MiB':>8} {'acc':>7} "
+            f"{'/plain wall':>11} {'/plain round':>12} {'CPU s':>7} {'CPU/rnd':>7} {'/plain':>6} {'sess':>4} {'load':>5}  note")
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r['case']:<28} {r['side']:<6} {r['wall_s']:>8.2f} {r['round_ms']:>9.1f} {r['overhead_ms']:>8.1f} "
-                   f"{r['pss_mb']:>8.0f} {r['acc']:>7.4f} {r['x_wall']:>11.2f} {r['x_round']:>12.2f}  {r['note']}")
+        out.append(f"{r['case']:<28} {r['side']:<13} {r['wall_s']:>8.2f} {r['round_ms']:>9.1f} {r['overhead_ms']:>8.1f} "
+                   f"{r['pss_mb']:>8.0f} {r['acc']:>7.4f} {r['x_wall']:>11.2f} {r['x_round']:>12.2f} "
+                   f"{r['cpu_s']:>7.1f} {r['round_cpu_s']:>7.2f} {r['x_cpu']:>6.2f} {r['sessions']:>4} {r['load']:>5.1f}  "
+                   f"{r['note']}")
+    out.append("CPU s: user + system seconds of the side's process tree; CPU/rnd: of those, per steady round (end of "
+               "round 1 to the end of the last round without evaluation), and /plain its ratio to the plain loop's; "
+               "sess: the sessions its busy processes ran in. "
+               "Per process: cores used from the end of round 1 to the end of the last round without evaluation "
+               "(CPU s / s), then CPU s / s alive over the whole run; load: the 1-minute load average when the side "
+               "started:")
+    out += [busy(r) for r in rows if r["procs"]]
     return "\n".join(out)
+
+
+def repetition(case, config: Path, plan: Path, d: Path, args, rep: int) -> List[Dict[str, Any]]:
+    """Every side once, in --sides order; rows with ratios to this repetition's plain loop."""
+    results, loads = {}, {}
+    for side in args.sides:
+        print(f"{case['name']}: {side} (repetition {rep}) ...", file=sys.stderr, flush=True)
+        loads[side] = os.getloadavg()[0]
+        tag = f"{side}-r{rep}"
+        results[side] = run_hpcfl(case, config, d, side, tag) if side.startswith("hpcfl") else \
+            run_worker(side, plan, d, tag)
+    if "plain" in results:
+        check_agreement(case["name"], results, args.tol)
+    base = summary(results["plain"]) if "plain" in results else None
+    rows = []
+    for side, res in results.items():
+        s = summary(res)
+        s.update(case=case["name"], side=side, load=loads[side], note=f"#{rep} {s['note']}".strip(),
+                 x_wall=s["wall_s"] / base["wall_s"] if base else float("nan"),
+                 x_round=s["round_ms"] / base["round_ms"] if base else float("nan"),
+                 x_cpu=s["round_cpu_s"] / base["round_cpu_s"] if base and base["round_cpu_s"] else float("nan"))
+        rows.append(s)
+    return rows
+
+
+def medians(rows: List[Dict[str, Any]], sides: List[str], n: int) -> List[Dict[str, Any]]:
+    """Per side, the median of every number over the repetitions (ratios: of the per-repetition ratios)."""
+    out = []
+    for side in sides:
+        mine = [r for r in rows if r["side"] == side]
+        m = {k: statistics.median(r[k] for r in mine) for k in ("wall_s", "round_ms", "overhead_ms", "pss_mb", "acc",
+                                                              "x_wall", "x_round", "cpu_s", "sessions", "load",
+                                                              "round_cpu_s", "x_cpu")}
+        m.update(case=mine[0]["case"], side=side, note=f"median of {n}", procs=[], window=(0.0, 0.0))
+        out.append(m)
+    return out
+
+
+def autogroup() -> str:
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+    except OSError:
+        return "absent"
 
 
 def install() -> None:
@@ -459,11 +590,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the single-process sides (plain, "
                     "pfl-1); 1: hpcfl's ranks and pfl-2's workers run 1 each, and on this loaded 2-core machine "
                     "a second intra-op thread spun more than it helped these small models")
+    ap.add_argument("--repeat", type=int, default=1, help="run the sides this many times, interleaved (A B C A B "
+                    "C ...), and add each side's medians: on a shared machine the load moves between runs")
     ap.add_argument("--tol", type=float, default=0.02, help="largest accuracy difference to the plain loop")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--workdir", type=Path, help="keep data, configs, runs and logs here (default: a temporary directory)")
     ap.add_argument("--plain-worker", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--pfl-worker", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
+    if sys.argv[1:2] == [TORCHRUN_SHARED]:
+        return torchrun_shared_session(sys.argv[2:])
     args = ap.parse_args()
     if args.plain_worker:
         return plain_worker(*args.plain_worker)
@@ -487,24 +622,20 @@ def main() -> None:
             data = write_data(case, d)
             config = hpcfl_config(case, data, d)
             plan = make_plan(case, config, data, d)
-            results = {}
-            for side in args.sides:
-                print(f"{case['name']}: {side} ...", file=sys.stderr, flush=True)
-                results[side] = run_hpcfl(case, config, d) if side == "hpcfl" else run_worker(side, plan, d)
-            if "plain" in results:
-                check_agreement(case["name"], results, args.tol)
-            base = summary(results["plain"]) if "plain" in results else None
-            for side, res in results.items():
-                s = summary(res)
-                s.update(case=case["name"], side=side,
-                         x_wall=s["wall_s"] / base["wall_s"] if base else float("nan"),
-                         x_round=s["round_ms"] / base["round_ms"] if base else float("nan"))
-                rows.append(s)
+            for rep in range(1, args.repeat + 1):
+                rows += repetition(case, config, plan, d, args, rep)
+            if args.repeat > 1:
+                rows += medians([r for r in rows if r["case"] == case["name"]], args.sides, args.repeat)
             print(table([r for r in rows if r["case"] == case["name"]]), file=sys.stderr, flush=True)
-    print(f"\nhpcfl vs pfl-research {'(quick) ' if args.quick else ''}on {os.cpu_count()} cores; "
-          "ratios to the plain single-process loop:")
+            print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr, flush=True)
+    print(f"\nhpcfl vs pfl-research {'(quick) ' if args.quick else ''}on {os.cpu_count()} cores "
+          f"(sched_autogroup_enabled: {autogroup()}); ratios to the plain single-process loop:")
     print(table(rows))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
+        for r in rows:
+            for p in r["procs"]:
+                p.pop("series", None)
         args.json.write_text(json.dumps(rows, indent=1))
 
 

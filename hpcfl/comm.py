@@ -6,6 +6,8 @@ single message approaches MPI's 2 GiB count limit, and chunks pipeline.
 """
 from __future__ import annotations
 
+import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -35,9 +37,34 @@ def split_comms(world: Any, role: Role) -> Comms:
     return Comms(world=world, **{k: (None if v == MPI.COMM_NULL else v) for k, v in made.items()})
 
 
+def bcast_chunk(comm: Any, buf: Any, root: int = 0) -> None:
+    """One chunk of a model broadcast (every rank of ``comm`` calls it with its chunk), waited for quietly.
+
+    Why not ``Bcast``: a blocking MPI call spins, and the ranks of a model broadcast wait for each other
+    (the slots for rank 0 to finish aggregating, rank 0 for the slots to copy each chunk out); on shared
+    cores the spinning ranks took the CPU from the ones they waited for. Measured on 2 cores with 3 ranks
+    and 38 MB (docs/benchmarks.md section 12.7): ~30 ms instead of ~50, and rank 0's CPU 1 ms instead of up
+    to 10. All ranks of one broadcast must use it (a blocking collective never matches a non-blocking one).
+    With a CUDA-aware MPI, where slots may hand it GPU memory, every rank keeps the blocking ``Bcast``:
+    Open MPI's non-blocking collectives are not documented to take device buffers (and rank 0, which has
+    no GPU, decides the same way, from the same library).
+    """
+    if _cuda_aware():
+        comm.Bcast(buf, root=root)
+        return
+    wait_quietly(comm.Ibcast(buf, root=root))
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_aware() -> bool:
+    from .device import cuda_aware_mpi
+
+    return bool(cuda_aware_mpi())
+
+
 def bcast_array(comm: Any, arr: np.ndarray, root: int = 0, chunk_mb: int = 8) -> None:
     for s, e in chunks(arr.size, arr.itemsize, chunk_mb):
-        comm.Bcast(arr[s:e], root=root)
+        bcast_chunk(comm, arr[s:e], root)
 
 
 def send_array(comm: Any, arr: np.ndarray, dest: int, chunk_mb: int = 8) -> None:
@@ -66,17 +93,21 @@ def reduce_sum_array(comm: Any, send: Optional[np.ndarray], recv: Optional[np.nd
             comm.Reduce(send[s:e], None, op=MPI.SUM, root=root)
 
 
-def wait_quietly(req: Any, max_sleep: float = 0.001) -> None:
+def wait_quietly(req: Any, max_sleep: float = 0.001, patience: float = 0.01, longest: float = 0.02) -> None:
     """Complete a non-blocking MPI request by polling with short sleeps.
 
     A blocking MPI call busy-polls: a rank waiting for others (rank 0 while the
     sites train, everyone while the others import torch) would take CPU from
-    the ranks it waits for whenever they share cores.
+    the ranks it waits for whenever they share cores. The sleeps double up to
+    ``max_sleep``, then grow with the wait to ``patience`` of the time waited so
+    far (at most ``longest``): a wait of a second or more adds at most ~1% to
+    itself, and rank 0 waiting out a round of several seconds polls ~5x less
+    than at a fixed 1 ms (its polling took 0.04 cores: section 12.6).
     """
-    delay = 1e-5
+    delay, start = 1e-5, time.monotonic()
     while not req.Test():
         time.sleep(delay)
-        delay = min(delay * 2, max_sleep)
+        delay = min(delay * 2, max(max_sleep, min(longest, patience * (time.monotonic() - start))))
 
 
 def quiet_barrier(comm: Any, wait: bool = True) -> Any:
@@ -87,3 +118,28 @@ def quiet_barrier(comm: Any, wait: bool = True) -> Any:
         wait_quietly(req)
         return None
     return req
+
+
+SESSION_ENV = "HPCFL_RANK_SESSION"  # "own" (hpcfl launch sets it): each rank starts its own session
+
+
+def own_session() -> bool:
+    """Move this rank into a session of its own when ``HPCFL_RANK_SESSION=own`` (``hpcfl launch`` sets it, as
+    torchrun starts each worker in its own session); True when it did.
+
+    Why: Linux with ``sched_autogroup_enabled`` (the default of most distributions) shares the CPU fairly between
+    sessions, not processes. Open MPI starts every local rank in mpirun's session, so on a machine where other
+    sessions keep the cores busy, all the ranks of a job together got the CPU share of ONE process, where the
+    same number of torchrun workers got one share each (docs/benchmarks.md section 12.6). Without contention
+    from other sessions it changes nothing. The rank stays the leader of a process group of its own (mpirun's
+    signals reach it by pid as before); it loses no terminal, having none (its output goes through mpirun).
+    """
+    if os.environ.get(SESSION_ENV) != "own" or os.getsid(0) == os.getpid():
+        return False
+    try:
+        if os.getpgid(0) == os.getpid():  # a group leader (Open MPI makes each rank one) may not call setsid:
+            os.setpgid(0, os.getpgid(os.getppid()))  # join mpirun's group for a moment
+        os.setsid()
+    except OSError:  # another launcher's layout (a parent in another session): keep it
+        return False
+    return True

@@ -181,6 +181,9 @@ def launch(cfg: Config, config_path: Optional[str], overrides: Sequence[str] = (
         return 0
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    from ..comm import SESSION_ENV
+
+    env.setdefault(SESSION_ENV, "own")  # each rank its own scheduling group, as torchrun does (comm.own_session)
     from ..oom import OomCounters, killed_for_memory
 
     oom_before = OomCounters.now()  # the ranks run in this process's memory cgroup

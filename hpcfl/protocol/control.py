@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..comm import bcast_array, quiet_barrier
+from ..comm import bcast_array, bcast_chunk, quiet_barrier
 from ..errors import RankFailure
 from ..participation import DROPOUT, RETURNS, STRAGGLER, Plan
 from .message import Message, per_site
@@ -160,7 +160,7 @@ class ModelExchange:
         """(seconds receiving from rank 0, seconds broadcasting inside the slot)."""
         t = time.perf_counter()
         if fed is not None:
-            stager.receive(flat, lambda buf: fed.Bcast(buf, root=0))
+            stager.receive(flat, lambda buf: bcast_chunk(fed, buf, 0))
         t1 = time.perf_counter()
         backend.broadcast_(flat)
         return t1 - t, time.perf_counter() - t1

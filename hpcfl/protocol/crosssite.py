@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..comm import bcast_array
+from ..comm import bcast_array, bcast_chunk
 from .message import Message, per_site
 from .records import EvalRow, Packed, by_site
 
@@ -23,9 +23,9 @@ log = logging.getLogger("hpcfl")
 def bcast_flat(fed: Any, stager: Any, flat: Any, root: int) -> None:
     """Broadcast a (device) flat tensor over the federation communicator from ``root``."""
     if fed.Get_rank() == root:
-        stager.send(flat, lambda buf: fed.Bcast(buf, root=root))
+        stager.send(flat, lambda buf: bcast_chunk(fed, buf, root))
     else:
-        stager.receive(flat, lambda buf: fed.Bcast(buf, root=root))
+        stager.receive(flat, lambda buf: bcast_chunk(fed, buf, root))
 
 
 @dataclass

@@ -19,6 +19,9 @@ log = logging.getLogger("hpcfl")
 def run_rank(config_path: str, overrides: Sequence[str] = (), resume: bool = False, restart: bool = False,
              pin: Optional[str] = None) -> int:
     """Entry point of one rank. Returns 0, or ends the whole MPI job on failure."""
+    from ..comm import own_session
+
+    own_session()  # before MPI starts: hpcfl launch gives each rank its own scheduling group, as torchrun does
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD

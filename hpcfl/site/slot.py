@@ -26,7 +26,7 @@ from ..atomic import write_atomic
 from ..central import CentralEval
 from ..errors import CheckpointError
 from ..participation import NOT_SAMPLED, cross_site_sites, eval_sites
-from ..privacy.dp import l2_norm
+from ..privacy.dp import update_norm
 from ..privacy.filters import filter_update, upload_filters
 from ..protocol.control import ModelExchange, PlanExchange
 from ..protocol.kinds import make_kind
@@ -277,7 +277,7 @@ class SlotWorker:
     def _upload_site(self, site, row: TrainRow, ctl) -> None:
         """The site's filtered update d = w_local - w_global, added to this round's aggregation kind."""
         d = np.subtract(self.host_model(self.scratch), self.global_host, out=self.scratch)
-        norm = l2_norm(d)  # once: is it finite, and (no filters) the recorded update norm
+        norm = update_norm(d)  # once: is it finite, and (no filters) the recorded update norm
         row.finite = math.isfinite(norm)
         if not row.finite:
             return
