@@ -45,3 +45,45 @@ def test_a_session_leader_stays(monkeypatch):
     monkeypatch.setenv(SESSION_ENV, "own")
     monkeypatch.setattr(os, "getsid", lambda pid: os.getpid())
     assert own_session() is False
+
+
+class _FakeComm:
+    """Records which broadcast a rank used; its non-blocking request completes on the second Test."""
+
+    def __init__(self):
+        self.calls = []
+
+    def Bcast(self, buf, root=0):
+        self.calls.append(("Bcast", root))
+
+    def Ibcast(self, buf, root=0):
+        self.calls.append(("Ibcast", root))
+        comm = self
+
+        class Req:
+            tests = 0
+
+            def Test(self):
+                Req.tests += 1
+                comm.calls.append(("Test", Req.tests))
+                return Req.tests >= 2
+
+        return Req()
+
+
+def test_a_model_broadcast_waits_quietly_but_keeps_the_blocking_bcast_with_a_cuda_aware_mpi(monkeypatch):
+    """Host buffers: Ibcast completed by polling (a spinning Bcast took the CPU from the ranks it waited for);
+    a CUDA-aware MPI: the blocking Bcast (device buffers in non-blocking collectives are not documented)."""
+    import numpy as np
+
+    from hpcfl import comm as hcomm
+
+    monkeypatch.setattr(hcomm, "_cuda_aware", lambda: False)
+    fake = _FakeComm()
+    hcomm.bcast_chunk(fake, np.zeros(4, np.float32), root=0)
+    assert fake.calls == [("Ibcast", 0), ("Test", 1), ("Test", 2)]
+
+    monkeypatch.setattr(hcomm, "_cuda_aware", lambda: True)
+    fake = _FakeComm()
+    hcomm.bcast_chunk(fake, np.zeros(4, np.float32), root=0)
+    assert fake.calls == [("Bcast", 0)]
