@@ -85,6 +85,7 @@ class FlatModel:
                 if b is not None:
                     owners[_join(mod_name, bname)] = (mod, "_buffers", bname)
         trainable_set = set(names)
+        self._grads: List[Tuple[Any, Any]] = []  # (parameter, its view of ``grad``)
         with torch.no_grad():
             for e in self.entries:
                 t = state[e.name]
@@ -95,8 +96,35 @@ class FlatModel:
                     t.data = view
                     if e.name in trainable_set:
                         t.grad = self.grad[e.offset:e.offset + e.numel].view(e.shape)
+                        self._grads.append((t, t.grad))
                 else:
                     mod._buffers[key] = view
+
+    def release_grads(self) -> None:
+        """Before a backward pass: no gradient tensors, so that autograd hands each fresh gradient over
+        instead of adding it into a zeroed view. Zeroing and adding are four passes over the gradient
+        where :meth:`collect_grads` is two (one copy): ~1 ms of each step of a 1.6M-parameter CNN."""
+        for p, _ in self._grads:
+            p.grad = None
+
+    def collect_grads(self) -> None:
+        """After the backward pass: the gradients into ``grad`` (zeros for parameters the loss did not
+        reach), and each parameter's ``grad`` its view of it again."""
+        import torch
+
+        fresh, views = [], []
+        for p, view in self._grads:
+            g = p.grad
+            if g is None:
+                view.zero_()
+            elif g.is_sparse:  # an Embedding(sparse=True): densified, as adding it into the view did
+                view.copy_(g.to_dense())
+            elif g is not view:
+                fresh.append(g)
+                views.append(view)
+            p.grad = view
+        if fresh:
+            torch._foreach_copy_(views, fresh)
 
     @property
     def nbytes(self) -> int:

@@ -158,13 +158,14 @@ class SiteTrainer:
         the slot's ranks, unscaling (fp16), clipping, the step, the task's after-step; sums on the device."""
         module, task = self.model.module, self.task
         t1 = time.perf_counter()
-        self.optimizer.zero_grad()
+        self.model.release_grads()
         with self.precision.autocast():
             loss, stats = task.loss(module, batch, ctx)
         total_loss = loss
         if self.uses_penalty:
             total_loss = loss + self.strategy.local_penalty(self.trainable, self._anchors)
         self.precision.scale_loss(total_loss).backward()
+        self.model.collect_grads()
         t2 = time.perf_counter()
         self.backend.average_gradients_(self.model.grad)
         t3 = time.perf_counter()

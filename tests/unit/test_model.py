@@ -62,3 +62,38 @@ def test_cnn_and_factory_models(tmp_path, monkeypatch):
 def test_non_float32_models_are_refused():
     with pytest.raises(ConfigError, match="float64"):
         FlatModel(torch.nn.Linear(2, 2).double())
+
+
+class _TwoHeads(torch.nn.Module):
+    """A model whose second head the loss reaches only when asked: a parameter without a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+    def forward(self, x, both=True):
+        h = self.body(x)
+        return self.a(h) + (self.b(h) if both else 0.0)
+
+
+def test_collected_gradients_are_this_backward_only():
+    """release_grads + backward + collect_grads gives ``grad`` what torch computes for that one backward:
+    fresh values (not added to the last step's), zeros where the loss did not reach, the views re-attached."""
+    torch.manual_seed(0)
+    ref = _TwoHeads()
+    fm = FlatModel(_TwoHeads())
+    with torch.no_grad():
+        for p, q in zip(fm.module.parameters(), ref.parameters()):
+            p.copy_(q)
+    x = torch.randn(5, 4)
+    for both in (True, False, True):
+        fm.release_grads()
+        fm.module(x, both).pow(2).sum().backward()
+        fm.collect_grads()
+        ref.zero_grad(set_to_none=True)
+        ref(x, both).pow(2).sum().backward()
+        want = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1)
+                          for q in ref.parameters()])
+        assert torch.equal(fm.grad, want)
+        for p, (start, stop) in zip(fm.module.parameters(), ((e.offset, e.offset + e.numel) for e in fm.entries)):
+            assert p.grad.data_ptr() == fm.grad[start:stop].data_ptr()  # the views again, not the fresh tensors
