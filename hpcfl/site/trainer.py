@@ -77,6 +77,13 @@ class SiteTrainer:
         self.optimizer = FlatOptimizer(self.model.flat[:self.model.num_trainable], self.model.grad, t.optimizer,
                                        lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.precision = Precision(t.precision, device)
+        # Plain SGD on the CPU with nothing between the backward pass and the step that needs the flat gradient
+        # (one rank: no averaging; no clipping; no fp16 unscaling): the step reads autograd's gradients as they
+        # are (FlatOptimizer.sgd_from), which saves copying them into it: ~6% of a step of pfl's CNN.
+        self.direct_sgd = (device.type == "cpu" and t.optimizer == "sgd" and backend.size == 1
+                           and not t.grad_clip and not self.precision.scaled)
+        self._views = self.model.views()
+        self._slices = [(e.offset, e.numel, e.shape) for e in self.model.entries[:len(self._views)]]
         self.channels_last = t.channels_last and len(spec.input_shape) == 3
         if device.type == "cuda":  # pragma: no cover - needs a GPU
             torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
@@ -165,14 +172,19 @@ class SiteTrainer:
         if self.uses_penalty:
             total_loss = loss + self.strategy.local_penalty(self.trainable, self._anchors)
         self.precision.scale_loss(total_loss).backward()
-        self.model.collect_grads()
+        fresh = self.model.fresh_grads() if self.direct_sgd else None
         t2 = time.perf_counter()
-        self.backend.average_gradients_(self.model.grad)
-        t3 = time.perf_counter()
-        found_inf = self.precision.unscale_(self.model.grad)  # fp16: a device flag, never read on the host here
-        if self.cfg.train.grad_clip:
-            clip_grad_norm_(self.model.grad, self.cfg.train.grad_clip)
-        self.optimizer.step(found_inf)  # skipped on the device when found_inf is set
+        if fresh is not None:
+            t3 = t2
+            self.optimizer.sgd_from(self._views, fresh, self._slices)
+        else:
+            self.model.collect_grads()
+            self.backend.average_gradients_(self.model.grad)
+            t3 = time.perf_counter()
+            found_inf = self.precision.unscale_(self.model.grad)  # fp16: a device flag, never read on the host here
+            if self.cfg.train.grad_clip:
+                clip_grad_norm_(self.model.grad, self.cfg.train.grad_clip)
+            self.optimizer.step(found_inf)  # skipped on the device when found_inf is set
         task.after_step(module, ctx)
         t4 = time.perf_counter()
         n = int(batch[0].shape[0])
