@@ -79,7 +79,7 @@ class SiteTrainer:
         self.precision = Precision(t.precision, device)
         # Plain SGD on the CPU with nothing between the backward pass and the step that needs the flat gradient
         # (one rank: no averaging; no clipping; no fp16 unscaling): the step reads autograd's gradients as they
-        # are (FlatOptimizer.sgd_from), which saves copying them into it: ~6% of a step of pfl's CNN.
+        # are (FlatOptimizer.sgd_from), which saves copying them into it (docs/benchmarks.md 12.10).
         self.direct_sgd = (device.type == "cpu" and t.optimizer == "sgd" and backend.size == 1
                            and not t.grad_clip and not self.precision.scaled)
         self._views = self.model.views()
@@ -177,6 +177,8 @@ class SiteTrainer:
         if fresh is not None:
             t3 = t2
             self.optimizer.sgd_from(self._views, fresh, self._slices)
+            del fresh
+            self.model.release_grads()  # freed now, not held across the next forward pass
         else:
             self.model.collect_grads()
             self.backend.average_gradients_(self.model.grad)

@@ -116,3 +116,11 @@ def test_the_trainer_takes_the_direct_step_only_where_nothing_else_needs_the_fla
     fast.optimizer.sgd_from = lambda *a: calls.append(a)  # the direct path is the one that ran
     fast.train_round(Site, 0, 3, settings, Data())
     assert len(calls) == 6
+
+
+def test_the_direct_step_frees_autograds_gradients_at_once():
+    """The gradients a direct step read are dropped right after it, not kept until the next backward pass
+    (held across the forward pass they moved where the heap's large blocks fall: docs/benchmarks.md 12.10)."""
+    tr = trainer()
+    tr.train_round(Site, 0, 1, SiteSettings(lr=0.05, batch_size=4, epochs=1, steps=None), Data())
+    assert all(p.grad is None for p in tr.model.views())
