@@ -128,18 +128,6 @@ class FlatModel:
         if fresh:
             torch._foreach_copy_(views, fresh)
 
-    def fresh_grads(self) -> Optional[List[Any]]:
-        """After a backward pass that followed :meth:`release_grads`: the gradient autograd handed over for
-        each trainable parameter, in layout order; None when one got none (or a sparse one), which
-        :meth:`collect_grads` must then fill in. ``grad`` is not written."""
-        out = []
-        for p, _ in self._grads:
-            g = p.grad
-            if g is None or g.is_sparse:
-                return None
-            out.append(g)
-        return out
-
     def views(self) -> List[Any]:
         """The trainable parameters, in layout order (each a view of ``flat``)."""
         return [p for p, _ in self._grads]

@@ -98,11 +98,18 @@ class FlatOptimizer:
         self.steps += 1
 
     def sgd_from(self, params: List[Any], grads: List[Any], slices: List[Any]) -> None:
-        """SGD's step (:meth:`_sgd`'s arithmetic, element by element) from per-parameter gradients, without
-        gathering them into the flat gradient first: one pass over the gradient less per step. ``params``:
-        views of ``param``; ``slices``: their ``(offset, numel, shape)`` in it (the momentum buffer's views).
-        For the CPU only: there torch's foreach ops run the single-tensor kernels tensor by tensor (tested
-        bit-identical to :meth:`_sgd`); CUDA's fused foreach kernels are not assumed to round the same."""
+        """A whole SGD step from per-parameter gradients: :meth:`sgd_part` over every parameter, then
+        :meth:`finish_sgd`."""
+        self.sgd_part(params, grads, slices)
+        self.finish_sgd()
+
+    def sgd_part(self, params: List[Any], grads: List[Any], slices: List[Any]) -> None:
+        """Some parameters' share of an SGD step (:meth:`_sgd`'s arithmetic, element by element) from their
+        own gradients, without gathering them into the flat gradient: the trainer steps each parameter as
+        soon as autograd has its gradient. ``params``: views of ``param``; ``slices``: their ``(offset, numel,
+        shape)`` in it (the momentum buffer's views). For the CPU only: there torch's foreach ops run the
+        single-tensor kernels tensor by tensor (tested bit-identical to :meth:`_sgd`); CUDA's fused foreach
+        kernels are not assumed to round the same."""
         import torch
 
         with torch.no_grad():
@@ -115,12 +122,16 @@ class FlatOptimizer:
                 bufs = [self._buf[o:o + n].view(shape) for o, n, shape in slices]
                 if self._fresh:
                     torch._foreach_copy_(bufs, d)
-                    self._fresh = False
                 else:
                     torch._foreach_mul_(bufs, self.momentum)
                     torch._foreach_add_(bufs, d, alpha=1)
                 d = bufs
             torch._foreach_add_(params, d, alpha=-self.lr)
+
+    def finish_sgd(self) -> None:
+        """The step is complete: every parameter had its :meth:`sgd_part`."""
+        if self.momentum != 0:
+            self._fresh = False
         self.steps += 1
 
     # torch.optim.adam._single_tensor_adam (not capturable, not differentiable, no amsgrad); ``step``: the step

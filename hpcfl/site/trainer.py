@@ -55,6 +55,9 @@ class SiteSettings:
                    epochs=epochs, steps=steps)
 
 
+IN_BACKWARD_MIN = 1 << 20  # trainable entries from which direct SGD steps inside the backward pass (4 MiB)
+
+
 def round_seed(seed: int, round_: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, 23, round_, rank]).generate_state(1)[0])
 
@@ -84,6 +87,14 @@ class SiteTrainer:
                            and not t.grad_clip and not self.precision.scaled)
         self._views = self.model.views()
         self._slices = [(e.offset, e.numel, e.shape) for e in self.model.entries[:len(self._views)]]
+        self._stepping, self._stepped = False, [False] * len(self._views)
+        # Large models step each parameter inside the backward pass, freeing its gradient there; small ones
+        # (where a Python hook per parameter would cost more than the memory it saves) step after it.
+        self.in_backward = self.direct_sgd and self.model.num_trainable >= IN_BACKWARD_MIN
+        if self.in_backward:
+            index = {id(p): i for i, p in enumerate(self._views)}
+            for p in self._views:
+                p.register_post_accumulate_grad_hook(lambda p, i=index[id(p)]: self._grad_ready(p, i))
         self.channels_last = t.channels_last and len(spec.input_shape) == 3
         if device.type == "cuda":  # pragma: no cover - needs a GPU
             torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark)
@@ -171,15 +182,12 @@ class SiteTrainer:
         total_loss = loss
         if self.uses_penalty:
             total_loss = loss + self.strategy.local_penalty(self.trainable, self._anchors)
-        self.precision.scale_loss(total_loss).backward()
-        fresh = self.model.fresh_grads() if self.direct_sgd else None
-        t2 = time.perf_counter()
-        if fresh is not None:
-            t3 = t2
-            self.optimizer.sgd_from(self._views, fresh, self._slices)
-            del fresh
-            self.model.release_grads()  # freed now, not held across the next forward pass
+        if self.direct_sgd:
+            self._direct_backward(self.precision.scale_loss(total_loss))
+            t2 = t3 = time.perf_counter()
         else:
+            self.precision.scale_loss(total_loss).backward()
+            t2 = time.perf_counter()
             self.model.collect_grads()
             self.backend.average_gradients_(self.model.grad)
             t3 = time.perf_counter()
@@ -198,6 +206,41 @@ class SiteTrainer:
             sums[k] = val if k not in sums else sums[k] + val
         st.samples += n
         st.steps += 1
+
+    def _grad_ready(self, p, i: int) -> None:
+        """Direct SGD: parameter ``i``'s step as soon as autograd has its gradient, which is freed at once (torch's
+        optimizer-in-backward pattern). Adding it into the flat gradient took four passes over it; holding every
+        gradient until the backward pass ended made glibc keep more heap (docs/benchmarks.md 12.10)."""
+        if not self._stepping:  # a backward pass outside a training step (none in hpcfl): left as it is
+            return
+        g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+        self.optimizer.sgd_part([p], [g], [self._slices[i]])
+        p.grad = None
+        self._stepped[i] = True
+
+    def _direct_backward(self, loss) -> None:
+        """The backward pass with each parameter's step inside it (large models) or after it; then the step of
+        the parameters the loss did not reach (a zero gradient still moves them under weight decay, as the flat
+        step does)."""
+        self._stepping = self.in_backward
+        try:
+            loss.backward()
+        finally:
+            self._stepping = False
+        opt, torch = self.optimizer, self.torch
+        if not self.in_backward:
+            reached = [i for i, p in enumerate(self._views) if p.grad is not None]
+            grads = [self._views[i].grad for i in reached]
+            opt.sgd_part([self._views[i] for i in reached], [g.to_dense() if g.is_sparse else g for g in grads],
+                         [self._slices[i] for i in reached])
+            for i in reached:
+                self._stepped[i] = True
+            self.model.release_grads()
+        for i, p in enumerate(self._views):
+            if not self._stepped[i] and (opt.momentum != 0 or opt.weight_decay != 0):
+                opt.sgd_part([p], [torch.zeros_like(p)], [self._slices[i]])
+            self._stepped[i] = False
+        opt.finish_sgd()
 
     def evaluate_many(self, sites, round_: int, settings: SiteSettings, datas) -> List[np.ndarray]:
         """The current model on the data of several sites (their models are the same): one vector per

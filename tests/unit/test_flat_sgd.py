@@ -8,6 +8,7 @@ from hpcfl.config import from_dict
 from hpcfl.model import FlatModel
 from hpcfl.site import SoloBackend
 from hpcfl.site.optim import FlatOptimizer
+from hpcfl.site import trainer as trainer_mod
 from hpcfl.site.trainer import SiteSettings, SiteTrainer
 from hpcfl.tasks import DataSpec
 from hpcfl.tasks.classify import ClassifyTask
@@ -56,8 +57,7 @@ def test_sgd_from_gradients_is_the_flat_step(momentum, wd):
         for x, y in batches():
             a.release_grads()
             F.cross_entropy(a.module(x), y).backward()
-            fresh = a.fresh_grads()
-            assert fresh is None  # the spare head got no gradient: the trainer takes the flat step then
+            assert a.module.spare.weight.grad is None  # the spare head got no gradient: zeros in the flat one
             a.collect_grads()
             oa.step()
             b.release_grads()
@@ -81,8 +81,7 @@ def trainer(**train):
 
 def factory(num_features, num_classes, **_):
     torch.manual_seed(0)
-    net = Net()
-    del net.spare  # a classifier the trainer drives: every parameter gets a gradient
+    net = Net()  # its spare head is never reached: weight decay still moves it, as the flat step does
     net.forward = lambda x: net.out(torch.relu(net.fc(torch.relu(net.conv(x)).flatten(1))))
     return net
 
@@ -101,26 +100,48 @@ class Site:
     name, index = "a", 0
 
 
-def test_the_trainer_takes_the_direct_step_only_where_nothing_else_needs_the_flat_gradient():
+@pytest.mark.parametrize("in_backward", [False, True])
+@pytest.mark.parametrize("momentum,wd", [(0.9, 0.0), (0.0, 0.0), (0.9, 1e-3)])
+def test_the_trainer_takes_the_direct_step_only_where_nothing_else_needs_the_flat_gradient(momentum, wd, in_backward,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(trainer_mod, "IN_BACKWARD_MIN", 0 if in_backward else 1 << 40)
     assert trainer().direct_sgd
     assert not trainer(grad_clip=1.0).direct_sgd
     assert not trainer(optimizer="adam").direct_sgd
-    fast, slow = trainer(), trainer()
+    fast, slow = trainer(momentum=momentum, weight_decay=wd), trainer(momentum=momentum, weight_decay=wd)
+    assert fast.in_backward == in_backward
     slow.direct_sgd = False
     settings = SiteSettings(lr=0.05, batch_size=4, epochs=1, steps=None)
+    spare = fast.model.module.spare.weight.detach().clone()
     for r in (1, 2):
         fast.train_round(Site, 0, r, settings, Data())
         slow.train_round(Site, 0, r, settings, Data())
         assert torch.equal(fast.model.flat, slow.model.flat)
-    calls = []
-    fast.optimizer.sgd_from = lambda *a: calls.append(a)  # the direct path is the one that ran
+    assert torch.equal(fast.model.module.spare.weight, spare) == (wd == 0)  # only weight decay moves it
+    parts, ends = [], []
+    fast.optimizer.sgd_part = lambda ps, *a: parts.append(len(ps))  # the direct path is the one that ran
+    fast.optimizer.finish_sgd = lambda: ends.append(1)
     fast.train_round(Site, 0, 3, settings, Data())
-    assert len(calls) == 6
+    assert len(ends) == 6 and sum(parts) == 6 * (6 + 2 * (momentum != 0 or wd != 0))
+    assert len(parts) == 6 * ((6 if in_backward else 1) + 2 * (momentum != 0 or wd != 0))  # per parameter, or one
 
 
-def test_the_direct_step_frees_autograds_gradients_at_once():
-    """The gradients a direct step read are dropped right after it, not kept until the next backward pass
-    (held across the forward pass they moved where the heap's large blocks fall: docs/benchmarks.md 12.10)."""
+def test_the_direct_step_frees_autograds_gradients_at_once(monkeypatch):
+    """In a large model each gradient a direct step read is dropped inside the backward pass, where autograd
+    used to free it after adding it into the flat gradient (kept until the pass ended, they grew the heap)."""
+    monkeypatch.setattr(trainer_mod, "IN_BACKWARD_MIN", 0)
     tr = trainer()
+    seen = []
+    real = tr.optimizer.sgd_part
+    tr.optimizer.sgd_part = lambda ps, gs, sl: (seen.append(sum(p.grad is not None for p in tr.model.views())),
+                                                real(ps, gs, sl))
+    tr.train_round(Site, 0, 1, SiteSettings(lr=0.05, batch_size=4, epochs=1, steps=None), Data())
+    assert all(p.grad is None for p in tr.model.views())
+    assert seen[:6] == [1, 1, 1, 1, 1, 1]  # at most the one being stepped is held, never all of them
+
+
+def test_a_small_model_steps_after_the_backward_pass_and_frees_the_gradients_then():
+    tr = trainer()
+    assert not tr.in_backward  # under IN_BACKWARD_MIN entries: a hook per parameter would cost more than it saves
     tr.train_round(Site, 0, 1, SiteSettings(lr=0.05, batch_size=4, epochs=1, steps=None), Data())
     assert all(p.grad is None for p in tr.model.views())
