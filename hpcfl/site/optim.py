@@ -40,9 +40,6 @@ class FlatOptimizer:
         self.steps = 0
         self._fresh = True
 
-    def zero_grad(self) -> None:
-        self.grad.zero_()
-
     def step(self, found_inf: Optional[Any] = None) -> None:
         """One step. ``found_inf`` (fp16's 0-dim device tensor, non-zero when the gradient held inf/NaN): the
         step is applied or skipped ON THE DEVICE, as GradScaler skips it but without reading the flag on the
@@ -96,12 +93,6 @@ class FlatOptimizer:
             d = self._buf
         p.add_(d, alpha=-self.lr)
         self.steps += 1
-
-    def sgd_from(self, params: List[Any], grads: List[Any], slices: List[Any]) -> None:
-        """A whole SGD step from per-parameter gradients: :meth:`sgd_part` over every parameter, then
-        :meth:`finish_sgd`."""
-        self.sgd_part(params, grads, slices)
-        self.finish_sgd()
 
     def sgd_part(self, params: List[Any], grads: List[Any], slices: List[Any]) -> None:
         """Some parameters' share of an SGD step (:meth:`_sgd`'s arithmetic, element by element) from their

@@ -82,7 +82,7 @@ class SiteTrainer:
         self.precision = Precision(t.precision, device)
         # Plain SGD on the CPU with nothing between the backward pass and the step that needs the flat gradient
         # (one rank: no averaging; no clipping; no fp16 unscaling): the step reads autograd's gradients as they
-        # are (FlatOptimizer.sgd_from), which saves copying them into it (docs/benchmarks.md 12.10).
+        # are (FlatOptimizer.sgd_part), which saves copying them into it (docs/benchmarks.md 12.10).
         self.direct_sgd = (device.type == "cpu" and t.optimizer == "sgd" and backend.size == 1
                            and not t.grad_clip and not self.precision.scaled)
         self._views = self.model.views()

@@ -1,4 +1,4 @@
-"""SGD straight from autograd's gradients (FlatOptimizer.sgd_from, the trainer's CPU fast path) against the
+"""SGD straight from autograd's gradients (FlatOptimizer.sgd_part, the trainer's CPU fast path) against the
 flat step it replaces and torch.optim.SGD: the same bits, step after step, round after round."""
 import pytest
 import torch
@@ -65,7 +65,8 @@ def test_sgd_from_gradients_is_the_flat_step(momentum, wd):
             F.cross_entropy(b.module(x), y).backward()
             b.module.spare.requires_grad_(True)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.views()]
-            ob.sgd_from(b.views(), grads, slices)  # ... the spare one's zeros passed as a tensor
+            ob.sgd_part(b.views(), grads, slices)  # ... the spare one's zeros passed as a tensor
+            ob.finish_sgd()
             opt.zero_grad(set_to_none=False)
             F.cross_entropy(ref(x), y).backward()
             opt.step()
