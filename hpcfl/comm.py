@@ -93,6 +93,67 @@ def reduce_sum_array(comm: Any, send: Optional[np.ndarray], recv: Optional[np.nd
             comm.Reduce(send[s:e], None, op=MPI.SUM, root=root)
 
 
+class SharedModels:
+    """Rank 0's global model and every slot leader's sum of weighted updates in ONE MPI shared-memory window
+    (``MPI_Win_allocate_shared``), where every federation rank runs on one node (``launch.shared_memory``).
+
+    Why: through the Reduce and the Bcast a model crosses MPI's shared-memory transport in fragments, copied in
+    by the sender and out by the receiver, while the other ranks wait; at 10-25M parameters those were most of
+    a round's overhead (docs/benchmarks.md 12.7, 12.11). Here a slot writes its sum where rank 0 reads it, and
+    rank 0's weights ARE what the slots copy from: one pass each, no MPI fragments. Segment r belongs to
+    federation rank r (0: the global model; a leader: its sum). The MPI-3 unified model's idiom orders the
+    accesses: ``Sync``, a barrier (waited for quietly, as every long wait here), ``Sync`` (:meth:`publish`).
+    """
+
+    def __init__(self, fed: Any, n: int):
+        from mpi4py import MPI
+
+        self.fed, self.n = fed, n
+        self.win = MPI.Win.Allocate_shared(n * 4, 4, comm=fed)
+        self.segs = [np.frombuffer(self.win.Shared_query(r)[0], np.float32, count=n) for r in range(fed.Get_size())]
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+
+    @property
+    def mine(self) -> np.ndarray:
+        return self.segs[self.fed.Get_rank()]
+
+    def publish(self) -> None:
+        """Every rank's writes before this point are visible to every rank after it (all ranks call it)."""
+        self.win.Sync()
+        quiet_barrier(self.fed)
+        self.win.Sync()
+
+    def close(self) -> None:
+        self.segs = []
+        self.win.Unlock_all()
+        self.win.Free()
+
+
+def one_node(comm: Any) -> bool:
+    """Whether every rank of ``comm`` runs on this node (collective)."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_size() == comm.Get_size()
+    finally:
+        node.Free()
+
+
+def shm_room(nbytes: int) -> Optional[str]:
+    """Why ``nbytes`` of shared memory cannot be had on this node (None: they can): Open MPI backs windows with
+    a file in ``osc_sm_backing_directory`` (/dev/shm); a tmpfs too small for it would fail mid-run (SIGBUS)."""
+    where = os.environ.get("OMPI_MCA_osc_sm_backing_directory", "/dev/shm")
+    try:
+        st = os.statvfs(where)
+    except OSError as exc:
+        return f"{where}: {exc.strerror}"
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes + (64 << 20):
+        return f"{where} has {free >> 20} MiB free, the models need {nbytes >> 20} MiB"
+    return None
+
+
 def wait_quietly(req: Any, max_sleep: float = 0.001, patience: float = 0.01, longest: float = 0.02) -> None:
     """Complete a non-blocking MPI request by polling with short sleeps.
 

@@ -211,6 +211,7 @@ class LaunchConfig:
     mpirun_args: Tuple[str, ...] = _f((), help="extra mpirun arguments (argv list)")
     chunk_mb: int = _f(8, help="largest MPI message in MiB: models move in chunks of this size, which bounds the reduction buffers MPI allocates at rank 0", min=1, max=1024)
     slots: int = _f(0, help="process groups that simulate the sites (each trains its sites in turn); 0 = one per site where this machine (or cluster) has a core or GPU per rank, else as many as fit", min=0)
+    shared_memory: bool = _f(True, help="where rank 0 and every slot leader (up to 16 slots) run on one node, a mean-based strategy's sums and the global model move through one MPI shared-memory window (each written once, read in place) instead of MPI's Reduce and Bcast (summary.json's shared_memory says whether they did); false: always MPI messages. Secure aggregation and the coordinate/select strategies keep MPI")
     assign: Literal["static", "balanced"] = _f("static", help="which slot trains a site: static (each slot a fixed run of sites), or balanced (each round, rank 0 deals the sampled sites to the slots by estimated work, samples x local steps, longest first: with cohort sampling a slot no longer waits on its own unlucky draw); balanced needs sites of one rank count, a mean-based strategy and no private entries")
 
 

@@ -150,16 +150,23 @@ class ModelExchange:
     """The global model: rank 0 -> leaders (MPI, chunked; staged to the device), then inside every slot."""
 
     @staticmethod
-    def server(fed: Any, weights: np.ndarray, chunk_mb: int) -> float:
+    def server(fed: Any, weights: np.ndarray, chunk_mb: int, window: Any = None) -> float:
+        """``window`` (shared memory: the weights live in it): the leaders copy them from there."""
         t = time.perf_counter()
-        bcast_array(fed, weights, chunk_mb=chunk_mb)
+        if window is not None:
+            window.publish()
+        else:
+            bcast_array(fed, weights, chunk_mb=chunk_mb)
         return time.perf_counter() - t
 
     @staticmethod
-    def slot(fed: Optional[Any], stager: Any, flat: Any, backend: Any) -> tuple:
+    def slot(fed: Optional[Any], stager: Any, flat: Any, backend: Any, window: Any = None) -> tuple:
         """(seconds receiving from rank 0, seconds broadcasting inside the slot)."""
         t = time.perf_counter()
-        if fed is not None:
+        if fed is not None and window is not None:
+            window.publish()
+            stager.from_host(window.segs[0], flat)
+        elif fed is not None:
             stager.receive(flat, lambda buf: bcast_chunk(fed, buf, 0))
         t1 = time.perf_counter()
         backend.broadcast_(flat)

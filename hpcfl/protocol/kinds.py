@@ -16,7 +16,7 @@ decorated with :func:`register` in one module, and a strategy whose ``kind`` nam
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 
 import numpy as np
 
@@ -38,11 +38,22 @@ class Kind:
     """Both halves of one way of aggregating; built by :meth:`build` from the launch's settings."""
 
     name = "base"
+    fuses = False  # has add_difference: a site's update taken, weighted and added in one pass (no filters)
 
     def __init__(self, size: int, chunk_mb: int, k: int, slot_sites: Sequence[Sequence[int]], names: Sequence[str]):
         self.size, self.chunk_mb, self.k = size, chunk_mb, k
         self.slot_sites = [list(s) for s in slot_sites]  # every slot's sites, in slot order
         self.names = list(names)
+        self.window: Any = None  # hpcfl.comm.SharedModels where the kind moves models through shared memory
+
+    # -- both halves -----------------------------------------------------------------------------------
+    def share(self, fed: Any, weights: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """After start-up, on rank 0 and every leader: set up shared memory if the kind uses it (returns rank
+        0's weights, moved there; None: nothing moved)."""
+        return None
+
+    def close(self) -> None:
+        """End of the run, on rank 0 and every leader."""
 
     @classmethod
     def build(cls, cfg: Any, strategy: Any, size: int, topology: Any) -> "Kind":
@@ -65,6 +76,14 @@ class Kind:
         """The aggregated update into ``acc``; returns what the round's record says about it."""
         raise NotImplementedError
 
+    def update(self, fed: Any, strategy: Any, back: np.ndarray, num_train: np.ndarray, acc: np.ndarray,
+               weights: np.ndarray, r: int, rows: Dict[int, Any]) -> Dict[str, Any]:
+        """Round ``r``'s new global model, in place in ``weights``: :meth:`aggregate`, then the strategy's
+        ``finalize`` (a kind may do both in one pass where the strategy is plain)."""
+        info = self.aggregate(fed, strategy, back, num_train, acc, rows)
+        strategy.finalize(acc, weights, r)
+        return info
+
 
 def mean_of_sum(strategy: Any, acc: np.ndarray, back: np.ndarray, keep: np.ndarray, num_train: np.ndarray,
                 rows: Dict[int, Any]) -> Dict[str, Any]:
@@ -73,9 +92,21 @@ def mean_of_sum(strategy: Any, acc: np.ndarray, back: np.ndarray, keep: np.ndarr
     from ..aggregation import fedavg
 
     info = strategy.on_sum(acc, back, rows)
-    total = float(sum(strategy.upload_weight(num_train[i]) for i in np.flatnonzero(keep)))
-    fedavg.finalize(acc, total, out=acc)
+    fedavg.finalize(acc, total_weight(strategy, keep, num_train), out=acc)
     return info
+
+
+def total_weight(strategy: Any, keep: np.ndarray, num_train: np.ndarray) -> float:
+    """The sum of the weights the ``keep`` sites' updates carry (what the sum is divided by)."""
+    return float(sum(strategy.upload_weight(num_train[i]) for i in np.flatnonzero(keep)))
+
+
+def plain_mean(strategy: Any) -> bool:
+    """Whether the rule is ``weights += sum / total`` and nothing else (FedAvg, FedProx: no privacy wrapper
+    seeing the sum, no server optimizer), so a kind may fuse the three passes into one."""
+    from ..aggregation.strategies import Strategy
+
+    return type(strategy).finalize is Strategy.finalize and type(strategy).on_sum is Strategy.on_sum
 
 
 def make_kind(cfg: Any, strategy: Any, size: int, topology: Any) -> Kind:
@@ -89,4 +120,4 @@ def make_kind(cfg: Any, strategy: Any, size: int, topology: Any) -> Kind:
     return cls.build(cfg, strategy, size, topology)
 
 
-__all__: List[str] = ["KINDS", "Kind", "make_kind", "mean_of_sum", "register"]
+__all__: List[str] = ["KINDS", "Kind", "make_kind", "mean_of_sum", "plain_mean", "register", "total_weight"]

@@ -115,6 +115,7 @@ class SlotRound:
     evals: List[Any] = field(default_factory=list)  # EvalRows of the global model on this slot's sites
     central: Any = None  # eval.central_fraction: this slot's sums
     cross_site: Optional[Callable[[], Any]] = None  # what the slot lends cross-site evaluation (CrossSiteSlot)
+    window: Any = None  # the leader's hpcfl.comm.SharedModels (launch.shared_memory), else None
     extra: Dict[str, Any] = field(default_factory=dict)  # what an exchange keeps between points of the round
 
 
@@ -154,11 +155,11 @@ class GlobalModel(RoundExchange):
 
     @staticmethod
     def server(s: ServerRound) -> None:
-        ModelExchange.server(s.fed, s.model.weights, s.cfg.launch.chunk_mb)
+        ModelExchange.server(s.fed, s.model.weights, s.cfg.launch.chunk_mb, s.model.window)
 
     @staticmethod
     def slot(s: SlotRound) -> None:
-        s.times.recv_s, s.times.site_bcast_s = ModelExchange.slot(s.fed, s.stager, s.flat, s.backend)
+        s.times.recv_s, s.times.site_bcast_s = ModelExchange.slot(s.fed, s.stager, s.flat, s.backend, s.window)
 
 
 class EvalReports(RoundExchange):

@@ -176,6 +176,9 @@ class Aggregator:
         self.model = GlobalModel(start.entries, start.weights)
         self.sites = SiteStats.of(self.cfg, start.sites, self.k)
         self.kind = make_kind(self.cfg, self.strategy, self.model.weights.size, self.topology)
+        moved = self.kind.share(self.comms.federation, self.model.weights)
+        if moved is not None:  # launch.shared_memory: the slots copy the global model from where it lives
+            self.model.weights, self.model.window = moved, self.kind.window
 
     # -- the per-round plan ---------------------------------------------------------------------------
     def stop_requested(self) -> bool:
@@ -213,9 +216,8 @@ class Aggregator:
     def _aggregate(self, r: int, back: np.ndarray, train) -> Dict[str, Any]:
         """Update self.weights from the uploads; returns what the round record says about it."""
         m = self.model
-        info = self.kind.aggregate(self.comms.federation, self.strategy, back, self.sites.num_train, m.acc, train)
-        self.strategy.finalize(m.acc, m.weights, r)
-        return info
+        return self.kind.update(self.comms.federation, self.strategy, back, self.sites.num_train, m.acc, m.weights,
+                                r, train)
 
     # -- the loop -------------------------------------------------------------------------------------
     def _phase(self, what: str, r: int) -> None:
@@ -227,14 +229,19 @@ class Aggregator:
         self.heartbeat = heartbeat
         self._initial_model()
         self._t_prev = time.perf_counter()
-        ModelExchange.server(fed, self.model.weights, cfg.launch.chunk_mb)  # initial (or resumed) global model
+        ModelExchange.server(fed, self.model.weights, cfg.launch.chunk_mb, self.model.window)  # initial (or resumed)
         ctl = self.send_plan(self.start_round)
         try:
             stopped_after, last = self._rounds(ctl, progress)
         except BaseException:
             self.writes.finish_quietly()  # a complete checkpoint of the round before, for the resume
             raise
+        shared = self.model.window is not None
+        if shared:  # the window goes with the run: the weights stay readable
+            self.model.weights, self.model.window = self.model.weights.copy(), None
+        self.kind.close()
         out = progress.finish(last)
+        out["shared_memory"] = shared  # launch.shared_memory: whether the models moved through it
         if stopped_after is not None:
             out["stopped_after_round"] = stopped_after
             self.rundir.stop_file.unlink(missing_ok=True)

@@ -38,6 +38,7 @@ class GlobalModel:
         self.entries, self.weights = entries, weights
         self.signature = layout_signature(entries)
         self.acc = np.zeros_like(weights)
+        self.window: Any = None  # hpcfl.comm.SharedModels when the weights live in it (launch.shared_memory)
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Views by name, not copies: serialise them before the next aggregation changes the weights."""

@@ -178,6 +178,8 @@ class SlotWorker:
         self.mine_idx = np.asarray(self.mine, np.int64)
         self.balanced = cfg.launch.assign == "balanced"
         self.final_round: Dict[int, int] = {}  # site -> the round of its model in final_local
+        self.flat_is_global = False  # the slot's model holds the round's global model, untouched since it came
+        self.global_shared = False  # global_ IS rank 0's weights in the shared window (launch.shared_memory, CPU)
         if self.balanced and self.private:
             from ..errors import ConfigError
 
@@ -217,13 +219,37 @@ class SlotWorker:
         if fed is not None:
             run_slot(SlotStart(fed, self.cfg, self.role.slot.index, tr.model, lambda: self.host_model(self.scratch),
                                lambda: [self._info(s) for s in self.sites], self.kind, self.mine, salt))
-        ModelExchange.slot(fed, self.stager, tr.model.flat, tr.backend)
-        self.global_.copy_(tr.model.flat)
+            self.kind.share(fed)  # launch.shared_memory: the sums and the global model through shared memory
+            self._global_in_window()
+        ModelExchange.slot(fed, self.stager, tr.model.flat, tr.backend, self.window)
+        if not self.global_shared:
+            self.global_.copy_(tr.model.flat)
+        self.flat_is_global = not self.private
         if self.private:  # every site starts from the seeded model's private entries (or its saved ones)
             for i in self.mine:
                 self.private.grab(i, tr.model.flat)
             if self.start_round > 1:
                 self.private.load({i: self.topology.sites[i].name for i in self.mine}, self.start_round - 1)
+
+    def _global_in_window(self) -> None:
+        """Shared memory: the round's global model is read where rank 0 keeps it (it changes it only after every
+        slot has uploaded, and only reads it after the last round), so the leader holds no copy of its own."""
+        if self.window is None:
+            return
+        self.global_host = self.window.segs[0]
+        if self.trainer.model.array is not None:  # on the CPU the device copy is the same memory
+            self.global_ = self.trainer.torch.from_numpy(self.global_host)
+            self.global_shared = True
+
+    def _close(self) -> None:
+        """End of the run: the global model leaves the shared window before it goes."""
+        if self.global_shared:
+            self.global_, self.global_shared = self.global_.clone(), False
+            self.global_host = self.global_.numpy()
+        elif self.window is not None:  # a GPU leader: its host copy was rank 0's segment
+            self.global_host = self.global_host.copy()
+        if self.kind is not None:
+            self.kind.close()
 
     def _key_salt(self) -> Optional[bytes]:
         """balanced + secure aggregation: any slot may train any site, so a site's key pair is derived from a
@@ -244,7 +270,9 @@ class SlotWorker:
     def _train_site(self, site, r: int, ctl) -> TrainRow:
         cfg, tr, st = self.cfg, self.trainer, self.states[site]
         flat = tr.model.flat
-        flat.copy_(self.global_)
+        if not self.flat_is_global:  # the round's first site starts from the model just received: no copy
+            flat.copy_(self.global_)
+        self.flat_is_global = False
         self.private.restore(site.index, tr.model.flat)
         self._phase("train", r, site.name)
         stats = tr.train_round(site, st.rank.rank, r, st.settings, st.data)
@@ -274,9 +302,22 @@ class SlotWorker:
             self._upload_site(site, row, ctl)
         return row
 
+    @property
+    def window(self):
+        """The leader's shared-memory window (launch.shared_memory), else None."""
+        return self.kind.window if self.kind is not None else None
+
     def _upload_site(self, site, row: TrainRow, ctl) -> None:
         """The site's filtered update d = w_local - w_global, added to this round's aggregation kind."""
-        d = np.subtract(self.host_model(self.scratch), self.global_host, out=self.scratch)
+        local = self.host_model(self.scratch)
+        if self.kind.fuses and not self.filters:  # one pass: difference, norm, weighting, sum
+            norm = self.kind.add_difference(site.index, local, self.global_host,
+                                            self.strategy.upload_weight(row.num_train))
+            row.finite = math.isfinite(norm)
+            if row.finite:
+                row.update_norm, row.unclipped = norm, True
+            return
+        d = np.subtract(local, self.global_host, out=self.scratch)
         norm = update_norm(d)  # once: is it finite, and (no filters) the recorded update norm
         row.finite = math.isfinite(norm)
         if not row.finite:
@@ -346,13 +387,14 @@ class SlotWorker:
         else:
             run_slot(END_OF_RUN, self._context(cfg.fl.rounds, ctl))
             self._end_of_run()
+        self._close()
 
     def _context(self, r: int, ctl) -> SlotRound:
         """What the per-round exchanges' slot halves (:mod:`hpcfl.protocol.rounds`) read and fill in."""
         tr = self.trainer
         return SlotRound(self.fed, self.comms.site, self.cfg, r, ctl, self.role.slot.index, self.k, tr.model.flat,
                          self.stager, tr.backend, self._phase, SlotTimes(slot=self.role.slot.index),
-                         cross_site=self._cross_site_side)
+                         cross_site=self._cross_site_side, window=self.window)
 
     def _round(self, r: int, ctl) -> None:
         """This slot rank's half of round ``r``: the registered exchanges at their points, training, the kind's
@@ -371,8 +413,10 @@ class SlotWorker:
         t1 = time.perf_counter()
         self._phase("receive global model", r)
         run_slot(AFTER_AGGREGATION, s)  # the new global model
-        self.global_.copy_(tr.model.flat)
-        if self.global_host is not None and tr.model.array is None:
+        if not self.global_shared:
+            self.global_.copy_(tr.model.flat)
+        self.flat_is_global = not self.private  # evaluation reads the model; private entries would change it
+        if self.global_host is not None and tr.model.array is None and self.window is None:
             self.stager.to_host(self.global_, self.global_host)
         s.times.upload_s = t1 - t0
         s.evals = self._evaluate_global(r, s.times)

@@ -11,25 +11,25 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, hpcfl
+from conftest import ROOT, hold, hpcfl
 from hpcfl.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("need_mpirun")
 
-ROUNDS = 6
+ROUNDS = 8
 # a model of ~17M parameters: each checkpoint write (zip, SHA-256, ~70 MB) lasts long enough to be caught
 SETS = ["fl.local_steps=2", "train.batch_size=16", "model.hidden=[4096,4096]", f"fl.rounds={ROUNDS}",
         "launch.slots=2", "eval.cross_site=false", "observe.tensorboard=false"]
 
 
-def argv(tmp_path, name):
+def argv(tmp_path, name, *extra):
     return [sys.executable, "-m", "hpcfl", "launch", "configs/digits.yaml", "--no-report",
-            *[a for s in (f"run.root={tmp_path}", f"run.name={name}", *SETS) for a in ("--set", s)]]
+            *[a for s in (f"run.root={tmp_path}", f"run.name={name}", *SETS, *extra) for a in ("--set", s)]]
 
 
-def start(tmp_path, name):
+def start(tmp_path, name, *extra):
     out = open(tmp_path / f"{name}.out", "a")
-    return subprocess.Popen(argv(tmp_path, name), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+    return subprocess.Popen(argv(tmp_path, name, *extra), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -96,8 +96,10 @@ def test_a_warning_during_a_checkpoint_write_and_another_right_after_the_requeue
     assert first.wait(timeout=300) == 0, (tmp_path / "warned.out").read_text()
     stopped = json.loads((run / "summary.json").read_text())["stopped_after_round"]
     assert stopped >= int(caught[7:13]), (stopped, caught)
-    # the requeued job, warned again as soon as its rounds start
-    second = start(tmp_path, "warned")
+    # the requeued job, warned again as soon as its rounds start (held at its first round until then: however
+    # fast the rounds, the warning comes before the last one)
+    assert stopped < ROUNDS - 1, stopped
+    second = start(tmp_path, "warned", hold(tmp_path / "gate", stopped + 1))
     os.kill(rank0_pid(run, not_pid=pid), signal.SIGUSR1)
     assert second.wait(timeout=300) == 0, (tmp_path / "warned.out").read_text()
     manifest = json.loads((run / "manifest.json").read_text())

@@ -107,6 +107,7 @@ CASES = [
     Case("set-inf-float", SET + ["train.lr=.inf"], "train.lr"),
     Case("set-nan-float-range", SET + ["train.momentum=.nan"], "train.momentum"),
     Case("set-nan-dp", SET + ["privacy.dp.noise_multiplier=.nan"], "privacy.dp.noise_multiplier"),
+    Case("set-shared-memory-not-bool", SET + ["launch.shared_memory=auto"], "launch.shared_memory"),
     # -- files that are not YAML text, or too big, or that expand without end
     Case("binary-file", **bad(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", expect="bad.yaml")),
     Case("not-utf8", **bad(b"sites: [{name: caf\xe9}]\n", expect="bad.yaml")),
