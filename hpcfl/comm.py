@@ -124,7 +124,9 @@ class SharedModels:
         self.win.Sync()
 
     def close(self) -> None:
+        """Collective: a quiet barrier first, so no rank spins inside ``Free`` while the others finish the run."""
         self.segs = []
+        quiet_barrier(self.fed)
         self.win.Unlock_all()
         self.win.Free()
 

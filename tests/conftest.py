@@ -9,6 +9,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
+# Importing mpi4py.MPI here must not start an MPI singleton: its environment (PMIX_*, OMPI_*) would reach every
+# mpirun a later test starts, which then fails before a rank runs (a unit test that only needs MPI's constants,
+# as hpcfl.comm.one_node with a fake communicator does, broke tests/mpi/test_preempt.py run after it).
+# Tests that need MPI start it under mpirun, in subprocesses.
+try:
+    import mpi4py
+
+    mpi4py.rc.initialize = mpi4py.rc.finalize = False
+except ImportError:
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     # The tier follows the folder: tests/unit -> unit, tests/mpi -> mpi.
