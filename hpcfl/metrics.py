@@ -27,6 +27,18 @@ def binned_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((pos * (below + 0.5 * neg)).sum() / (p * q))
 
 
+def binned_aucs(pos: np.ndarray, neg: np.ndarray) -> list:
+    """:func:`binned_auc` of every row (class) at once, the same operations per row, so the same floats: rank 0
+    summarizes up to ``eval.sites_max`` sites a round, and a Python loop over classes cost ~0.25 ms a site."""
+    p, q = pos.sum(axis=1), neg.sum(axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    num = (pos * (below + 0.5 * neg)).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = num / (p * q)
+    auc[(p == 0) | (q == 0)] = np.nan
+    return [float(a) for a in auc]
+
+
 def summarize(vec: np.ndarray, num_classes: int, bins: int) -> Dict[str, object]:
     """loss, accuracy, per-class recall, balanced accuracy and macro one-vs-rest AUC from a sums vector."""
     c = num_classes
@@ -35,7 +47,7 @@ def summarize(vec: np.ndarray, num_classes: int, bins: int) -> Dict[str, object]
     hist = vec[3 + 2 * c:].reshape(2, c, bins)
     recall = [float(a / b) if b else None for a, b in zip(correct_c, count_c)]
     present = [r for r in recall if r is not None]
-    aucs = [binned_auc(hist[0, k], hist[1, k]) for k in range(c)]
+    aucs = binned_aucs(hist[0], hist[1])
     finite = [a for a in aucs if not np.isnan(a)]
     return {
         "loss": float(vec[0] / n), "accuracy": float(vec[1] / n), "samples": int(vec[2]),

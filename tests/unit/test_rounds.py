@@ -184,3 +184,15 @@ def test_a_round_of_a_large_federation_records_only_its_cohort_and_names_only_th
     p._line(summary)
     line = p.out.getvalue()
     assert "sites 3/4 sampled of 500" in line and "dropped: site43 (dropout)" in line and "not_sampled" not in line
+
+
+def test_the_aucs_of_all_classes_at_once_are_the_loops_floats():
+    rng = np.random.default_rng(3)
+    for bins in (16, 256, 1000):
+        pos, neg = rng.random((7, bins)) * 50, np.floor(rng.random((7, bins)) * 9)
+        pos[2] = 0  # a class without positives: NaN, as binned_auc
+        neg[5] = 0
+        got = M.binned_aucs(pos, neg)
+        want = [M.binned_auc(pos[k], neg[k]) for k in range(7)]
+        assert np.isnan(got[2]) and np.isnan(got[5])
+        assert [g for i, g in enumerate(got) if i not in (2, 5)] == [w for i, w in enumerate(want) if i not in (2, 5)]
