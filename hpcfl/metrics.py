@@ -29,7 +29,7 @@ def binned_auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def binned_aucs(pos: np.ndarray, neg: np.ndarray) -> list:
     """:func:`binned_auc` of every row (class) at once, the same operations per row, so the same floats: rank 0
-    summarizes up to ``eval.sites_max`` sites a round, and a Python loop over classes cost ~0.25 ms a site."""
+    summarizes up to ``eval.sites_max`` sites a round, where a Python loop over the classes showed in py-spy."""
     p, q = pos.sum(axis=1), neg.sum(axis=1)
     below = np.cumsum(neg, axis=1) - neg
     num = (pos * (below + 0.5 * neg)).sum(axis=1)

@@ -13,12 +13,9 @@ CONFIGS = ROOT / "configs"
 # mpirun a later test starts, which then fails before a rank runs (a unit test that only needs MPI's constants,
 # as hpcfl.comm.one_node with a fake communicator does, broke tests/mpi/test_preempt.py run after it).
 # Tests that need MPI start it under mpirun, in subprocesses.
-try:
-    import mpi4py
+import mpi4py  # noqa: E402  (make test installs it)
 
-    mpi4py.rc.initialize = mpi4py.rc.finalize = False
-except ImportError:
-    pass
+mpi4py.rc.initialize = mpi4py.rc.finalize = False
 
 
 def pytest_collection_modifyitems(config, items):
